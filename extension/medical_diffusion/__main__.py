@@ -1,0 +1,3 @@
+from medical_diffusion.cli import main
+
+raise SystemExit(main())

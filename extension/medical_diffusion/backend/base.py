@@ -1,0 +1,125 @@
+"""The interface the training loop, samplers and inpainting use to reach a Stable Diffusion model.
+
+Conventions shared by every implementation:
+
+- pixels are float tensors ``(B, 3, H, W)`` in ``[-1, 1]``;
+- latents are already multiplied by the VAE scaling factor (0.18215 for SD2);
+- ``timesteps`` are the model's discrete training timesteps as a float tensor ``(B,)``
+  (fractional values are allowed: k-diffusion style samplers interpolate between them);
+- conditioning is ``(B, 77 * chunks, text_width)``; an embedding's vectors are spliced in
+  wherever its name appears in the prompt, A1111 style, and gradients flow into them.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+
+class ModelBackend(abc.ABC):
+    """A frozen Stable Diffusion model seen through the few operations this project needs."""
+
+    #: width of one token vector (768 SD1, 1024 SD2)
+    text_width: int
+    #: channels of a latent (4)
+    latent_channels: int
+    #: pixels per latent cell along each axis (8)
+    vae_scale_factor: int
+    #: ``"epsilon"`` or ``"v_prediction"``
+    prediction_type: str
+    #: cumulative product of alphas over the training timesteps, float32 on CPU
+    alphas_cumprod: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    # -- text -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def text_to_vectors(self, text: str) -> torch.Tensor:
+        """Token embedding rows ``(k, text_width)`` of ``text`` without start/end tokens."""
+
+    @abc.abstractmethod
+    def token_embedding_norm(self) -> float:
+        """Mean L2 norm of the vocabulary's token vectors (the scale trained vectors should have)."""
+
+    @abc.abstractmethod
+    def encode_prompt(self, prompt: str, embeddings: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Conditioning ``(1, 77 * chunks, text_width)`` for ``prompt``.
+
+        ``embeddings`` maps a name to its vectors ``(n, text_width)``; each occurrence of the
+        name in the prompt is replaced by those vectors (which may require grad).
+        """
+
+    # -- images ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode_images(
+        self, pixels: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Scaled latents of ``pixels``: the posterior mean, or one sample when ``sample``."""
+
+    @abc.abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in ``[-1, 1]`` from scaled latents."""
+
+    # -- denoiser -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Raw model output (epsilon or v, per ``prediction_type``) for noisy ``latents``."""
+
+    def predict_eps(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Predicted noise, converting from v-prediction where needed."""
+        out = self.predict(latents, timesteps, cond)
+        if self.prediction_type == "epsilon":
+            return out
+        alpha, sigma = self._alpha_sigma(timesteps, latents)
+        return sigma * latents + alpha * out
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward diffusion ``q(x_t | x_0)``."""
+        alpha, sigma = self._alpha_sigma(timesteps, latents)
+        return alpha * latents + sigma * noise
+
+    def diffusion_loss(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean squared error of the model's prediction against its training target.
+
+        ``weight`` (``(B, 1, h, w)`` at latent resolution) scales the per-element error,
+        e.g. to make a lesion region count more; the result is a weighted mean.
+        """
+        noisy = self.add_noise(latents, noise, timesteps)
+        pred = self.predict(noisy, timesteps, cond).float()
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            alpha, sigma = self._alpha_sigma(timesteps, latents)
+            target = alpha * noise - sigma * latents
+        else:
+            raise ValueError(f"unknown prediction type {self.prediction_type!r}")
+        target = target.float()
+        if weight is None:
+            return F.mse_loss(pred, target)
+        weight = weight.to(pred).expand_as(pred)
+        return ((pred - target) ** 2 * weight).sum() / weight.sum().clamp_min(1e-12)
+
+    def _alpha_sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), interpolated for fractional t."""
+        acp = self.alphas_cumprod.to(like.device, torch.float32)
+        t = timesteps.to(like.device, torch.float32).clamp(0, acp.shape[0] - 1)
+        lo = t.floor().long()
+        hi = t.ceil().long()
+        frac = t - lo.float()
+        abar = acp[lo] * (1 - frac) + acp[hi] * frac
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return abar.sqrt().view(shape).to(like.dtype), (1 - abar).sqrt().view(shape).to(like.dtype)

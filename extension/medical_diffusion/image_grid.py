@@ -1,0 +1,56 @@
+"""Labelled grids of images (interpolation strips, contact sheets, preview sheets)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def make_grid(
+    images: Sequence[Image.Image],
+    labels: Sequence[str] | None = None,
+    cols: int | None = None,
+    cell: int | None = None,
+    title: str | None = None,
+    pad: int = 4,
+) -> Image.Image:
+    """Arrange ``images`` in a grid, each with an optional caption underneath.
+
+    ``cell`` resizes every image to ``cell x cell`` (default: the first image's size).
+    """
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    if cols is None:
+        cols = len(images) if len(images) <= 8 else math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = (cell, cell) if cell else images[0].size
+    font_size = max(10, w // 16)
+    font = _font(font_size)
+    label_h = font_size + 2 * pad if labels else 0
+    title_h = font_size + 2 * pad if title else 0
+    sheet = Image.new("RGB", (cols * (w + pad) + pad, title_h + rows * (h + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((pad, pad), title, fill="black", font=font)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        x = pad + c * (w + pad)
+        y = title_h + pad + r * (h + label_h + pad)
+        tile = image.convert("RGB")
+        if tile.size != (w, h):
+            tile = tile.resize((w, h), Image.LANCZOS)
+        sheet.paste(tile, (x, y))
+        if labels:
+            draw.text((x + 2, y + h + pad // 2), str(labels[i]), fill="black", font=font)
+    return sheet
