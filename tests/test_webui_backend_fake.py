@@ -1,0 +1,116 @@
+"""WebuiBackend logic against a small fake ``modules`` package (the real proof is a webui run)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+
+class _Posterior:
+    def __init__(self, mean):
+        self.mean = mean
+        self.std = torch.ones_like(mean) * 0.5
+
+
+class _FakeDB:
+    def __init__(self):
+        self.word_embeddings = {}
+
+    def register_embedding_by_name(self, embedding, model, name):
+        if embedding is None:
+            self.word_embeddings.pop(name, None)
+        else:
+            self.word_embeddings[name] = embedding
+
+
+class _FakeCond:
+    """Splices registered embeddings in where their name is a word of the prompt."""
+
+    def __init__(self, db, width=8):
+        self.db, self.width = db, width
+        self.wrapped = types.SimpleNamespace(model=types.SimpleNamespace(token_embedding=torch.nn.Embedding(10, width)))
+
+    def encode_embedding_init_text(self, text, nvpt):
+        return torch.ones(len(text.split()) or 1, self.width)
+
+    def __call__(self, prompts):
+        rows = [self.db.word_embeddings[w].vec if w in self.db.word_embeddings else torch.zeros(1, self.width)
+                for w in prompts[0].split()]
+        return torch.cat(rows)[None]
+
+
+class _FakeModel:
+    parameterization = "v"
+    scale_factor = 0.18215
+
+    def __init__(self, db):
+        self.cond_stage_model = _FakeCond(db)
+        self.alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
+
+    def encode_first_stage(self, x):
+        return _Posterior(x[:, :1].repeat(1, 4, 1, 1)[:, :, ::8, ::8])
+
+    def decode_first_stage(self, z):
+        return z * 10
+
+    def apply_model(self, x, t, c):
+        return x * 0 + c.mean()
+
+
+@pytest.fixture
+def fake_modules(monkeypatch):
+    db = _FakeDB()
+    model = _FakeModel(db)
+
+    class Embedding:
+        def __init__(self, vec, name, step=None):
+            self.vec, self.name, self.step = vec, name, step
+
+    pkgs = {
+        "modules": types.ModuleType("modules"),
+        "modules.devices": types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32),
+        "modules.shared": types.SimpleNamespace(sd_model=model),
+        "modules.sd_hijack": types.SimpleNamespace(model_hijack=types.SimpleNamespace(embedding_db=db)),
+        "modules.textual_inversion": types.ModuleType("modules.textual_inversion"),
+        "modules.textual_inversion.textual_inversion": types.SimpleNamespace(Embedding=Embedding),
+    }
+    for name, mod in pkgs.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    for name in ("devices", "shared", "sd_hijack", "textual_inversion"):
+        setattr(pkgs["modules"], name, pkgs[f"modules.{name}"])
+    return types.SimpleNamespace(db=db, model=model, Embedding=Embedding)
+
+
+def test_encode_prompt_splices_trainable_vectors_and_restores_db(fake_modules):
+    from medical_diffusion.webui.backend import WebuiBackend
+
+    old = fake_modules.Embedding(torch.full((1, 8), 7.0), "prostate_neg")
+    fake_modules.db.word_embeddings["prostate_neg"] = old
+    backend = WebuiBackend()
+    assert backend.text_width == 8 and backend.prediction_type == "v_prediction"
+
+    vec = torch.randn(3, 8, requires_grad=True)
+    cond = backend.encode_prompt("prostate_neg", {"prostate_neg": vec})
+    assert torch.equal(cond[0], vec.detach())
+    cond.sum().backward()
+    assert vec.grad is not None and torch.equal(vec.grad, torch.ones_like(vec))
+    assert fake_modules.db.word_embeddings["prostate_neg"] is old  # the user's embedding is back
+
+    backend.encode_prompt("new_name", {"new_name": vec})
+    assert "new_name" not in fake_modules.db.word_embeddings  # temporary registration removed
+
+
+def test_latents_are_scaled_and_sampling_uses_generator(fake_modules):
+    from medical_diffusion.webui.backend import WebuiBackend
+
+    backend = WebuiBackend()
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    mean = backend.encode_images(pixels)
+    assert mean.shape == (1, 4, 8, 8)
+    assert torch.allclose(mean, 0.18215 * pixels[:, :1, ::8, ::8].repeat(1, 4, 1, 1))
+    a = backend.encode_images(pixels, sample=True, generator=torch.Generator().manual_seed(1))
+    b = backend.encode_images(pixels, sample=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, mean)
