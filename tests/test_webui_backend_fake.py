@@ -114,3 +114,14 @@ def test_latents_are_scaled_and_sampling_uses_generator(fake_modules):
     a = backend.encode_images(pixels, sample=True, generator=torch.Generator().manual_seed(1))
     b = backend.encode_images(pixels, sample=True, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.equal(a, mean)
+
+
+def test_name_only_template_for_a1111_train_tab(tmp_path):
+    from medical_diffusion.webui.callbacks import NAME_ONLY_TEMPLATE, install_name_only_template
+
+    path = install_name_only_template(tmp_path)
+    assert path == tmp_path / NAME_ONLY_TEMPLATE and path.read_text() == "[name]\n"
+    path.write_text("[name], edited by the user\n")
+    install_name_only_template(tmp_path)
+    assert path.read_text() == "[name], edited by the user\n"  # never overwritten
+    assert install_name_only_template(tmp_path / "missing") is None

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 from medical_diffusion.allowed_roots import ENV_VAR
+from medical_diffusion.atomic_io import atomic_write_text
 
 SECTION = ("medical_diffusion", "Medical Diffusion")
+#: Template for A1111's own Train tab: the prompt is the embedding's name alone (the paper's setup).
+NAME_ONLY_TEMPLATE = "medical_name_only.txt"
 
 
 def _apply_cmd_opts() -> None:
@@ -16,6 +21,17 @@ def _apply_cmd_opts() -> None:
     roots = getattr(shared.cmd_opts, "medical_diffusion_roots", None)
     if roots:
         os.environ[ENV_VAR] = os.pathsep.join(roots)
+
+
+def install_name_only_template(templates_dir: str | os.PathLike) -> Path | None:
+    """Put a ``[name]``-only template into the webui's template folder (once; never overwritten)."""
+    folder = Path(templates_dir)
+    if not folder.is_dir():
+        return None
+    path = folder / NAME_ONLY_TEMPLATE
+    if not path.exists():
+        atomic_write_text(path, "[name]\n")
+    return path
 
 
 def on_ui_settings() -> None:
@@ -34,5 +50,8 @@ def on_ui_settings() -> None:
 def register() -> None:
     from modules import script_callbacks
 
+    from modules import shared
+
     _apply_cmd_opts()
+    install_name_only_template(shared.cmd_opts.textual_inversion_templates_dir)
     script_callbacks.on_ui_settings(on_ui_settings)
