@@ -1,0 +1,217 @@
+"""Run a preparation batch: parallel workers, per-item failures collected, resumable, progress reports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medical_diffusion.atomic_io import atomic_path, atomic_write_text
+from medical_diffusion.datasets.layout import FAILURES_NAME, JOURNAL_NAME, MANIFEST_NAME, PlannedItem
+from medical_diffusion.datasets.manifest import ManifestRow, write_manifest
+from medical_diffusion.errors import MedDiffError
+from medical_diffusion.png_io import save_png
+
+#: ``progress(done, total, message)``; called in the main process after every item.
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass
+class ItemFailure:
+    """A failed item: its key, source and a one-line reason."""
+
+    key: str
+    source: str
+    error: str
+
+
+@dataclass
+class BatchResult:
+    """What a batch did; ``rows`` are the manifest rows of all finished items (new and resumed)."""
+
+    out_dir: Path
+    rows: list[ManifestRow] = field(default_factory=list)
+    failures: list[ItemFailure] = field(default_factory=list)
+    processed: int = 0
+    skipped: int = 0
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / MANIFEST_NAME
+
+    @property
+    def failures_path(self) -> Path:
+        return self.out_dir / FAILURES_NAME
+
+
+@dataclass
+class WorkUnit:
+    """Everything a worker needs for one item (must be picklable)."""
+
+    key: str
+    source: str
+    payload: Any
+    outputs: list[str]
+
+
+def options_fingerprint(options_json: str) -> str:
+    """Short hash of the options, stored in the journal so changed options redo items."""
+    return hashlib.sha256(options_json.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, MedDiffError):
+        return str(exc)
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def _execute(process: Callable[[Any], tuple[np.ndarray, dict]], unit: WorkUnit, out_dir: str,
+             init: Callable[[], None] | None = None) -> tuple[str, str | None, str, dict]:
+    """Worker body: make the image, write it to every output; returns (key, error, sha256, info)."""
+    try:
+        if init is not None:
+            init()
+        image, info = process(unit.payload)
+        first = Path(out_dir) / unit.outputs[0]
+        sha = save_png(image, first)
+        for extra in unit.outputs[1:]:
+            with atomic_path(Path(out_dir) / extra) as tmp:
+                shutil.copyfile(first, tmp)
+        return unit.key, None, sha, info
+    except Exception as exc:  # per-item failure: report and go on
+        return unit.key, _describe(exc), "", {}
+
+
+def _load_journal(path: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if path.is_file():
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                    done[rec["key"]] = rec
+                except (ValueError, KeyError):
+                    continue  # a torn last line from an interrupted run
+    return done
+
+
+def _still_valid(rec: dict, unit: WorkUnit, fingerprint: str, out_dir: Path) -> bool:
+    if rec.get("fingerprint") != fingerprint or rec.get("outputs") != unit.outputs:
+        return False
+    for rel in unit.outputs:
+        p = out_dir / rel
+        if not p.is_file() or file_sha256(p) != rec.get("sha256"):
+            return False
+    return True
+
+
+def run_batch(
+    planned: list[PlannedItem],
+    payloads: dict[str, tuple[str, Any]],
+    process: Callable[[Any], tuple[np.ndarray, dict]],
+    out_dir: str | os.PathLike,
+    options_json: str,
+    workers: int = 1,
+    progress: ProgressCallback | None = None,
+    worker_init: Callable[[], None] | None = None,
+) -> BatchResult:
+    """Make every planned item with ``process(payload) -> (uint8 image, info)``.
+
+    ``payloads[key] = (source description, payload)``. Items already finished by an earlier run with
+    the same options (journal entry, output files present with the recorded sha256) are skipped.
+    Failures are collected (``failures.csv``); the manifest is rewritten at the end.
+    ``process`` and ``worker_init`` must be module-level functions when ``workers > 1``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = options_fingerprint(options_json)
+    journal_path = out_dir / JOURNAL_NAME
+    journal = _load_journal(journal_path)
+    by_key = {p.candidate.key: p for p in planned}
+    result = BatchResult(out_dir)
+    todo: list[WorkUnit] = []
+    finished: dict[str, tuple[str, dict]] = {}
+    for item in planned:
+        key = item.candidate.key
+        source, payload = payloads[key]
+        unit = WorkUnit(key, source, payload, item.outputs)
+        rec = journal.get(key)
+        if rec is not None and _still_valid(rec, unit, fingerprint, out_dir):
+            finished[key] = (rec["sha256"], rec.get("info", {}))
+            result.skipped += 1
+        else:
+            todo.append(unit)
+    total = len(planned)
+    done = result.skipped
+    if progress:
+        progress(done, total, f"{result.skipped} already done")
+    sources = {u.key: u.source for u in todo}
+
+    def record(key: str, error: str | None, sha: str, info: dict, jfh) -> None:
+        nonlocal done
+        done += 1
+        if error is not None:
+            result.failures.append(ItemFailure(key, sources[key], error))
+            msg = f"FAILED {key}: {error}"
+        else:
+            finished[key] = (sha, info)
+            result.processed += 1
+            jfh.write(json.dumps({"key": key, "fingerprint": fingerprint, "outputs": by_key[key].outputs,
+                                  "sha256": sha, "info": info}) + "\n")
+            jfh.flush()
+            msg = key
+        if progress:
+            progress(done, total, msg)
+
+    with open(journal_path, "a", encoding="utf-8") as jfh:
+        if workers <= 1 or len(todo) <= 1:
+            for unit in todo:
+                record(*_execute(process, unit, str(out_dir), worker_init), jfh)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_execute, process, u, str(out_dir), worker_init) for u in todo]
+                for fut in as_completed(futures):
+                    record(*fut.result(), jfh)
+
+    for item in planned:
+        key = item.candidate.key
+        if key not in finished:
+            continue
+        sha, info = finished[key]
+        result.rows.append(ManifestRow(
+            output=item.outputs[0], split=item.split, label=item.candidate.label, case_id=key,
+            source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha))
+        for extra in item.outputs[1:]:
+            result.rows.append(ManifestRow(
+                output=extra, split=item.split, label=item.candidate.label, case_id=key,
+                source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha))
+    write_manifest(out_dir / MANIFEST_NAME, result.rows)
+    lines = ["key,source,error"] + [
+        ",".join('"' + str(v).replace('"', '""') + '"' for v in (f.key, f.source, f.error)) for f in result.failures]
+    atomic_write_text(out_dir / FAILURES_NAME, "\n".join(lines) + "\n")
+    return result
+
+
+def options_to_json(options: Any) -> str:
+    """Stable JSON of an options dataclass (paths as strings; the output folder and workers left out)."""
+    from dataclasses import asdict
+
+    d = asdict(options)
+    for k in ("out", "workers", "progress"):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True, default=str)

@@ -1,0 +1,64 @@
+"""Output folder layout and file names.
+
+``OUT/embedding/<class>/`` holds the images for training embeddings (the train split when splits are
+made); ``OUT/classifier/{train,val,test}/<class>/`` holds the classifier experiment sets. The manifest,
+failure report, journal and contact sheet live directly in ``OUT`` (outside the training folders).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from medical_diffusion.datasets.splits import Candidate
+
+EMBEDDING_DIR = "embedding"
+CLASSIFIER_DIR = "classifier"
+MANIFEST_NAME = "manifest.csv"
+FAILURES_NAME = "failures.csv"
+JOURNAL_NAME = ".prepare_journal.jsonl"
+CONTACT_SHEET_NAME = "contact_sheet.png"
+
+
+def slug(text: str) -> str:
+    """Folder/file-safe lower-case name."""
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return s or "item"
+
+
+@dataclass
+class PlannedItem:
+    """One image to make: the candidate, its split ('' for none) and output paths (relative)."""
+
+    candidate: Candidate
+    split: str
+    outputs: list[str] = field(default_factory=list)
+
+
+def plan_outputs(selected: dict[str, list[Candidate]] | list[Candidate], neutral_names: bool = True,
+                 embedding_split: str = "train") -> list[PlannedItem]:
+    """Assign output paths. ``selected`` is a list (no splits) or ``{split: candidates}``."""
+    planned: list[PlannedItem] = []
+    groups = {"": list(selected)} if isinstance(selected, list) else dict(selected)
+    for split, cands in groups.items():
+        counters: dict[str, int] = {}
+        for c in sorted(cands, key=lambda c: (c.label, c.key)):
+            counters[c.label] = counters.get(c.label, 0) + 1
+            name = f"{c.label}_{counters[c.label]:04d}.png" if neutral_names else f"{slug(c.key)}.png"
+            outs = []
+            if split == "" or split == embedding_split:
+                outs.append(f"{EMBEDDING_DIR}/{c.label}/{name}")
+            if split:
+                outs.append(f"{CLASSIFIER_DIR}/{split}/{c.label}/{name}")
+            planned.append(PlannedItem(c, split, outs))
+    return planned
+
+
+def split_names_from(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"train,val,test"`` -> tuple; empty/None -> ()."""
+    if not text:
+        return ()
+    if isinstance(text, str):
+        text = text.split(",")
+    return tuple(s.strip() for s in text if s.strip())

@@ -1,0 +1,314 @@
+"""PI-CAI prostate MRI -> one 2D axial slice per case (the paper's preparation, plus an aligned mode).
+
+Paper mode, per volume and independently for T2W, ADC and HBV: resample to (3, 0.5, 0.5) mm (B-spline,
+same origin/direction, default 0, input pixel type), min-max normalise the whole resampled volume,
+centre crop/pad to (30, 300, 300), pick the slice (negative: median z of gland voxels; positive:
+argmax of the per-slice lesion-value sum), stack R=T2W G=ADC B=HBV, ``* 255`` truncated to uint8,
+Lanczos to 512x512. Aligned mode resamples ADC/HBV (and the masks) onto the cropped T2W grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from medical_diffusion.datasets import volume_ops as vo
+from medical_diffusion.datasets.batch import BatchResult, ItemFailure, ProgressCallback, options_to_json, run_batch
+from medical_diffusion.datasets.layout import CONTACT_SHEET_NAME, plan_outputs
+from medical_diffusion.datasets.splits import Candidate, balanced_sample, patient_disjoint_splits
+from medical_diffusion.errors import InputFileError, MedDiffError
+
+MODES = ("paper", "aligned")
+LABEL_SOURCES = ("combined", "human", "marksheet")
+CHANNELS = {"rgb": ("t2w", "adc", "hbv"), "t2w": ("t2w",), "adc": ("adc",), "hbv": ("hbv",)}
+HUMAN_LESIONS = "csPCa_lesion_delineations/human_expert/resampled"
+AI_LESIONS = "csPCa_lesion_delineations/AI/Bosma22a"
+GLAND = "anatomical_delineations/whole_gland/AI/Bosma22b"
+MARKSHEET = "clinical_information/marksheet.csv"
+_T2W_NAME = re.compile(r"^(?P<pid>[^_]+)_(?P<sid>[^_]+)_t2w\.mha$")
+
+
+@dataclass
+class PicaiOptions:
+    """Options for :func:`prepare_picai` (defaults = the paper)."""
+
+    images: str
+    labels: str
+    out: str
+    mode: str = "paper"  # "paper" or "aligned"
+    channels: str = "rgb"  # "rgb" (T2W/ADC/HBV) or one modality as grey: "t2w", "adc", "hbv"
+    label_source: str = "combined"  # human with AI fallback, "human" only, or "marksheet" case_csPCa
+    spacing: tuple[float, float, float] = (3.0, 0.5, 0.5)  # (z, y, x) mm
+    crop: tuple[int, int, int] = (30, 300, 300)  # (z, y, x) voxels
+    size: int = 512
+    n_per_class: int | None = None  # per class (and per split); None = every eligible case
+    splits: tuple[str, ...] = ()  # e.g. ("train", "val", "test"): patient-disjoint classifier sets
+    seed: int = 0
+    neutral_names: bool = True
+    resampler: str = "fast"  # "fast" (separable, same maths) or "sitk" (SimpleITK ResampleImageFilter)
+    cases: tuple[str, ...] = ()  # restrict to these "<pid>_<sid>" ids
+    workers: int = 1
+    contact_sheet: bool = True
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise MedDiffError(f"unknown PI-CAI mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.label_source not in LABEL_SOURCES:
+            raise MedDiffError(f"unknown label source {self.label_source!r} (choose from {', '.join(LABEL_SOURCES)})")
+        if self.channels not in CHANNELS:
+            raise MedDiffError(f"unknown channels {self.channels!r} (choose from {', '.join(CHANNELS)})")
+        if self.resampler not in vo.RESAMPLERS:
+            raise MedDiffError(f"unknown resampler {self.resampler!r} (choose from {', '.join(vo.RESAMPLERS)})")
+        if self.splits and not self.n_per_class:
+            raise MedDiffError("splits need n_per_class (images per class in each split)")
+        for p, what in ((self.images, "images folder"), (self.labels, "labels folder")):
+            if not Path(p).is_dir():
+                raise InputFileError(p, f"PI-CAI {what} not found")
+
+
+@dataclass
+class PicaiCase:
+    """Paths of one PI-CAI study (``case_id`` = "<pid>_<sid>")."""
+
+    patient_id: str
+    study_id: str
+    scans: dict[str, str]
+    human_lesion: str
+    ai_lesion: str
+    gland: str
+
+    @property
+    def case_id(self) -> str:
+        return f"{self.patient_id}_{self.study_id}"
+
+
+@dataclass
+class CaseJob:
+    """A worker's input: one case with its label and the geometry/mode options."""
+
+    case: PicaiCase
+    positive: bool
+    lesion: str  # lesion map used for the slice of a positive case ("" for negatives)
+    mode: str
+    modalities: tuple[str, ...]
+    spacing: tuple[float, float, float]
+    crop: tuple[int, int, int]
+    size: int
+    resampler: str
+
+
+def discover_cases(images: str | os.PathLike, labels: str | os.PathLike) -> list[PicaiCase]:
+    """Every ``images/<pid>/<pid>_<sid>_t2w.mha`` with its expected sibling and label paths."""
+    images, labels = Path(images), Path(labels)
+    cases = []
+    for t2w in sorted(images.glob("*/*_t2w.mha")):
+        m = _T2W_NAME.match(t2w.name)
+        if not m or m["pid"] != t2w.parent.name:
+            continue
+        pid, sid = m["pid"], m["sid"]
+        stem = f"{pid}_{sid}"
+        scans = {mod: str(t2w.parent / f"{stem}_{mod}.mha") for mod in ("t2w", "adc", "hbv")}
+        cases.append(PicaiCase(pid, sid, scans, str(labels / HUMAN_LESIONS / f"{stem}.nii.gz"),
+                               str(labels / AI_LESIONS / f"{stem}.nii.gz"), str(labels / GLAND / f"{stem}.nii.gz")))
+    return cases
+
+
+def read_marksheet(path: str | os.PathLike) -> dict[str, bool]:
+    """``{"<pid>_<sid>": case_csPCa == "YES"}`` from the PI-CAI marksheet."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "marksheet not found")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        need = {"patient_id", "study_id", "case_csPCa"}
+        if not need <= set(reader.fieldnames or []):
+            raise InputFileError(path, f"not a PI-CAI marksheet (needs columns {sorted(need)})")
+        out = {}
+        for row in reader:
+            value = row["case_csPCa"].strip().upper()
+            if value not in ("YES", "NO"):
+                continue
+            out[f"{row['patient_id'].strip()}_{row['study_id'].strip()}"] = value == "YES"
+        return out
+
+
+def lesion_file(case: PicaiCase, label_source: str) -> str:
+    """The lesion map for ``case``: human, or AI when the human file is missing ("combined")."""
+    if os.path.isfile(case.human_lesion):
+        return case.human_lesion
+    if label_source in ("combined", "marksheet"):
+        if os.path.isfile(case.ai_lesion):
+            return case.ai_lesion
+        raise InputFileError(case.human_lesion, "no lesion delineation (neither human nor AI Bosma22a file)")
+    raise InputFileError(case.human_lesion, "no human lesion delineation")
+
+
+def case_label(case: PicaiCase, label_source: str, marksheet: dict[str, bool] | None = None) -> tuple[bool, str]:
+    """(positive, lesion map path) for ``case``; raises a per-case error for missing label files."""
+    if label_source == "marksheet":
+        if marksheet is None or case.case_id not in marksheet:
+            raise MedDiffError(f"{case.case_id}: no case_csPCa YES/NO in the marksheet")
+        positive = marksheet[case.case_id]
+        return positive, (lesion_file(case, label_source) if positive else "")
+    path = lesion_file(case, label_source)
+    image = vo.read_volume(path)
+    return bool((sitk.GetArrayViewFromImage(image) > 0).any()), path
+
+
+def _volume_slices(job: CaseJob) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Normalised cropped volumes per modality and the cropped label map (gland or lesion)."""
+    label_path = job.lesion if job.positive else job.case.gland
+    if not os.path.isfile(label_path):
+        raise InputFileError(label_path, "label file missing")
+    for mod in job.modalities:
+        if not os.path.isfile(job.case.scans[mod]):
+            raise InputFileError(job.case.scans[mod], f"{mod.upper()} scan missing")
+    vols: dict[str, np.ndarray] = {}
+    if job.mode == "paper":
+        for mod in job.modalities:
+            img = vo.read_volume(job.case.scans[mod])
+            arr = vo.resample_array(img, job.spacing, method=job.resampler)
+            try:
+                norm = vo.minmax_normalise(arr)
+            except ValueError as exc:
+                raise InputFileError(job.case.scans[mod], str(exc)) from None
+            vols[mod] = vo.center_crop_or_pad(norm, job.crop)
+        label = vo.center_crop_or_pad(
+            vo.resample_array(vo.read_volume(label_path), job.spacing, is_label=True), job.crop)
+        return vols, label
+    # aligned: everything on the centre-cropped T2W grid
+    t2w = vo.read_volume(job.case.scans["t2w"])
+    t2w_rs = vo.resample_sitk(t2w, job.spacing) if job.resampler == "sitk" else None
+    if t2w_rs is None:
+        arr = vo.resample_fast(t2w, job.spacing) if t2w.GetNumberOfComponentsPerPixel() == 1 else \
+            sitk.GetArrayFromImage(vo.resample_sitk(t2w, job.spacing))
+        t2w_rs = sitk.GetImageFromArray(arr)
+        t2w_rs.SetSpacing([float(s) for s in job.spacing[::-1]])
+        t2w_rs.SetOrigin(t2w.GetOrigin())
+        t2w_rs.SetDirection(t2w.GetDirection())
+    ref = vo.cropped_reference(t2w_rs, job.crop)
+    for mod in job.modalities:
+        if mod == "t2w":
+            arr = sitk.GetArrayFromImage(t2w_rs)
+            norm = vo.minmax_normalise(arr)
+            vols[mod] = vo.center_crop_or_pad(norm, job.crop)
+        else:
+            arr = vo.resample_onto(vo.read_volume(job.case.scans[mod]), ref)
+            try:
+                vols[mod] = vo.minmax_normalise(arr)
+            except ValueError as exc:
+                raise InputFileError(job.case.scans[mod], f"{exc} on the T2W grid") from None
+    label = vo.resample_onto(vo.read_volume(label_path), ref, is_label=True)
+    return vols, label
+
+
+def choose_slice(label: np.ndarray, positive: bool) -> int:
+    """Positive: argmax over z of the per-slice lesion-value sum; negative: int(median z of gland voxels)."""
+    if positive:
+        sums = label.reshape(label.shape[0], -1).astype(np.int64).sum(axis=1)
+        if sums.max() <= 0:
+            raise MedDiffError("lesion lies outside the cropped region")
+        return int(np.argmax(sums))
+    z = np.nonzero(label == 1)[0]
+    if z.size == 0:
+        raise MedDiffError("gland mask is empty inside the cropped region")
+    return int(np.median(z))
+
+
+def process_case(job: CaseJob) -> tuple[np.ndarray, dict]:
+    """One case -> (uint8 ``size x size`` grey or RGB image, {"slice": z})."""
+    try:
+        vols, label = _volume_slices(job)
+        z = choose_slice(label, job.positive)
+    except MedDiffError as exc:
+        if isinstance(exc, InputFileError):
+            raise
+        raise MedDiffError(f"{job.case.case_id}: {exc}") from None
+    u8 = vo.to_uint8_truncating([vols[m][z] for m in job.modalities])
+    return vo.resize_lanczos(u8, job.size), {"slice": z}
+
+
+def single_itk_thread() -> None:
+    """Worker initialiser: one ITK thread per process when running several processes."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+@dataclass
+class PrepareReport:
+    """Result of a prepare run: the batch result plus items rejected before processing."""
+
+    batch: BatchResult
+    rejected: list[ItemFailure] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[ItemFailure]:
+        return self.rejected + self.batch.failures
+
+
+def select(candidates: list[Candidate], n_per_class: int | None, splits: tuple[str, ...], seed: int,
+           labels: tuple[str, ...]) -> dict[str, list[Candidate]] | list[Candidate]:
+    """Class-balanced selection, or patient-disjoint splits when ``splits`` is non-empty."""
+    if splits:
+        assert n_per_class
+        return patient_disjoint_splits(candidates, n_per_class, labels, splits, seed)
+    return balanced_sample(candidates, n_per_class, seed, labels if n_per_class else None)
+
+
+def finish(report: PrepareReport, out: str, contact_sheet: bool, title: str) -> PrepareReport:
+    """Add rejected items to the failure report; write the contact sheet."""
+    from medical_diffusion.atomic_io import atomic_write_text
+    from medical_diffusion.datasets.contact_sheet import write_contact_sheet
+
+    fails = report.failures
+    lines = ["key,source,error"] + [
+        ",".join('"' + str(v).replace('"', '""') + '"' for v in (f.key, f.source, f.error)) for f in fails]
+    atomic_write_text(report.batch.failures_path, "\n".join(lines) + "\n")
+    if contact_sheet and report.batch.rows:
+        write_contact_sheet(out, report.batch.rows, Path(out) / CONTACT_SHEET_NAME, title=title)
+    return report
+
+
+def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = None) -> PrepareReport:
+    """Discover, label, select/split and slice PI-CAI cases into ``options.out`` (resumable)."""
+    options.validate()
+    cases = discover_cases(options.images, options.labels)
+    if options.cases:
+        wanted = set(options.cases)
+        cases = [c for c in cases if c.case_id in wanted]
+    if not cases:
+        raise InputFileError(options.images, "no PI-CAI cases found (expected <pid>/<pid>_<sid>_t2w.mha)")
+    marksheet = read_marksheet(Path(options.labels) / MARKSHEET) if options.label_source == "marksheet" else None
+    rejected: list[ItemFailure] = []
+    candidates: list[Candidate] = []
+    labelled: dict[str, tuple[PicaiCase, bool, str]] = {}
+    for i, case in enumerate(cases):
+        try:
+            positive, lesion = case_label(case, options.label_source, marksheet)
+        except MedDiffError as exc:
+            rejected.append(ItemFailure(case.case_id, case.scans["t2w"], str(exc)))
+            continue
+        label = "pos" if positive else "neg"
+        candidates.append(Candidate(case.case_id, label, case.patient_id))
+        labelled[case.case_id] = (case, positive, lesion)
+        if progress:
+            progress(i + 1, len(cases), f"labelling {case.case_id}")
+    selected = select(candidates, options.n_per_class, tuple(options.splits), options.seed, ("neg", "pos"))
+    planned = plan_outputs(selected, options.neutral_names)
+    modalities = CHANNELS[options.channels]
+    payloads = {}
+    for item in planned:
+        case, positive, lesion = labelled[item.candidate.key]
+        job = CaseJob(case, positive, lesion, options.mode, modalities, tuple(options.spacing),
+                      tuple(options.crop), options.size, options.resampler)
+        sources = [case.scans[m] for m in modalities] + [lesion if positive else case.gland]
+        payloads[item.candidate.key] = (";".join(sources), job)
+    batch = run_batch(planned, payloads, process_case, options.out, options_to_json(options),
+                      workers=options.workers, progress=progress,
+                      worker_init=single_itk_thread if options.workers > 1 else None)
+    return finish(PrepareReport(batch, rejected), options.out, options.contact_sheet, "PI-CAI")
