@@ -1,0 +1,124 @@
+"""The in-memory embedding: named token vectors plus the metadata A1111 keeps with them."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medical_diffusion.errors import InputFileError
+
+#: text-encoder token width -> model family (SD1: CLIP ViT-L/14, SD2: OpenCLIP ViT-H/14)
+FAMILY_BY_WIDTH = {768: "SD1", 1024: "SD2"}
+#: SDXL embeddings hold one block per text encoder: CLIP ViT-L (768) and OpenCLIP ViT-bigG (1280)
+SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
+
+_NAME_OK = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+@dataclass
+class Embedding:
+    """A textual-inversion embedding: ``vectors`` ``(n_vectors, width)`` float32, detached, on CPU.
+
+    SDXL pair embeddings keep their CLIP-L block in ``vectors`` and the CLIP-G block in
+    ``extra["clip_g"]``; ``extra`` is empty for SD1/SD2 embeddings.
+    """
+
+    name: str
+    vectors: torch.Tensor
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        vec = torch.as_tensor(self.vectors).detach().to("cpu", torch.float32)
+        if vec.ndim == 1:
+            vec = vec.unsqueeze(0)
+        self.vectors = vec.contiguous()
+        self.extra = {k: torch.as_tensor(v).detach().to("cpu", torch.float32).contiguous() for k, v in self.extra.items()}
+
+    @property
+    def n_vectors(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Token width; for SDXL the sum of both encoders' widths (as A1111 reports it)."""
+        return int(self.vectors.shape[1]) + sum(int(t.shape[1]) for t in self.extra.values())
+
+    @property
+    def is_sdxl(self) -> bool:
+        return "clip_g" in self.extra
+
+    @property
+    def family(self) -> str | None:
+        """``"SD1"``, ``"SD2"``, ``"SDXL"``, or None when the width matches no known model."""
+        if self.is_sdxl:
+            return "SDXL"
+        return FAMILY_BY_WIDTH.get(int(self.vectors.shape[1]))
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The vector blocks by name: ``{"vectors": ...}`` or ``{"clip_l": ..., "clip_g": ...}``."""
+        if self.is_sdxl:
+            return {"clip_l": self.vectors, "clip_g": self.extra["clip_g"]}
+        return {"vectors": self.vectors}
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if usable as an embedding name (lowercase, no spaces), else raise ValueError."""
+    if not _NAME_OK.match(name):
+        raise ValueError(
+            f"embedding name {name!r} must be lowercase letters, digits, '.', '_' or '-' "
+            "(a mixed-case token breaks diffusers' multi-vector expansion)"
+        )
+    return name
+
+
+def name_from_token(token: str) -> str:
+    """A usable name from a diffusers token such as ``<Cat-Toy>`` -> ``cat-toy``."""
+    name = token.strip().strip("<>").lower()
+    return re.sub(r"[^a-z0-9._-]+", "_", name).strip("_") or "embedding"
+
+
+def validate(emb: Embedding, path: str | os.PathLike, expected_width: int | None = None) -> Embedding:
+    """Raise :class:`InputFileError` naming ``path`` when ``emb`` is unusable.
+
+    Checks: at least one vector, finite values, and a width that matches a known model
+    (768 SD1, 1024 SD2, 768+1280 SDXL) or ``expected_width`` when given.
+    """
+    path = Path(path)
+    for part, tensor in emb.parts().items():
+        label = "" if part == "vectors" else f" ({part})"
+        if tensor.ndim != 2 or tensor.shape[0] < 1 or tensor.shape[1] < 1:
+            raise InputFileError(path, f"embedding tensor{label} has shape {tuple(tensor.shape)}, expected (n_vectors, width)")
+        bad = (~torch.isfinite(tensor)).sum().item()
+        if bad:
+            raise InputFileError(path, f"embedding{label} contains {bad} NaN/inf value(s) in {tensor.numel()}")
+    if emb.is_sdxl:
+        for part, want in SDXL_WIDTHS.items():
+            got = emb.parts()[part].shape[1]
+            if got != want:
+                raise InputFileError(path, f"SDXL embedding block {part} has width {got}, expected {want}")
+        if emb.extra["clip_g"].shape[0] != emb.vectors.shape[0]:
+            raise InputFileError(
+                path,
+                f"SDXL embedding blocks disagree on vector count: clip_l {emb.vectors.shape[0]}, clip_g {emb.extra['clip_g'].shape[0]}",
+            )
+        if expected_width is not None and expected_width not in (768 + 1280,):
+            raise InputFileError(path, f"SDXL embedding (768+1280) does not fit a model of width {expected_width}")
+        return emb
+    width = emb.vectors.shape[1]
+    if expected_width is not None:
+        if width != expected_width:
+            raise InputFileError(path, f"embedding width {width} does not match the model's token width {expected_width}")
+    elif width not in FAMILY_BY_WIDTH:
+        raise InputFileError(
+            path,
+            f"embedding width {width} matches no Stable Diffusion text encoder "
+            "(768 SD1, 1024 SD2, 768+1280 SDXL); pass expected_width for another model",
+        )
+    return emb

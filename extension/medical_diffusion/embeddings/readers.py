@@ -1,0 +1,189 @@
+"""Read an embedding from any format users meet: A1111 ``.pt``/``.safetensors``/images,
+diffusers ``learned_embeds``, and bare tensors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from medical_diffusion.embeddings.image_format import read_image_embedding
+from medical_diffusion.embeddings.model import Embedding, name_from_token, validate
+from medical_diffusion.embeddings.safe_pickle import safe_torch_load
+from medical_diffusion.errors import InputFileError, MedDiffError
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
+IMAGE_SUFFIXES = (".png", ".webp")
+EMBEDDING_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",) + IMAGE_SUFFIXES
+#: file stem diffusers uses for textual-inversion weights; the token inside names the embedding
+DIFFUSERS_STEM = "learned_embeds"
+_A1111_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
+
+
+def _as_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    elif hasattr(value, "_parameters") and isinstance(getattr(value, "_parameters"), Mapping):
+        raise InputFileError(path, f"{what} is a module, not a tensor")
+    else:
+        raise InputFileError(path, f"{what} is a {type(value).__name__}, not a tensor")
+    if not tensor.is_floating_point():
+        raise InputFileError(path, f"{what} has dtype {tensor.dtype}, expected floating point")
+    if tensor.ndim == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.ndim != 2:
+        raise InputFileError(path, f"{what} has shape {tuple(tensor.shape)}, expected (n_vectors, width) or (width,)")
+    return tensor.detach().to("cpu", torch.float32)
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def embedding_from_data(data: Any, path: str | os.PathLike, name: str, metadata: Mapping[str, str] | None = None) -> Embedding:
+    """Interpret a loaded object (A1111 dict, SDXL pair, diffusers ``{token: tensor}``, bare tensor)."""
+    path = Path(path)
+    meta: dict[str, Any] = dict(metadata or {})
+    if isinstance(data, torch.Tensor):
+        return Embedding(name, _as_tensor(data, path, "tensor"), _optional_int(meta.get("step")),
+                         _optional_str(meta.get("sd_checkpoint")), _optional_str(meta.get("sd_checkpoint_name")))
+    if not isinstance(data, Mapping):
+        raise InputFileError(path, f"holds a {type(data).__name__}, not an embedding (expected a dict or a tensor)")
+    if not data:
+        raise InputFileError(path, "holds an empty dictionary, not an embedding")
+
+    if "string_to_param" in data:  # A1111 / original textual-inversion repo
+        params = data["string_to_param"]
+        params = getattr(params, "_parameters", params)
+        if not isinstance(params, Mapping):
+            raise InputFileError(path, f"'string_to_param' is a {type(params).__name__}, expected a dict of one tensor")
+        if len(params) != 1:
+            keys = ", ".join(map(repr, list(params)[:5]))
+            raise InputFileError(path, f"'string_to_param' holds {len(params)} params ({keys}); an embedding file holds exactly one")
+        key, value = next(iter(params.items()))
+        vectors = _as_tensor(value, path, f"string_to_param[{key!r}]")
+        meta.update({k: data.get(k) for k in ("step", "sd_checkpoint", "sd_checkpoint_name") if data.get(k) is not None})
+        return Embedding(name, vectors, _optional_int(meta.get("step")), _optional_str(meta.get("sd_checkpoint")),
+                         _optional_str(meta.get("sd_checkpoint_name")))
+
+    if "clip_l" in data or "clip_g" in data:  # SDXL pair (kohya / A1111)
+        missing = [k for k in ("clip_l", "clip_g") if k not in data]
+        if missing:
+            raise InputFileError(path, f"SDXL embedding lacks {' and '.join(missing)} (needs both clip_l and clip_g)")
+        clip_l = _as_tensor(data["clip_l"], path, "clip_l")
+        clip_g = _as_tensor(data["clip_g"], path, "clip_g")
+        return Embedding(name, clip_l, _optional_int(meta.get("step")), _optional_str(meta.get("sd_checkpoint")),
+                         _optional_str(meta.get("sd_checkpoint_name")), extra={"clip_g": clip_g})
+
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    others = [k for k in data if k not in tensors]
+    if len(tensors) == 1 and not others:  # diffusers {token: tensor}, kohya {"emb_params": tensor}
+        key, value = next(iter(tensors.items()))
+        if path.stem.lower() == DIFFUSERS_STEM and isinstance(key, str):
+            name = name_from_token(key)
+        return Embedding(name, _as_tensor(value, path, f"tensor {key!r}"), _optional_int(meta.get("step")),
+                         _optional_str(meta.get("sd_checkpoint")), _optional_str(meta.get("sd_checkpoint_name")))
+    if len(tensors) > 1:
+        keys = ", ".join(map(repr, list(tensors)[:5]))
+        raise InputFileError(path, f"holds {len(tensors)} tensors ({keys}); an embedding file holds exactly one (or SDXL clip_l + clip_g)")
+    keys = ", ".join(map(repr, list(data)[:8]))
+    raise InputFileError(path, f"unexpected keys ({keys}); expected A1111 'string_to_param', SDXL 'clip_l'/'clip_g', or one {{token: tensor}}")
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if path.stat().st_size == 0:
+        raise InputFileError(path, "empty file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            return {k: fh.get_tensor(k) for k in fh.keys()}, metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InputFileError(path, f"not a readable safetensors file (truncated or corrupt: {exc})") from None
+
+
+def load_embedding(path: str | os.PathLike, expected_width: int | None = None) -> Embedding:
+    """Read an embedding file of any supported format.
+
+    The name is the lowercased file stem (as A1111 names embeddings), except for diffusers'
+    ``learned_embeds.*`` (the stored token) and images (the name stored inside).
+    ``expected_width`` admits a custom text width (e.g. a tiny test model); otherwise the width
+    must match SD1, SD2 or SDXL. Raises :class:`InputFileError` naming the file and problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(path, "no such file")
+    if path.is_dir():
+        candidates = [path / f"{DIFFUSERS_STEM}.safetensors", path / f"{DIFFUSERS_STEM}.bin"]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise InputFileError(path, f"folder has no {DIFFUSERS_STEM}.safetensors or {DIFFUSERS_STEM}.bin")
+        path = found
+    suffix = path.suffix.lower()
+    name = path.stem.lower()
+    metadata: dict[str, str] = {}
+    if suffix == ".safetensors":
+        data, metadata = _load_safetensors(path)
+    elif suffix in PICKLE_SUFFIXES:
+        data = safe_torch_load(path)
+    elif suffix in IMAGE_SUFFIXES:
+        data = read_image_embedding(path)
+        if data is None:
+            raise InputFileError(path, "image holds no embedding (no 'sd-ti-embedding' chunk or data strip)")
+        stored = data.get("name")
+        if isinstance(stored, str) and stored.strip():
+            name = name_from_token(stored)
+    else:
+        raise InputFileError(path, f"unsupported embedding file type {suffix or '(none)'}; expected one of {', '.join(EMBEDDING_SUFFIXES)}")
+    emb = embedding_from_data(data, path, name, metadata)
+    return validate(emb, path, expected_width)
+
+
+def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = None) -> dict[str, Embedding]:
+    """Every readable embedding under ``folder`` (recursively), keyed by name.
+
+    Unreadable files are logged as warnings and skipped; images without an embedding and
+    A1111 ``*.preview.png`` files are skipped silently. On a name clash the first file (in
+    sorted path order) wins and the clash is logged.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputFileError(folder, "not a folder")
+    found: dict[str, Embedding] = {}
+    sources: dict[str, Path] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        suffix = path.suffix.lower()
+        if suffix not in EMBEDDING_SUFFIXES or path.name.startswith("."):
+            continue
+        if suffix in IMAGE_SUFFIXES and Path(path.stem).suffix.lower() == ".preview":
+            continue
+        try:
+            if suffix in IMAGE_SUFFIXES and read_image_embedding(path) is None:
+                continue
+            emb = load_embedding(path, expected_width)
+        except MedDiffError as exc:
+            log.warning("skipping embedding: %s", exc)
+            continue
+        if emb.name in found:
+            log.warning("skipping embedding: %s: name %r already loaded from %s", path, emb.name, sources[emb.name])
+            continue
+        found[emb.name] = emb
+        sources[emb.name] = path
+    return found
