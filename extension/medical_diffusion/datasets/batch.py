@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from medical_diffusion.atomic_io import atomic_path, atomic_write_text
-from medical_diffusion.datasets.layout import FAILURES_NAME, JOURNAL_NAME, MANIFEST_NAME, PlannedItem
+from medical_diffusion.datasets.layout import CONTACT_SHEET_NAME, FAILURES_NAME, JOURNAL_NAME, MANIFEST_NAME, PlannedItem
 from medical_diffusion.datasets.manifest import ManifestRow, write_manifest
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.png_io import save_png
@@ -38,7 +38,7 @@ class BatchResult:
 
     out_dir: Path
     rows: list[ManifestRow] = field(default_factory=list)
-    failures: list[ItemFailure] = field(default_factory=list)
+    failures: list[ItemFailure] = field(default_factory=list)  # rejected before processing + failed
     processed: int = 0
     skipped: int = 0
 
@@ -129,12 +129,15 @@ def run_batch(
     workers: int = 1,
     progress: ProgressCallback | None = None,
     worker_init: Callable[[], None] | None = None,
+    rejected: list[ItemFailure] | None = None,
+    contact_sheet_title: str | None = None,
 ) -> BatchResult:
     """Make every planned item with ``process(payload) -> (uint8 image, info)``.
 
     ``payloads[key] = (source description, payload)``. Items already finished by an earlier run with
     the same options (journal entry, output files present with the recorded sha256) are skipped.
-    Failures are collected (``failures.csv``); the manifest is rewritten at the end.
+    Failures (plus ``rejected`` items, refused before processing) are collected in ``failures.csv``;
+    the manifest is rewritten at the end; with ``contact_sheet_title`` a contact sheet is written.
     ``process`` and ``worker_init`` must be module-level functions when ``workers > 1``.
     """
     out_dir = Path(out_dir)
@@ -143,7 +146,7 @@ def run_batch(
     journal_path = out_dir / JOURNAL_NAME
     journal = _load_journal(journal_path)
     by_key = {p.candidate.key: p for p in planned}
-    result = BatchResult(out_dir)
+    result = BatchResult(out_dir, failures=list(rejected or []))
     todo: list[WorkUnit] = []
     finished: dict[str, tuple[str, dict]] = {}
     for item in planned:
@@ -204,6 +207,10 @@ def run_batch(
     lines = ["key,source,error"] + [
         ",".join('"' + str(v).replace('"', '""') + '"' for v in (f.key, f.source, f.error)) for f in result.failures]
     atomic_write_text(out_dir / FAILURES_NAME, "\n".join(lines) + "\n")
+    if contact_sheet_title is not None and result.rows:
+        from medical_diffusion.datasets.contact_sheet import write_contact_sheet
+
+        write_contact_sheet(out_dir, result.rows, out_dir / CONTACT_SHEET_NAME, title=contact_sheet_title)
     return result
 
 

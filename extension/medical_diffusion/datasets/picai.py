@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,8 @@ import SimpleITK as sitk
 
 from medical_diffusion.datasets import volume_ops as vo
 from medical_diffusion.datasets.batch import BatchResult, ItemFailure, ProgressCallback, options_to_json, run_batch
-from medical_diffusion.datasets.layout import CONTACT_SHEET_NAME, plan_outputs
-from medical_diffusion.datasets.splits import Candidate, balanced_sample, patient_disjoint_splits
+from medical_diffusion.datasets.layout import plan_outputs
+from medical_diffusion.datasets.splits import Candidate, select_items
 from medical_diffusion.errors import InputFileError, MedDiffError
 
 MODES = ("paper", "aligned")
@@ -239,42 +239,7 @@ def single_itk_thread() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-@dataclass
-class PrepareReport:
-    """Result of a prepare run: the batch result plus items rejected before processing."""
-
-    batch: BatchResult
-    rejected: list[ItemFailure] = field(default_factory=list)
-
-    @property
-    def failures(self) -> list[ItemFailure]:
-        return self.rejected + self.batch.failures
-
-
-def select(candidates: list[Candidate], n_per_class: int | None, splits: tuple[str, ...], seed: int,
-           labels: tuple[str, ...]) -> dict[str, list[Candidate]] | list[Candidate]:
-    """Class-balanced selection, or patient-disjoint splits when ``splits`` is non-empty."""
-    if splits:
-        assert n_per_class
-        return patient_disjoint_splits(candidates, n_per_class, labels, splits, seed)
-    return balanced_sample(candidates, n_per_class, seed, labels if n_per_class else None)
-
-
-def finish(report: PrepareReport, out: str, contact_sheet: bool, title: str) -> PrepareReport:
-    """Add rejected items to the failure report; write the contact sheet."""
-    from medical_diffusion.atomic_io import atomic_write_text
-    from medical_diffusion.datasets.contact_sheet import write_contact_sheet
-
-    fails = report.failures
-    lines = ["key,source,error"] + [
-        ",".join('"' + str(v).replace('"', '""') + '"' for v in (f.key, f.source, f.error)) for f in fails]
-    atomic_write_text(report.batch.failures_path, "\n".join(lines) + "\n")
-    if contact_sheet and report.batch.rows:
-        write_contact_sheet(out, report.batch.rows, Path(out) / CONTACT_SHEET_NAME, title=title)
-    return report
-
-
-def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = None) -> PrepareReport:
+def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = None) -> BatchResult:
     """Discover, label, select/split and slice PI-CAI cases into ``options.out`` (resumable)."""
     options.validate()
     cases = discover_cases(options.images, options.labels)
@@ -298,7 +263,7 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
         labelled[case.case_id] = (case, positive, lesion)
         if progress:
             progress(i + 1, len(cases), f"labelling {case.case_id}")
-    selected = select(candidates, options.n_per_class, tuple(options.splits), options.seed, ("neg", "pos"))
+    selected = select_items(candidates, options.n_per_class, tuple(options.splits), options.seed, ("neg", "pos"))
     planned = plan_outputs(selected, options.neutral_names)
     modalities = CHANNELS[options.channels]
     payloads = {}
@@ -308,7 +273,7 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
                       tuple(options.crop), options.size, options.resampler)
         sources = [case.scans[m] for m in modalities] + [lesion if positive else case.gland]
         payloads[item.candidate.key] = (";".join(sources), job)
-    batch = run_batch(planned, payloads, process_case, options.out, options_to_json(options),
-                      workers=options.workers, progress=progress,
-                      worker_init=single_itk_thread if options.workers > 1 else None)
-    return finish(PrepareReport(batch, rejected), options.out, options.contact_sheet, "PI-CAI")
+    return run_batch(planned, payloads, process_case, options.out, options_to_json(options),
+                     workers=options.workers, progress=progress,
+                     worker_init=single_itk_thread if options.workers > 1 else None, rejected=rejected,
+                     contact_sheet_title="PI-CAI" if options.contact_sheet else None)

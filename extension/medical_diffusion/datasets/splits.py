@@ -76,3 +76,13 @@ def patient_disjoint_splits(candidates: Sequence[Candidate], n_per_class: int, l
     if short:
         raise MedDiffError("not enough eligible items for patient-disjoint splits (" + ", ".join(short) + ")")
     return result
+
+
+def select_items(candidates: Sequence[Candidate], n_per_class: int | None, splits: Sequence[str], seed: int,
+                 labels: Sequence[str]) -> dict[str, list[Candidate]] | list[Candidate]:
+    """Class-balanced selection (a list), or patient-disjoint splits (``{split: items}``) when ``splits``."""
+    if splits:
+        if not n_per_class:
+            raise MedDiffError("splits need a number of images per class")
+        return patient_disjoint_splits(candidates, n_per_class, labels, splits, seed)
+    return balanced_sample(candidates, n_per_class, seed, labels if n_per_class else None)

@@ -1,0 +1,160 @@
+"""``meddiff prepare picai|chexpert|pcam|images``: dataset preparation into PNG training folders."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(p: argparse.ArgumentParser, default_n: int | None = None) -> None:
+    p.add_argument("--out", required=True, help="output folder (embedding/<class>/, classifier/<split>/<class>/, "
+                                                "manifest.csv, failures.csv, contact_sheet.png)")
+    p.add_argument("--per-class", type=int, default=default_n, metavar="N",
+                   help="N images per class (per split with --splits); default: " +
+                        ("all eligible" if default_n is None else str(default_n)))
+    p.add_argument("--splits", default="", metavar="LIST",
+                   help="patient-disjoint classifier splits, e.g. train,val,test (paper: 100 neg + 100 pos each)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling and splits (default 0)")
+    p.add_argument("--source-names", action="store_true",
+                   help="name outputs after the source case instead of neutral neg_0001.png names")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--no-contact-sheet", action="store_true", help="do not write contact_sheet.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def register(subparsers) -> None:
+    prep = subparsers.add_parser("prepare", help="prepare a dataset as 512x512 PNG training folders",
+                                 description="Prepare PI-CAI, CheXpert, PatchCamelyon or generic medical images. "
+                                             "Re-running with the same options skips finished items.")
+    sub = prep.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+
+    p = sub.add_parser("picai", help="PI-CAI prostate MRI (paper mode or aligned mode)")
+    p.add_argument("--images", required=True, help="PI-CAI images folder (<pid>/<pid>_<sid>_t2w.mha ...)")
+    p.add_argument("--labels", required=True, help="picai_labels folder")
+    p.add_argument("--mode", choices=("paper", "aligned"), default="paper",
+                   help="paper: each modality resampled on its own grid (the authors' method); "
+                        "aligned: ADC/HBV resampled onto the cropped T2W grid")
+    p.add_argument("--channels", choices=("rgb", "t2w", "adc", "hbv"), default="rgb",
+                   help="rgb = T2W/ADC/HBV as R/G/B (default), or one modality as grey")
+    p.add_argument("--label-source", choices=("combined", "human", "marksheet"), default="combined",
+                   help="combined: human delineation, AI (Bosma22a) when missing (default); human only; "
+                        "marksheet case_csPCa")
+    p.add_argument("--resampler", choices=("fast", "sitk"), default="fast",
+                   help="fast: separable B-spline, same maths as SimpleITK (default); sitk: SimpleITK itself")
+    p.add_argument("--cases", default="", help="comma-separated <pid>_<sid> ids to restrict to")
+    _common(p)
+    p.set_defaults(func=run_picai)
+
+    p = sub.add_parser("chexpert", help="CheXpert chest X-rays (frontal AP, exactly one positive class)")
+    p.add_argument("--csv", required=True, help="CheXpert train.csv / valid.csv")
+    p.add_argument("--root", required=True, help="folder holding train/ and valid/ (CSV prefix is stripped)")
+    p.add_argument("--classes", default="No Finding,Cardiomegaly,Pleural Effusion,Pneumonia",
+                   help="comma-separated observations (default: the paper's four)")
+    p.add_argument("--uncertain", choices=("zeros", "ones", "exclude"), default="zeros",
+                   help="uncertain (-1) labels count as negative (default), as positive, or drop the image")
+    p.add_argument("--view", default="AP", help="AP/PA value to keep among frontal images ('' = all)")
+    _common(p)
+    p.set_defaults(func=run_chexpert)
+
+    p = sub.add_parser("pcam", help="PatchCamelyon HDF5 patches")
+    p.add_argument("--x", required=True, help="camelyonpatch_level_2_split_*_x.h5 (gunzipped)")
+    p.add_argument("--y", required=True, help="camelyonpatch_level_2_split_*_y.h5 (gunzipped)")
+    _common(p, default_n=100)
+    p.set_defaults(func=run_pcam)
+
+    p = sub.add_parser("images", help="generic import: DICOM files/series, NIfTI/MHA/NRRD, PNG/JPEG")
+    p.add_argument("inputs", nargs="+", help="files or folders (searched recursively)")
+    p.add_argument("--label", default="images", help="class folder name (default: images)")
+    p.add_argument("--class-from-folder", action="store_true", help="class = each item's parent folder name")
+    p.add_argument("--window", default="auto",
+                   help="auto (DICOM window tags, else min-max), minmax, percentile, or CENTER,WIDTH")
+    p.add_argument("--slice", type=int, default=None, help="axial slice index for volumes (default: middle)")
+    p.add_argument("--mask", default=None, help="mask file (or folder of same-named masks) choosing the slice")
+    p.add_argument("--mask-rule", choices=("max", "median"), default="max",
+                   help="max: slice with the largest mask sum; median: median slice of the mask")
+    p.add_argument("--color", choices=("auto", "grey", "rgb"), default="auto")
+    p.add_argument("--fit", choices=("pad", "stretch"), default="pad",
+                   help="pad: keep aspect ratio with zero borders (default); stretch")
+    p.add_argument("--crop-nonzero", action="store_true", help="crop to the non-zero bounding box first")
+    _common(p)
+    p.set_defaults(func=run_images)
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def _progress(args):
+    if args.quiet:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="item")
+
+    def update(done: int, total: int, message: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(message[-40:], refresh=False)
+        bar.refresh()
+
+    return update, bar
+
+
+def _common_kwargs(args) -> dict:
+    return dict(out=args.out, n_per_class=args.per_class, splits=_split_list(args.splits), seed=args.seed,
+                neutral_names=not args.source_names, workers=max(1, args.workers),
+                contact_sheet=not args.no_contact_sheet)
+
+
+def _report(result) -> int:
+    print(f"{result.processed} made, {result.skipped} already done, {len(result.failures)} failed; "
+          f"manifest: {result.manifest_path}")
+    if result.failures:
+        for f in result.failures[:10]:
+            print(f"  failed {f.key}: {f.error}")
+        if len(result.failures) > 10:
+            print(f"  ... {len(result.failures) - 10} more in {result.failures_path}")
+    return 0 if not result.failures else 3
+
+
+def _run(fn, options, args) -> int:
+    update, bar = _progress(args)
+    try:
+        result = fn(options, progress=update)
+    finally:
+        if bar is not None:
+            bar.close()
+    return _report(result)
+
+
+def run_picai(args) -> int:
+    from medical_diffusion.datasets.picai import PicaiOptions, prepare_picai
+
+    options = PicaiOptions(images=args.images, labels=args.labels, mode=args.mode, channels=args.channels,
+                           label_source=args.label_source, resampler=args.resampler,
+                           cases=_split_list(args.cases), **_common_kwargs(args))
+    return _run(prepare_picai, options, args)
+
+
+def run_chexpert(args) -> int:
+    from medical_diffusion.datasets.chexpert import ChexpertOptions, prepare_chexpert
+
+    options = ChexpertOptions(csv=args.csv, root=args.root, classes=_split_list(args.classes),
+                              uncertain=args.uncertain, view=args.view, **_common_kwargs(args))
+    return _run(prepare_chexpert, options, args)
+
+
+def run_pcam(args) -> int:
+    from medical_diffusion.datasets.pcam import PcamOptions, prepare_pcam
+
+    options = PcamOptions(x=args.x, y=args.y, **_common_kwargs(args))
+    return _run(prepare_pcam, options, args)
+
+
+def run_images(args) -> int:
+    from medical_diffusion.datasets.generic_import import ImportOptions, prepare_images
+
+    options = ImportOptions(inputs=tuple(args.inputs), label=args.label,
+                            class_from="folder" if args.class_from_folder else "label", window=args.window,
+                            slice_index=args.slice, mask=args.mask, mask_rule=args.mask_rule, color=args.color,
+                            fit=args.fit, crop_nonzero=args.crop_nonzero, **_common_kwargs(args))
+    return _run(prepare_images, options, args)

@@ -1,0 +1,94 @@
+"""PatchCamelyon: N negative + N positive 96x96 patches (seeded) upsampled to 512x512 RGB."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medical_diffusion.datasets.batch import BatchResult, ProgressCallback, options_to_json, run_batch
+from medical_diffusion.datasets.layout import plan_outputs
+from medical_diffusion.datasets.splits import Candidate, select_items
+from medical_diffusion.errors import InputFileError, MedDiffError
+
+
+@dataclass
+class PcamOptions:
+    """Options for :func:`prepare_pcam` (defaults = the paper: 100 + 100 from the training file)."""
+
+    x: str
+    y: str
+    out: str
+    n_per_class: int | None = 100
+    splits: tuple[str, ...] = ()
+    seed: int = 0
+    size: int = 512
+    neutral_names: bool = True
+    workers: int = 1
+    contact_sheet: bool = True
+
+
+def _check_h5(path: str | os.PathLike, dataset: str):
+    import h5py
+
+    path = Path(path)
+    if str(path).endswith(".gz"):
+        raise InputFileError(path, "gzip-compressed HDF5: gunzip it first (e.g. `gunzip -k FILE`)")
+    if not path.is_file():
+        raise InputFileError(path, "no such file")
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputFileError(path, f"not a readable HDF5 file ({exc})") from exc
+    if dataset not in fh:
+        fh.close()
+        raise InputFileError(path, f"no HDF5 dataset {dataset!r} (found {sorted(fh.keys())})")
+    return fh
+
+
+def read_labels(x_path: str | os.PathLike, y_path: str | os.PathLike) -> np.ndarray:
+    """The 0/1 label of every patch; checks the x/y shapes."""
+    with _check_h5(x_path, "x") as fx, _check_h5(y_path, "y") as fy:
+        x, y = fx["x"], fy["y"]
+        if x.ndim != 4 or x.shape[1:] != (96, 96, 3) or x.dtype != np.uint8:
+            raise InputFileError(x_path, f"dataset x should be (N, 96, 96, 3) uint8, found {x.shape} {x.dtype}")
+        if y.shape[0] != x.shape[0]:
+            raise InputFileError(y_path, f"{y.shape[0]} labels for {x.shape[0]} patches in {x_path}")
+        return np.asarray(y[:]).reshape(y.shape[0], -1)[:, 0].astype(np.int64)
+
+
+def process_patch(x_path: str, index: int, size: int = 512) -> tuple[np.ndarray, dict]:
+    """Patch ``index`` of ``x_path`` upsampled (Lanczos) to ``size x size``."""
+    import h5py
+
+    with h5py.File(x_path, "r") as fh:
+        patch = np.asarray(fh["x"][index])
+    return np.asarray(Image.fromarray(patch).resize((size, size), Image.LANCZOS)), {"slice": ""}
+
+
+def _process(payload: tuple[str, int, int]) -> tuple[np.ndarray, dict]:
+    return process_patch(*payload)
+
+
+def prepare_pcam(options: PcamOptions, progress: ProgressCallback | None = None) -> BatchResult:
+    """Sample and upsample PCam patches into ``options.out`` (resumable)."""
+    labels = read_labels(options.x, options.y)
+    bad = sorted(set(np.unique(labels).tolist()) - {0, 1})
+    if bad:
+        raise InputFileError(options.y, f"labels must be 0/1, found {bad}")
+    width = len(str(len(labels)))
+    candidates = [Candidate(f"pcam_{i:0{width}d}", "pos" if v else "neg", f"pcam_{i:0{width}d}")
+                  for i, v in enumerate(labels)]
+    if options.splits and not options.n_per_class:
+        raise MedDiffError("splits need n_per_class")
+    selected = select_items(candidates, options.n_per_class, tuple(options.splits), options.seed, ("neg", "pos"))
+    planned = plan_outputs(selected, options.neutral_names)
+    payloads = {}
+    for item in planned:
+        idx = int(item.candidate.key.split("_")[1])
+        payloads[item.candidate.key] = (f"{options.x}[{idx}]", (str(options.x), idx, options.size))
+    return run_batch(planned, payloads, _process, options.out, options_to_json(options), workers=options.workers,
+                     progress=progress, contact_sheet_title="PatchCamelyon" if options.contact_sheet else None)
