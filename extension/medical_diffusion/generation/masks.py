@@ -1,0 +1,279 @@
+"""Inpainting masks from simple geometry: ellipses/circles given in source pixels or millimetres.
+
+Coordinates refer to the *source* image grid (e.g. the DICOM slice): ``x`` is the column and
+``y`` the row, pixel centres at integer positions, so ``(0, 0)`` is the centre of the top-left
+pixel. Millimetres are ``x * spacing_x`` / ``y * spacing_y`` (non-square pixels allowed). The
+mask is drawn directly at the target size (the image is rescaled to it, 512x512 for SD2) by
+mapping every target pixel centre back to physical space, so shapes stay exact under rescaling.
+White (255) = repaint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from medical_diffusion.errors import InputFileError, MedDiffError
+
+#: pixels per latent cell for SD (shapes smaller than this barely reach the model)
+LATENT_CELL_PX = 8
+
+
+@dataclass
+class MaskShape:
+    """An ellipse (``radii=(rx, ry)``) or circle (``rx == ry``) rotated by ``angle`` degrees
+    (clockwise on screen, i.e. from +x towards +y)."""
+
+    center: tuple[float, float]
+    radii: tuple[float, float]
+    angle: float = 0.0
+
+    @classmethod
+    def circle(cls, x: float, y: float, r: float) -> "MaskShape":
+        return cls((float(x), float(y)), (float(r), float(r)))
+
+
+@dataclass
+class MaskSpec:
+    """Everything that defines a mask; saved as JSON next to it."""
+
+    shapes: list[MaskShape]
+    unit: str = "px"  # "px" (source pixels) or "mm"; applies to centres, radii and feather
+    source_size: tuple[int, int] = (512, 512)  # (width, height) of the source grid
+    spacing: tuple[float, float] | None = None  # mm per source pixel (x, y); needed for "mm"
+    target_size: tuple[int, int] = (512, 512)
+    feather: float = 0.0  # width of the soft edge (linear ramp centred on the outline)
+    invert: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MaskSpec":
+        data = dict(data)
+        data["shapes"] = [MaskShape(tuple(s["center"]), tuple(s["radii"]), float(s.get("angle", 0.0)))
+                          for s in data["shapes"]]
+        for key in ("source_size", "target_size", "spacing"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass
+class MaskResult:
+    """The mask (uint8, white = repaint) and what is worth telling the user about it."""
+
+    mask: np.ndarray
+    target_spacing: tuple[float, float] | None  # mm per target pixel (x, y)
+    shape_sizes_px: list[tuple[float, float]]  # (width, height) of each shape's box, target px
+    shape_sizes_mm: list[tuple[float, float]] | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _validate(spec: MaskSpec) -> tuple[float, float]:
+    if spec.unit not in ("px", "mm"):
+        raise MedDiffError(f"mask unit must be 'px' or 'mm', got {spec.unit!r}")
+    if not spec.shapes:
+        raise MedDiffError("a mask needs at least one shape")
+    if spec.unit == "mm" and spec.spacing is None:
+        raise MedDiffError("shapes in mm need the pixel spacing (from a DICOM/volume file or given)")
+    if spec.spacing is not None and (len(spec.spacing) != 2 or min(spec.spacing) <= 0):
+        raise MedDiffError(f"pixel spacing must be two positive numbers, got {spec.spacing}")
+    for size in (spec.source_size, spec.target_size):
+        if len(size) != 2 or min(size) <= 0:
+            raise MedDiffError(f"image sizes must be two positive integers, got {size}")
+    for shape in spec.shapes:
+        if min(shape.radii) <= 0:
+            raise MedDiffError(f"shape radii must be positive, got {shape.radii}")
+    if spec.feather < 0:
+        raise MedDiffError(f"feather must not be negative, got {spec.feather}")
+    # the unit frame: mm, or source pixels (x spacing 1, y spacing 1)
+    return tuple(spec.spacing) if spec.unit == "mm" else (1.0, 1.0)
+
+
+def _shape_distance(shape: MaskShape, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """Approximate signed distance (negative inside) from points to the ellipse outline, in the
+    unit frame: first-order ``(r - 1) / |grad r|`` with the exact value along the axes."""
+    cx, cy = shape.center
+    rx, ry = shape.radii
+    a = math.radians(shape.angle)
+    dx, dy = px - cx, py - cy
+    u = dx * math.cos(a) + dy * math.sin(a)
+    v = -dx * math.sin(a) + dy * math.cos(a)
+    r = np.sqrt((u / rx) ** 2 + (v / ry) ** 2)
+    grad = np.sqrt((u / rx**2) ** 2 + (v / ry**2) ** 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dist = np.where(r > 1e-12, (r - 1) * r / np.maximum(grad, 1e-300), -min(rx, ry))
+    return dist
+
+
+def render_mask(spec: MaskSpec) -> MaskResult:
+    """Draw the union of the shapes at ``target_size``; feathered edge, optional inversion."""
+    frame_spacing = _validate(spec)
+    w0, h0 = spec.source_size
+    wt, ht = spec.target_size
+    # source pixel coordinates of every target pixel centre (the image is stretched to the target)
+    xs = (np.arange(wt) + 0.5) * (w0 / wt) - 0.5
+    ys = (np.arange(ht) + 0.5) * (h0 / ht) - 0.5
+    gx, gy = np.meshgrid(xs * frame_spacing[0], ys * frame_spacing[1])
+    value = np.zeros((ht, wt), dtype=np.float64)
+    sizes_px, sizes_mm, warnings = [], [], []
+    for i, shape in enumerate(spec.shapes):
+        dist = _shape_distance(shape, gx, gy)
+        if spec.feather > 0:
+            inside = np.clip(0.5 - dist / spec.feather, 0.0, 1.0)
+        else:
+            inside = (dist <= 0).astype(np.float64)
+        value = np.maximum(value, inside)
+        # bounding box of the rotated ellipse in the unit frame -> target pixels
+        a = math.radians(shape.angle)
+        rx, ry = shape.radii
+        half_w = math.hypot(rx * math.cos(a), ry * math.sin(a))
+        half_h = math.hypot(rx * math.sin(a), ry * math.cos(a))
+        w_px = 2 * half_w / frame_spacing[0] * (wt / w0)
+        h_px = 2 * half_h / frame_spacing[1] * (ht / h0)
+        sizes_px.append((w_px, h_px))
+        if spec.spacing is not None:
+            src_w = 2 * half_w / frame_spacing[0]
+            src_h = 2 * half_h / frame_spacing[1]
+            sizes_mm.append((src_w * spec.spacing[0], src_h * spec.spacing[1]))
+        if min(w_px, h_px) < LATENT_CELL_PX:
+            warnings.append(
+                f"shape {i + 1} is {w_px:.1f}x{h_px:.1f} px at {wt}x{ht}: smaller than one latent cell "
+                f"({LATENT_CELL_PX} px), so the model can hardly paint anything inside it"
+            )
+        if not (inside > 0.5).any():
+            warnings.append(f"shape {i + 1} does not cover any pixel of the image")
+    if spec.invert:
+        value = 1.0 - value
+    mask = np.round(value * 255).astype(np.uint8)
+    target_spacing = None
+    if spec.spacing is not None:
+        target_spacing = (spec.spacing[0] * w0 / wt, spec.spacing[1] * h0 / ht)
+    return MaskResult(mask, target_spacing, sizes_px, sizes_mm if spec.spacing is not None else None, warnings)
+
+
+# -- sources: geometry from DICOM / volume headers, images for the overlay --------------------
+
+@dataclass
+class SourceGeometry:
+    size: tuple[int, int]  # (width, height) in pixels
+    spacing: tuple[float, float] | None  # mm per pixel (x, y)
+
+
+def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
+    """Pixel grid and spacing from a DICOM file (PixelSpacing is row, column) or a volume
+    (``.mha``/``.nii``/``.nrrd``... via SimpleITK header only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "no such file")
+    if _is_dicom(path):
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            raise InputFileError(path, f"not a readable DICOM file ({exc})") from exc
+        if "Rows" not in ds or "Columns" not in ds:
+            raise InputFileError(path, "DICOM file has no image (Rows/Columns missing)")
+        spacing = None
+        for key in ("PixelSpacing", "ImagerPixelSpacing"):
+            if key in ds and ds.get(key) is not None:
+                row_sp, col_sp = (float(v) for v in ds.get(key))
+                spacing = (col_sp, row_sp)
+                break
+        return SourceGeometry((int(ds.Columns), int(ds.Rows)), spacing)
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputFileError(path, f"not a readable image/volume ({str(exc).strip().splitlines()[-1]})") from exc
+    size, spacing = reader.GetSize(), reader.GetSpacing()
+    if len(size) < 2:
+        raise InputFileError(path, "image has fewer than two dimensions")
+    return SourceGeometry((int(size[0]), int(size[1])), (float(spacing[0]), float(spacing[1])))
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    array = array.astype(np.float64)
+    lo, hi = np.percentile(array, [0.5, 99.5]) if array.size else (0, 1)
+    if hi <= lo:
+        hi = lo + 1
+    return np.clip((array - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
+
+
+def load_source_image(path: str | os.PathLike, slice_index: int | None = None) -> Image.Image:
+    """An RGB preview of a PNG/JPEG, a DICOM file or one slice of a volume (middle by default)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "no such file")
+    if _is_dicom(path) or path.suffix.lower() in (".mha", ".mhd", ".nii", ".gz", ".nrrd"):
+        import SimpleITK as sitk
+
+        try:
+            array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        except RuntimeError as exc:
+            raise InputFileError(path, f"not a readable image/volume ({str(exc).strip().splitlines()[-1]})") from exc
+        if array.ndim == 3 and array.shape[-1] not in (3, 4):
+            index = array.shape[0] // 2 if slice_index is None else slice_index
+            if not 0 <= index < array.shape[0]:
+                raise InputFileError(path, f"slice {index} out of range (0..{array.shape[0] - 1})")
+            array = array[index]
+        return Image.fromarray(_to_uint8(array)).convert("RGB")
+    from medical_diffusion.png_io import load_image
+
+    return load_image(path, "RGB")
+
+
+# -- preview -----------------------------------------------------------------------------
+
+def overlay_preview(image: Image.Image | None, result: MaskResult, spec: MaskSpec) -> Image.Image:
+    """The image at target size with the repaint area tinted red, outlines, and each shape's
+    size written next to it (mm when the spacing is known, else px)."""
+    wt, ht = spec.target_size
+    base = (image.convert("RGB").resize((wt, ht), Image.LANCZOS) if image is not None
+            else Image.new("RGB", (wt, ht), "black"))
+    arr = np.asarray(base).astype(np.float64)
+    alpha = (result.mask.astype(np.float64) / 255.0)[..., None] * 0.45
+    tint = np.array([255.0, 40.0, 40.0])
+    out = Image.fromarray(np.clip(arr * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    w0, h0 = spec.source_size
+    frame = tuple(spec.spacing) if spec.unit == "mm" else (1.0, 1.0)
+    for i, shape in enumerate(spec.shapes):
+        cx = (shape.center[0] / frame[0] + 0.5) * wt / w0 - 0.5
+        cy = (shape.center[1] / frame[1] + 0.5) * ht / h0 - 0.5
+        w_px, h_px = result.shape_sizes_px[i]
+        if result.shape_sizes_mm is not None:
+            label = f"{i + 1}: {result.shape_sizes_mm[i][0]:.1f}x{result.shape_sizes_mm[i][1]:.1f} mm"
+        else:
+            label = f"{i + 1}: {w_px:.0f}x{h_px:.0f} px"
+        draw.rectangle([cx - w_px / 2, cy - h_px / 2, cx + w_px / 2, cy + h_px / 2], outline=(255, 255, 0))
+        tx = min(max(0, cx + w_px / 2 + 3), wt - 6 * len(label))
+        ty = min(max(0, cy - 6), ht - 12)
+        draw.text((tx, ty), label, fill=(255, 255, 0))
+    if result.target_spacing is not None:
+        draw.text((4, ht - 14), f"{result.target_spacing[0]:.3f}x{result.target_spacing[1]:.3f} mm/px",
+                  fill=(255, 255, 255))
+    return out
