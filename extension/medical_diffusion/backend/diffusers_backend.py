@@ -1,0 +1,333 @@
+""":class:`ModelBackend` on Hugging Face diffusers/transformers objects (standalone use).
+
+Prompts are encoded exactly as A1111 does for SD2 (``sd_hijack_clip`` + ``sd_hijack_open_clip``):
+75-token chunks between start/end tokens, padding with id 0 after the end token, embedding
+vectors spliced in place of their name's tokens, emphasis ``(word:1.2)`` with the mean restored.
+The CLIP text transformer is run from input embeddings so gradients reach trainable vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from medical_diffusion.backend.base import ModelBackend
+from medical_diffusion.backend.prompt_chunks import ChunkSpec, PromptChunk, tokenize_line
+from medical_diffusion.errors import InputFileError, MedDiffError
+
+log = logging.getLogger(__name__)
+
+#: SD2 config folder shipped with the package (used for single-file checkpoints)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class DiffusersBackend(ModelBackend):
+    """A frozen Stable Diffusion model made of diffusers/transformers modules."""
+
+    def __init__(
+        self,
+        *,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler_config: Mapping[str, Any],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        label: str = "",
+    ):
+        from diffusers import DDPMScheduler
+
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.label = label
+        self.unet = unet.to(self.device, dtype).eval().requires_grad_(False)
+        self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(self.device, dtype).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        self.alphas_cumprod = scheduler.alphas_cumprod.detach().float().cpu()
+        self.prediction_type = str(self.scheduler_config.get("prediction_type", "epsilon"))
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise MedDiffError(f"unsupported prediction type {self.prediction_type!r}")
+        self.text_width = int(self.text_encoder.config.hidden_size)
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
+        vocab = tokenizer.get_vocab()
+        pad = tokenizer.pad_token_id
+        self.chunk_spec = ChunkSpec(
+            tokenize=self._tokenize,
+            id_start=int(tokenizer.bos_token_id),
+            id_end=int(tokenizer.eos_token_id),
+            comma_token=vocab.get(",</w>"),
+        )
+        self.id_pad = int(pad) if pad is not None else self.chunk_spec.id_end
+        self._chunk_cache: dict[tuple, list[PromptChunk]] = {}
+
+    # -- components -----------------------------------------------------------------------
+    @property
+    def pipeline_components(self) -> dict[str, Any]:
+        """unet, vae, text_encoder, tokenizer and a fresh DDPM-config scheduler, for diffusers code."""
+        from diffusers import DDPMScheduler
+
+        return {
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "scheduler": DDPMScheduler.from_config(self.scheduler_config),
+        }
+
+    def make_pipeline(self):
+        """A ``StableDiffusionPipeline`` sharing this backend's modules (no safety checker)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            **self.pipeline_components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write a diffusers folder that :func:`load_backend` reads back."""
+        folder = Path(folder)
+        self.make_pipeline().save_pretrained(folder, safe_serialization=True)
+        return folder
+
+    # -- text -----------------------------------------------------------------------------
+    def _tokenize(self, text: str) -> list[int]:
+        # ``_tokenize`` skips added-token splitting, so "!!" stays one token as in OpenCLIP
+        return self.tokenizer.convert_tokens_to_ids(self.tokenizer._tokenize(text))
+
+    @property
+    def token_embedding(self) -> torch.nn.Embedding:
+        return self.text_encoder.text_model.embeddings.token_embedding
+
+    def text_to_vectors(self, text: str) -> torch.Tensor:
+        ids = torch.tensor(self._tokenize(text), dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            return self.token_embedding(ids).float().cpu()
+
+    def token_embedding_norm(self) -> float:
+        return float(self.token_embedding.weight.detach().float().norm(dim=1).mean())
+
+    def prompt_chunks(self, prompt: str, embedding_sizes: Mapping[str, int] | None = None) -> list[PromptChunk]:
+        """A1111's chunks for ``prompt`` (cached per prompt and embedding sizes)."""
+        key = (prompt, tuple(sorted((embedding_sizes or {}).items())))
+        chunks = self._chunk_cache.get(key)
+        if chunks is None:
+            chunks, _ = tokenize_line(prompt, self.chunk_spec, embedding_sizes)
+            if len(self._chunk_cache) > 256:
+                self._chunk_cache.clear()
+            self._chunk_cache[key] = chunks
+        return chunks
+
+    def encode_prompt(self, prompt: str, embeddings: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        embeddings = dict(embeddings or {})
+        for name, vec in embeddings.items():
+            if vec.ndim != 2 or vec.shape[-1] != self.text_width:
+                raise MedDiffError(
+                    f"embedding {name!r} has shape {tuple(vec.shape)}; this model needs (n, {self.text_width})"
+                )
+        chunks = self.prompt_chunks(prompt, {k: int(v.shape[0]) for k, v in embeddings.items()})
+        tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=self.device)
+        if self.id_pad != self.chunk_spec.id_end:  # SD2: pad with id 0 after the first end token
+            for row in range(tokens.shape[0]):
+                end = chunks[row].tokens.index(self.chunk_spec.id_end)
+                tokens[row, end + 1 :] = self.id_pad
+        embeds = self.token_embedding(tokens)
+        rows = []
+        for row, chunk in enumerate(chunks):
+            tensor = embeds[row]
+            for offset, name in chunk.fixes:
+                emb = embeddings[name].to(tensor.device, tensor.dtype)
+                n = min(tensor.shape[0] - offset - 1, emb.shape[0])
+                tensor = torch.cat([tensor[: offset + 1], emb[:n], tensor[offset + 1 + n :]])
+            rows.append(tensor)
+        z = self.encode_token_embeddings(torch.stack(rows))
+        multipliers = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)
+        if bool((multipliers != 1).any()):  # A1111 "Original" emphasis, chunk by chunk
+            scaled = []
+            for row in range(z.shape[0]):
+                original_mean = z[row].mean()
+                zr = z[row] * multipliers[row][:, None]
+                scaled.append(zr * (original_mean / zr.mean()))
+            z = torch.stack(scaled)
+        return z.reshape(1, -1, z.shape[-1])
+
+    def encode_token_embeddings(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """CLIP text transformer output ``(B, T, width)`` from token vectors ``(B, T, width)``."""
+        text_model = self.text_encoder.text_model
+        hidden = text_model.embeddings(inputs_embeds=inputs_embeds)
+        b, t = hidden.shape[:2]
+        causal = torch.full((t, t), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
+        causal = causal.triu(1)[None, None].expand(b, 1, t, t)
+        out = text_model.encoder(inputs_embeds=hidden, causal_attention_mask=causal)
+        last = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        return text_model.final_layer_norm(last)
+
+    # -- images ---------------------------------------------------------------------------
+    def encode_images(
+        self, pixels: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        latents = dist.mean
+        if sample:
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
+            latents = latents + dist.std * noise
+        return latents * self.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample.clamp(-1, 1)
+
+    # -- denoiser -------------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        t = timesteps.to(self.device)
+        if t.ndim == 0:
+            t = t.expand(latents.shape[0])
+        return self.unet(
+            latents.to(self.device, self.dtype), t, encoder_hidden_states=cond.to(self.device, self.dtype)
+        ).sample
+
+
+# -- loading --------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise InputFileError(path, "missing (expected in a diffusers model folder)") from None
+    except (OSError, ValueError) as exc:
+        raise InputFileError(path, f"unreadable JSON: {exc}") from None
+
+
+def _load_tokenizer(folder: Path | None):
+    from transformers import CLIPTokenizer
+
+    from medical_diffusion.backend.clip_tokenizer import load_sd2_tokenizer
+
+    if folder is not None and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return load_sd2_tokenizer()
+
+
+def load_diffusers_folder(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DiffusersBackend:
+    """Load a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    for sub in ("unet", "vae", "text_encoder"):
+        if not (folder / sub / "config.json").is_file():
+            raise InputFileError(folder / sub / "config.json", "missing: not a diffusers Stable Diffusion folder")
+    sched = _read_json(folder / "scheduler" / "scheduler_config.json")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputFileError(folder, f"cannot load model weights: {exc}") from None
+    return DiffusersBackend(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_load_tokenizer(folder / "tokenizer"),
+        scheduler_config=sched,
+        device=device,
+        dtype=dtype,
+        label=str(folder),
+    )
+
+
+def load_single_file(
+    path: str | Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prediction_type: str | None = None,
+) -> DiffusersBackend:
+    """Load an SD2 ``.ckpt``/``.safetensors`` with the config files shipped in this package.
+
+    ``prediction_type`` None detects it as A1111 does (:func:`detect_v_prediction`): SD 2.x
+    768-v checkpoints are v-prediction, the 512 "base" ones epsilon.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "model file not found")
+    config_dir = CONFIG_DIR / "sd2"
+    tokenizer = _load_tokenizer(None)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(config_dir),
+            tokenizer=tokenizer,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+            torch_dtype=dtype,
+        )
+    except Exception as exc:  # diffusers raises many types for bad checkpoints
+        raise InputFileError(path, f"cannot load as a Stable Diffusion 2 checkpoint: {exc}") from None
+    sched = dict(pipe.scheduler.config)
+    if prediction_type is None:
+        prediction_type = "v_prediction" if detect_v_prediction(pipe.unet) else "epsilon"
+        log.info("%s: detected %s", path.name, prediction_type)
+    sched["prediction_type"] = prediction_type
+    return DiffusersBackend(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=sched,
+        device=device,
+        dtype=dtype,
+        label=str(path),
+    )
+
+
+@torch.no_grad()
+def detect_v_prediction(unet) -> bool:
+    """A1111's test (``is_using_v_parameterization_for_sd2``): a v-model's output at t=999 on a
+    constant input falls well below the input."""
+    param = next(unet.parameters())
+    width = int(unet.config.cross_attention_dim)
+    cond = torch.full((1, 2, width), 0.5, device=param.device, dtype=param.dtype)
+    x = torch.full((1, 4, 8, 8), 0.5, device=param.device, dtype=param.dtype)
+    out = unet(x, torch.tensor([999], device=param.device), encoder_hidden_states=cond).sample
+    return bool((out - x).float().mean().item() < -1)
+
+
+def load_backend(
+    model: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prediction_type: str | None = None,
+) -> ModelBackend:
+    """A backend for ``model``: a diffusers folder, a single ``.ckpt``/``.safetensors`` file, or ``"tiny"``.
+
+    ``"tiny"`` is a random-weight SD2-shaped model for demos and tests (it makes noise, not images).
+    """
+    if str(model).lower() == "tiny":
+        from medical_diffusion.backend.tiny import build_tiny_backend
+
+        kwargs = {"prediction_type": prediction_type} if prediction_type else {}
+        return build_tiny_backend(device=device, dtype=dtype, **kwargs)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        backend = load_diffusers_folder(path, device, dtype)
+        if prediction_type and prediction_type != backend.prediction_type:
+            backend.scheduler_config["prediction_type"] = prediction_type
+            backend.prediction_type = prediction_type
+        return backend
+    if path.suffix.lower() in (".ckpt", ".safetensors"):
+        return load_single_file(path, device, dtype, prediction_type)
+    if not path.exists():
+        raise InputFileError(path, "model not found (give a diffusers folder, a .ckpt/.safetensors file, or 'tiny')")
+    raise InputFileError(path, "not a model: expected a diffusers folder or a .ckpt/.safetensors file")
