@@ -44,8 +44,9 @@ def _check_h5(path: str | os.PathLike, dataset: str):
     except OSError as exc:
         raise InputFileError(path, f"not a readable HDF5 file ({exc})") from exc
     if dataset not in fh:
+        found = sorted(fh.keys())
         fh.close()
-        raise InputFileError(path, f"no HDF5 dataset {dataset!r} (found {sorted(fh.keys())})")
+        raise InputFileError(path, f"no HDF5 dataset {dataset!r} (found {found})")
     return fh
 
 
