@@ -124,8 +124,11 @@ def embed_in_pixels(image: Image.Image, data: dict) -> Image.Image:
     return out
 
 
-def read_image_embedding(path: str | os.PathLike) -> dict | None:
-    """The embedding dictionary stored in an image, or None when it holds none (a plain preview)."""
+def read_image_embedding(path: str | os.PathLike, with_source: bool = False) -> Any:
+    """The embedding dictionary stored in an image, or None when it holds none (a plain preview).
+
+    With ``with_source`` returns ``(data, "text chunk" | "pixel data")``.
+    """
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -137,9 +140,11 @@ def read_image_embedding(path: str | os.PathLike) -> dict | None:
                 if raw is None:
                     return None
                 source = "pixel data"
+                where = "pixel data"
             else:
                 raw = base64.b64decode(payload, validate=False)
                 source = f"'{TEXT_KEY}' text chunk"
+                where = "text chunk"
     except InputFileError:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
@@ -152,7 +157,7 @@ def read_image_embedding(path: str | os.PathLike) -> dict | None:
         raise InputFileError(path, f"embedding in the image's {source} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise InputFileError(path, f"embedding in the image's {source} is not a dictionary")
-    return data
+    return (data, where) if with_source else data
 
 
 def png_text_chunk(data: dict) -> PngImagePlugin.PngInfo:

@@ -25,6 +25,10 @@ DIFFUSERS_STEM = "learned_embeds"
 _A1111_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
 
 
+class NoEmbeddingInImage(InputFileError):
+    """An image without an embedding (e.g. a plain preview picture)."""
+
+
 def _as_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         tensor = value
@@ -119,14 +123,24 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise InputFileError(path, f"not a readable safetensors file (truncated or corrupt: {exc})") from None
 
 
-def load_embedding(path: str | os.PathLike, expected_width: int | None = None) -> Embedding:
-    """Read an embedding file of any supported format.
+def describe_data(data: Any, path: Path, image_source: str | None = None) -> str:
+    """A short label of the on-disk layout, e.g. ``"A1111 .pt"`` or ``"diffusers learned_embeds"``."""
+    if image_source:
+        return f"A1111 image ({image_source})"
+    if isinstance(data, torch.Tensor):
+        return "bare tensor"
+    if isinstance(data, Mapping) and "string_to_param" in data:
+        return "A1111 .pt" if path.suffix.lower() != ".safetensors" else "A1111 dict in .safetensors"
+    if isinstance(data, Mapping) and "clip_g" in data:
+        return f"SDXL pair (clip_l + clip_g) {path.suffix.lower()}"
+    key = next(iter(data)) if isinstance(data, Mapping) and data else "?"
+    if path.stem.lower() == DIFFUSERS_STEM:
+        return f"diffusers {path.name} (token {key!r})"
+    return f"single tensor {key!r} in {path.suffix.lower()}"
 
-    The name is the lowercased file stem (as A1111 names embeddings), except for diffusers'
-    ``learned_embeds.*`` (the stored token) and images (the name stored inside).
-    ``expected_width`` admits a custom text width (e.g. a tiny test model); otherwise the width
-    must match SD1, SD2 or SDXL. Raises :class:`InputFileError` naming the file and problem.
-    """
+
+def read_embedding(path: str | os.PathLike, expected_width: int | None = None) -> tuple[Embedding, str, Path]:
+    """Like :func:`load_embedding`, also returning the format label and the file actually read."""
     path = Path(path)
     if not path.exists():
         raise InputFileError(path, "no such file")
@@ -139,21 +153,34 @@ def load_embedding(path: str | os.PathLike, expected_width: int | None = None) -
     suffix = path.suffix.lower()
     name = path.stem.lower()
     metadata: dict[str, str] = {}
+    image_source = None
     if suffix == ".safetensors":
         data, metadata = _load_safetensors(path)
     elif suffix in PICKLE_SUFFIXES:
         data = safe_torch_load(path)
     elif suffix in IMAGE_SUFFIXES:
-        data = read_image_embedding(path)
-        if data is None:
-            raise InputFileError(path, "image holds no embedding (no 'sd-ti-embedding' chunk or data strip)")
+        found_data = read_image_embedding(path, with_source=True)
+        if found_data is None:
+            raise NoEmbeddingInImage(path, "image holds no embedding (no 'sd-ti-embedding' chunk or data strip)")
+        data, image_source = found_data
         stored = data.get("name")
         if isinstance(stored, str) and stored.strip():
             name = name_from_token(stored)
     else:
         raise InputFileError(path, f"unsupported embedding file type {suffix or '(none)'}; expected one of {', '.join(EMBEDDING_SUFFIXES)}")
     emb = embedding_from_data(data, path, name, metadata)
-    return validate(emb, path, expected_width)
+    return validate(emb, path, expected_width), describe_data(data, path, image_source), path
+
+
+def load_embedding(path: str | os.PathLike, expected_width: int | None = None) -> Embedding:
+    """Read an embedding file of any supported format.
+
+    The name is the lowercased file stem (as A1111 names embeddings), except for diffusers'
+    ``learned_embeds.*`` (the stored token) and images (the name stored inside).
+    ``expected_width`` admits a custom text width (e.g. a tiny test model); otherwise the width
+    must match SD1, SD2 or SDXL. Raises :class:`InputFileError` naming the file and problem.
+    """
+    return read_embedding(path, expected_width)[0]
 
 
 def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = None) -> dict[str, Embedding]:
@@ -175,9 +202,9 @@ def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = 
         if suffix in IMAGE_SUFFIXES and Path(path.stem).suffix.lower() == ".preview":
             continue
         try:
-            if suffix in IMAGE_SUFFIXES and read_image_embedding(path) is None:
-                continue
             emb = load_embedding(path, expected_width)
+        except NoEmbeddingInImage:
+            continue
         except MedDiffError as exc:
             log.warning("skipping embedding: %s", exc)
             continue

@@ -1,0 +1,202 @@
+"""What an embedding file holds: shape, model family, training metadata, size and norm statistics.
+
+The norm check compares the trained vectors with the scale of the model's own token vectors
+(the mean L2 norm of the rows of its token-embedding matrix). That scale depends on the text
+encoder's weights, so it is read from the model the user names (``token_embedding_scale``) or
+given by the user; no built-in reference value is shipped, because we could not find an
+authoritative published number for SD1/SD2 and the weights cannot be downloaded here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medical_diffusion.embeddings.model import Embedding
+from medical_diffusion.embeddings.readers import read_embedding
+from medical_diffusion.embeddings.safe_pickle import safe_torch_load
+from medical_diffusion.errors import InputFileError, MedDiffError
+
+#: how far (as a factor either way) the mean vector norm may stray from the token scale before
+#: we warn. A judgement call, not a measured constant: the warning is a hint, and the CLI lets
+#: users change it with ``--tolerance``.
+DEFAULT_TOLERANCE = 3.0
+_TOKEN_KEY_SUFFIX = "token_embedding.weight"
+
+
+def human_size(n_bytes: int) -> str:
+    """``"260.1 KB (< 1 MB)"`` style file size."""
+    value, unit = float(n_bytes), "B"
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            break
+        value /= 1024
+    text = f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+    return f"{text} (< 1 MB)" if n_bytes < 1024 * 1024 else text
+
+
+def norm_stats(vectors: torch.Tensor) -> dict[str, Any]:
+    """Per-vector L2 norms and their min/mean/max/std."""
+    norms = vectors.norm(dim=1)
+    return {
+        "min": float(norms.min()),
+        "mean": float(norms.mean()),
+        "max": float(norms.max()),
+        "std": float(norms.std()) if norms.numel() > 1 else 0.0,
+        "per_vector": [round(float(x), 6) for x in norms],
+    }
+
+
+def _token_matrices(model: str) -> list[tuple[str, torch.Tensor]]:
+    """``(key, weight)`` of every token-embedding matrix in a checkpoint file or diffusers folder."""
+    path = Path(model)
+    if path.is_dir():
+        folder = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+        files = [p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.is_file()]
+        if not files:
+            raise InputFileError(path, "no text_encoder/model.safetensors or text_encoder/pytorch_model.bin in this model folder")
+        extra = path / "text_encoder_2"
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (extra / name).is_file():
+                files.append(extra / name)
+                break
+    elif path.is_file():
+        files = [path]
+    else:
+        raise InputFileError(path, "no such model file or folder")
+    found: list[tuple[str, torch.Tensor]] = []
+    for file in files:
+        if file.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as fh:
+                    for key in fh.keys():
+                        if key.endswith(_TOKEN_KEY_SUFFIX):
+                            found.append((key, fh.get_tensor(key)))
+            except Exception as exc:  # safetensors raises its own error types
+                raise InputFileError(file, f"not a readable safetensors file ({exc})") from None
+        else:
+            data = safe_torch_load(file)
+            state = data.get("state_dict", data) if isinstance(data, dict) else {}
+            found += [(k, v) for k, v in state.items() if isinstance(k, str) and k.endswith(_TOKEN_KEY_SUFFIX)]
+    if not found:
+        raise InputFileError(path, f"no '*{_TOKEN_KEY_SUFFIX}' tensor found; is this a Stable Diffusion model?")
+    return found
+
+
+def token_embedding_scale(model: str | os.PathLike, width: int) -> float:
+    """Mean L2 norm of the token vectors of width ``width`` in ``model``.
+
+    ``model`` is a diffusers folder, a ``.safetensors``/``.ckpt`` checkpoint, or a name that
+    ``medical_diffusion.backend.load_backend`` understands (e.g. ``"tiny"``).
+    """
+    if not Path(model).exists():
+        try:
+            from medical_diffusion.backend import load_backend  # type: ignore[attr-defined]
+        except ImportError:
+            raise InputFileError(model, "no such model file or folder") from None
+        backend = load_backend(str(model))
+        if backend.text_width != width:
+            raise MedDiffError(f"model {model}: token width {backend.text_width} does not match the embedding's {width}")
+        return float(backend.token_embedding_norm())
+    matrices = _token_matrices(str(model))
+    for _key, weight in matrices:
+        if weight.ndim == 2 and weight.shape[1] == width:
+            return float(weight.float().norm(dim=1).mean())
+    widths = sorted({int(w.shape[-1]) for _, w in matrices})
+    raise MedDiffError(f"{model}: token width(s) {widths} do not match the embedding's width {width}")
+
+
+def _norm_warnings(label: str, stats: dict, scale: float | None, tolerance: float) -> list[str]:
+    out = []
+    zero = sum(1 for n in stats["per_vector"] if n == 0.0)
+    if zero:
+        out.append(f"{label}{zero} vector(s) are all zeros (never trained?)")
+    if scale is None or scale <= 0:
+        return out
+    ratio = stats["mean"] / scale
+    far = [i for i, n in enumerate(stats["per_vector"]) if not (scale / tolerance <= n <= scale * tolerance)]
+    if not (1 / tolerance <= ratio <= tolerance):
+        out.append(
+            f"{label}mean vector norm {stats['mean']:.4g} is {ratio:.3g}x the model's token scale {scale:.4g} "
+            f"(outside {1 / tolerance:.3g}x..{tolerance:.3g}x): prompts may be dominated or ignored; "
+            "consider a lower learning rate or fewer steps"
+        )
+    elif far:
+        out.append(f"{label}{len(far)} of {len(stats['per_vector'])} vectors have norms outside "
+                   f"{1 / tolerance:.3g}x..{tolerance:.3g}x the token scale {scale:.4g} (first: #{far[0]})")
+    return out
+
+
+def inspect_embedding(
+    path: str | os.PathLike,
+    token_scale: float | dict[str, float] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    expected_width: int | None = None,
+) -> dict[str, Any]:
+    """A JSON-ready report on one embedding file.
+
+    ``token_scale`` is the model's token-vector scale (one number, or per SDXL block
+    ``{"clip_l": ..., "clip_g": ...}``); without it the norm check is skipped.
+    """
+    emb, fmt, file = read_embedding(path, expected_width)
+    size = file.stat().st_size
+    report: dict[str, Any] = {
+        "file": str(file),
+        "format": fmt,
+        "name": emb.name,
+        "vectors": emb.n_vectors,
+        "width": emb.width,
+        "family": emb.family or f"unknown (width {emb.width})",
+        "step": emb.step,
+        "sd_checkpoint": emb.sd_checkpoint,
+        "sd_checkpoint_name": emb.sd_checkpoint_name,
+        "file_size_bytes": size,
+        "file_size": human_size(size),
+        "norms": {},
+        "token_scale": token_scale,
+        "warnings": [],
+    }
+    for part, tensor in emb.parts().items():
+        stats = norm_stats(tensor)
+        report["norms"][part] = stats
+        scale = token_scale.get(part) if isinstance(token_scale, dict) else token_scale
+        label = "" if part == "vectors" else f"{part}: "
+        report["warnings"] += _norm_warnings(label, stats, scale, tolerance)
+    if token_scale is None:
+        report["notes"] = ["norm scale check skipped: pass --model (or --token-norm) to compare with the model's token vectors"]
+    return report
+
+
+def scales_for(emb: Embedding, model: str | os.PathLike) -> float | dict[str, float]:
+    """Token scale(s) of ``model`` matching ``emb``'s block widths."""
+    if emb.is_sdxl:
+        return {part: token_embedding_scale(model, int(t.shape[1])) for part, t in emb.parts().items()}
+    return token_embedding_scale(model, emb.width)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable text of :func:`inspect_embedding`'s report."""
+    lines = [
+        f"{report['file']}",
+        f"  name        {report['name']}",
+        f"  format      {report['format']}",
+        f"  vectors     {report['vectors']} x {report['width']}  ({report['family']})",
+        f"  step        {report['step'] if report['step'] is not None else '-'}",
+        f"  checkpoint  {report['sd_checkpoint'] or '-'}  {report['sd_checkpoint_name'] or ''}".rstrip(),
+        f"  file size   {report['file_size']}",
+    ]
+    for part, stats in report["norms"].items():
+        label = "norms" if part == "vectors" else f"norms {part}"
+        lines.append(f"  {label:<11} min {stats['min']:.4g}  mean {stats['mean']:.4g}  max {stats['max']:.4g}  std {stats['std']:.4g}")
+    scale = report["token_scale"]
+    if scale is not None:
+        text = ", ".join(f"{k} {v:.4g}" for k, v in scale.items()) if isinstance(scale, dict) else f"{scale:.4g}"
+        lines.append(f"  token scale {text} (mean norm of the model's token vectors)")
+    lines += [f"  note: {n}" for n in report.get("notes", [])]
+    lines += [f"  WARNING: {w}" for w in report["warnings"]]
+    return "\n".join(lines)
