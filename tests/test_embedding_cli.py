@@ -243,3 +243,17 @@ def test_custom_width_through_cli(tmp_path, capsys):
     assert "matches no Stable Diffusion" in capsys.readouterr().err
     assert main(["embedding", "inspect", str(tiny), "--expected-width", "32", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["family"] == "unknown (width 32)"
+
+
+@pytest.mark.slow
+def test_inspect_model_tiny_uses_the_backend_token_scale(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from medical_diffusion.backend.diffusers_backend import load_backend
+
+    backend = load_backend("tiny")
+    scale = backend.token_embedding_norm()
+    rows = backend.text_to_vectors("prostate").detach()  # real token rows: on the token scale
+    path = save_embedding(Embedding("tinyemb", rows), tmp_path / "tinyemb.pt")
+    assert main(["embedding", "inspect", str(path), "--model", "tiny", "--expected-width", str(backend.text_width), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert math.isclose(report["token_scale"], scale, rel_tol=1e-5) and report["warnings"] == []

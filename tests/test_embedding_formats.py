@@ -52,6 +52,15 @@ def test_reads_a1111_pt_half_precision_parameter(tmp_path):
     assert torch.allclose(emb.vectors, vec.detach().float())
 
 
+def test_reads_original_textual_inversion_parameterdict(tmp_path):
+    # rinongal/textual_inversion saves string_to_param as an nn.ParameterDict and the token as a tensor
+    vec = _vectors(2, 768)
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vec.clone())})
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": params}, tmp_path / "old.pt")
+    emb = load_embedding(tmp_path / "old.pt")
+    assert torch.equal(emb.vectors, vec) and emb.step is None
+
+
 def test_reads_single_key_safetensors(tmp_path):
     vec = _vectors(5)
     save_file({"emb_params": vec}, str(tmp_path / "civitai.safetensors"))

@@ -92,11 +92,11 @@ def token_embedding_scale(model: str | os.PathLike, width: int) -> float:
     """Mean L2 norm of the token vectors of width ``width`` in ``model``.
 
     ``model`` is a diffusers folder, a ``.safetensors``/``.ckpt`` checkpoint, or a name that
-    ``medical_diffusion.backend.load_backend`` understands (e.g. ``"tiny"``).
+    ``medical_diffusion.backend.diffusers_backend.load_backend`` understands (e.g. ``"tiny"``).
     """
     if not Path(model).exists():
         try:
-            from medical_diffusion.backend import load_backend  # type: ignore[attr-defined]
+            from medical_diffusion.backend.diffusers_backend import load_backend
         except ImportError:
             raise InputFileError(model, "no such model file or folder") from None
         backend = load_backend(str(model))

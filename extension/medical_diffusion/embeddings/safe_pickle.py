@@ -8,6 +8,7 @@ unpickle.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -35,6 +36,17 @@ def _refusal_detail(message: str) -> str:
     return "it holds objects other than tensors"
 
 
+def _allow_parameter_dict() -> contextlib.AbstractContextManager:
+    """Admit ``torch.nn.ParameterDict``, which files from the original textual-inversion code hold.
+
+    Rebuilding it only sets attributes from the (equally restricted) pickled state, so nothing
+    beyond tensors and containers is created. ``safe_globals`` exists from torch 2.4; on older
+    torch such files are refused like any other object.
+    """
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return safe_globals([torch.nn.ParameterDict]) if safe_globals else contextlib.nullcontext()
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """Load a torch pickle (zip or legacy format) onto the CPU without running any code from it."""
     path = Path(path)
@@ -48,7 +60,7 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
         raise InputFileError(path, "not a torch file (truncated or corrupt: neither a zip archive nor pickle data)")
     try:
-        with warnings.catch_warnings():  # e.g. "pickle protocol 4" notes; failures still raise
+        with warnings.catch_warnings(), _allow_parameter_dict():  # warnings: e.g. "pickle protocol 4" notes
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
