@@ -168,6 +168,15 @@ def test_bad_contents_name_file_and_problem(tmp_path, payload, problem):
     assert str(path) in str(info.value)
 
 
+def test_safetensors_with_many_tensors_is_refused_without_reading_them(tmp_path):
+    save_file({f"lora_unet_{i}.weight": torch.zeros(4, 4) for i in range(7)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(InputFileError, match=r"lora.safetensors: holds 7 tensors \('lora_unet_0.weight'"):
+        load_embedding(tmp_path / "lora.safetensors")
+    save_file({"emb_params": torch.zeros(2, 1024), "other": torch.zeros(2, 1024)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(InputFileError, match="holds 2 tensors"):
+        load_embedding(tmp_path / "two.safetensors")
+
+
 def test_custom_width_needs_expected_width(tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save({"string_to_param": {"*": torch.ones(2, 32)}}, path)
@@ -279,3 +288,15 @@ def test_load_embeddings_dir_reads_all_and_reports_bad_files(tmp_path, caplog):
     assert "plain.png" not in caplog.text
     with pytest.raises(InputFileError, match="not a folder"):
         load_embeddings_dir(tmp_path / "healthy.pt")
+
+
+def test_folder_scan_skips_files_too_large_for_an_embedding(tmp_path, caplog, monkeypatch):
+    from medical_diffusion.embeddings import readers
+
+    save_embedding(Embedding("s", _vectors(1)), tmp_path / "small.pt")
+    save_embedding(Embedding("b", _vectors(64)), tmp_path / "big.pt")
+    monkeypatch.setattr(readers, "MAX_SCAN_BYTES", (tmp_path / "small.pt").stat().st_size + 1)
+    with caplog.at_level(logging.WARNING):
+        assert list(load_embeddings_dir(tmp_path)) == ["small"]
+    assert "big.pt" in caplog.text and "too large for an embedding" in caplog.text
+    assert load_embedding(tmp_path / "big.pt").n_vectors == 64  # a named file is still read

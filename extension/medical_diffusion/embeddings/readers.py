@@ -17,12 +17,14 @@ from medical_diffusion.errors import InputFileError, MedDiffError
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
+PICKLE_SUFFIXES = (".pt", ".bin")  # as A1111: .ckpt/.pth are models, not embeddings
 IMAGE_SUFFIXES = (".png", ".webp")
 EMBEDDING_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",) + IMAGE_SUFFIXES
 #: file stem diffusers uses for textual-inversion weights; the token inside names the embedding
 DIFFUSERS_STEM = "learned_embeds"
-_A1111_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
+#: folder scans skip bigger files: the largest embedding A1111 can use (75 vectors x 2048 SDXL
+#: widths x 4 bytes) is about 0.6 MB, so a file 100x that size is a model or LoRA, not worth reading
+MAX_SCAN_BYTES = 64 * 1024 * 1024
 
 
 class NoEmbeddingInImage(InputFileError):
@@ -118,7 +120,13 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             metadata = fh.metadata() or {}
-            return {k: fh.get_tensor(k) for k in fh.keys()}, metadata
+            keys = list(fh.keys())
+            if len(keys) > 2 or (len(keys) == 2 and set(keys) != {"clip_l", "clip_g"}):
+                shown = ", ".join(map(repr, keys[:5])) + (", ..." if len(keys) > 5 else "")
+                raise InputFileError(path, f"holds {len(keys)} tensors ({shown}); an embedding file holds exactly one (or SDXL clip_l + clip_g)")
+            return {k: fh.get_tensor(k) for k in keys}, metadata
+    except InputFileError:
+        raise
     except Exception as exc:  # safetensors' own error type moved between releases
         raise InputFileError(path, f"not a readable safetensors file (truncated or corrupt: {exc})") from None
 
@@ -200,6 +208,12 @@ def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = 
         if suffix not in EMBEDDING_SUFFIXES or path.name.startswith("."):
             continue
         if suffix in IMAGE_SUFFIXES and Path(path.stem).suffix.lower() == ".preview":
+            continue
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        if size > MAX_SCAN_BYTES and suffix not in IMAGE_SUFFIXES:
+            log.warning("skipping embedding: %s: %.0f MB is too large for an embedding (a model or LoRA?)", path, size / 2**20)
             continue
         try:
             emb = load_embedding(path, expected_width)
