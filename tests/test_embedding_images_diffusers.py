@@ -116,7 +116,7 @@ def tiny_pipeline_factory(tmp_path_factory):
         vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4,
                             down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
         return StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(clip_sample=False),
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
     return build
