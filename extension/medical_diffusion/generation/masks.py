@@ -72,7 +72,7 @@ class MaskResult:
 
     mask: np.ndarray
     target_spacing: tuple[float, float] | None  # mm per target pixel (x, y)
-    shape_sizes_px: list[tuple[float, float]]  # (width, height) of each shape's box, target px
+    shape_sizes_px: list[tuple[float, float]]  # each shape's diameters along its own axes, target px
     shape_sizes_mm: list[tuple[float, float]] | None
     warnings: list[str] = field(default_factory=list)
 
@@ -132,18 +132,17 @@ def render_mask(spec: MaskSpec) -> MaskResult:
         else:
             inside = (dist <= 0).astype(np.float64)
         value = np.maximum(value, inside)
-        # bounding box of the rotated ellipse in the unit frame -> target pixels
+        # the shape's two diameters (along its own rotated axes) in target pixels and in mm
         a = math.radians(shape.angle)
         rx, ry = shape.radii
-        half_w = math.hypot(rx * math.cos(a), ry * math.sin(a))
-        half_h = math.hypot(rx * math.sin(a), ry * math.cos(a))
-        w_px = 2 * half_w / frame_spacing[0] * (wt / w0)
-        h_px = 2 * half_h / frame_spacing[1] * (ht / h0)
+        per_unit_x, per_unit_y = (wt / w0) / frame_spacing[0], (ht / h0) / frame_spacing[1]
+        w_px = 2 * rx * math.hypot(math.cos(a) * per_unit_x, math.sin(a) * per_unit_y)
+        h_px = 2 * ry * math.hypot(math.sin(a) * per_unit_x, math.cos(a) * per_unit_y)
         sizes_px.append((w_px, h_px))
         if spec.spacing is not None:
-            src_w = 2 * half_w / frame_spacing[0]
-            src_h = 2 * half_h / frame_spacing[1]
-            sizes_mm.append((src_w * spec.spacing[0], src_h * spec.spacing[1]))
+            mm_x, mm_y = spec.spacing[0] / frame_spacing[0], spec.spacing[1] / frame_spacing[1]
+            sizes_mm.append((2 * rx * math.hypot(math.cos(a) * mm_x, math.sin(a) * mm_y),
+                             2 * ry * math.hypot(math.sin(a) * mm_x, math.cos(a) * mm_y)))
         if min(w_px, h_px) < LATENT_CELL_PX:
             warnings.append(
                 f"shape {i + 1} is {w_px:.1f}x{h_px:.1f} px at {wt}x{ht}: smaller than one latent cell "
@@ -269,7 +268,15 @@ def overlay_preview(image: Image.Image | None, result: MaskResult, spec: MaskSpe
             label = f"{i + 1}: {result.shape_sizes_mm[i][0]:.1f}x{result.shape_sizes_mm[i][1]:.1f} mm"
         else:
             label = f"{i + 1}: {w_px:.0f}x{h_px:.0f} px"
-        draw.rectangle([cx - w_px / 2, cy - h_px / 2, cx + w_px / 2, cy + h_px / 2], outline=(255, 255, 0))
+        a = math.radians(shape.angle)
+        outline = []
+        for k in range(49):
+            th = 2 * math.pi * k / 48
+            u, v = shape.radii[0] * math.cos(th), shape.radii[1] * math.sin(th)
+            px = shape.center[0] + u * math.cos(a) - v * math.sin(a)
+            py = shape.center[1] + u * math.sin(a) + v * math.cos(a)
+            outline.append(((px / frame[0] + 0.5) * wt / w0 - 0.5, (py / frame[1] + 0.5) * ht / h0 - 0.5))
+        draw.line(outline, fill=(255, 255, 0), width=1)
         tx = min(max(0, cx + w_px / 2 + 3), wt - 6 * len(label))
         ty = min(max(0, cy - 6), ht - 12)
         draw.text((tx, ty), label, fill=(255, 255, 0))

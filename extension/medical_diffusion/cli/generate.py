@@ -1,0 +1,251 @@
+"""``meddiff generate`` / ``interpolate`` / ``compose``: images from trained embeddings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+
+from medical_diffusion.errors import MedDiffError
+
+log = logging.getLogger(__name__)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every sampling command."""
+    g = p.add_argument_group("model and embeddings")
+    g.add_argument("--model", required=True,
+                   help="diffusers folder, .ckpt/.safetensors file, or 'tiny' (random-weight workflow demo)")
+    g.add_argument("--embeddings-dir", help="folder of embedding files; each is used by its name in prompts")
+    g.add_argument("--embedding", action="append", default=[], metavar="FILE", help="an embedding file (repeatable)")
+    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    s = p.add_argument_group("sampling (Euler ancestral, A1111 semantics)")
+    s.add_argument("--negative-prompt", default="", help="shared negative prompt (default: empty)")
+    s.add_argument("--seed", type=int, default=0, help="seed (-1: random)")
+    s.add_argument("--steps", type=int, default=100, help="sampling steps (paper: 100)")
+    s.add_argument("--cfg", type=float, default=2.0, help="CFG scale (paper: 2; 3 for three pathologies)")
+    s.add_argument("--width", type=int, default=512)
+    s.add_argument("--height", type=int, default=512)
+
+
+def load_model_and_embeddings(args):
+    from medical_diffusion.generation.loading import load_embedding_table, load_model, vectors_of
+
+    backend = load_model(args.model, args.device)
+    table = load_embedding_table(backend, args.embeddings_dir, args.embedding)
+    if table:
+        log.info("embeddings: %s", ", ".join(f"{n} ({e.vectors.shape[0]} vectors)" for n, e in sorted(table.items())))
+    return backend, table, vectors_of(table)
+
+
+def warn_prompts(backend, prompts, vectors) -> None:
+    from medical_diffusion.generation.loading import prompt_warnings
+
+    for prompt in prompts:
+        for warning in prompt_warnings(backend, prompt, vectors):
+            log.warning("warning: %s", warning)
+
+
+class StepBar:
+    """A tqdm bar fed by ``progress(done, total)`` callbacks."""
+
+    def __init__(self, desc: str, unit: str = "step"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=desc, unit=unit, leave=True)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar.total != total:
+            self.bar.reset(total=total)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def sample_kwargs(args) -> dict:
+    return dict(negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg,
+                width=args.width, height=args.height)
+
+
+def used_in(name: str, prompts) -> bool:
+    """Whether embedding ``name`` appears as a word in any of ``prompts``."""
+    pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
+    return any(pattern.search(p) for p in prompts)
+
+
+def parse_class_prompt(text: str, index: int) -> tuple[str, str]:
+    """``LABEL=PROMPT`` (or a bare prompt, labelled ``class<index>``)."""
+    match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)=(.*)$", text, re.S)
+    if match:
+        return match.group(1), match.group(2)
+    return f"class{index}", text
+
+
+# -- generate ---------------------------------------------------------------------------------
+def run_generate(args) -> int:
+    from medical_diffusion.generation.sampling import resolve_seed
+    from medical_diffusion.generation.synthetic_set import SetParams, embedding_fingerprint, generate_set
+
+    classes = dict(parse_class_prompt(p, i) for i, p in enumerate(args.prompt))
+    if len(classes) != len(args.prompt):
+        raise MedDiffError("two --prompt options use the same class label")
+    backend, table, vectors = load_model_and_embeddings(args)
+    warn_prompts(backend, classes.values(), vectors)
+    params = SetParams(
+        classes=classes, seed=resolve_seed(args.seed), steps=args.steps, cfg_scale=args.cfg,
+        negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        paired_seeds=args.paired_seeds, model=str(args.model),
+        embeddings={name: embedding_fingerprint(emb.vectors) for name, emb in sorted(table.items())
+                    if used_in(name, [*classes.values(), args.negative_prompt])},
+    )
+    bar = StepBar("generate", unit="image")
+    try:
+        result = generate_set(backend, params, args.out, args.n, embeddings=vectors, batch_size=args.batch_size,
+                              restart=args.restart, progress=bar)
+    finally:
+        bar.close()
+    print(f"{result.generated} generated, {result.skipped} already present, {len(result.failures)} failed; "
+          f"manifest: {result.manifest}")
+    for rel, problem in result.failures:
+        print(f"failed: {rel}: {problem}")
+    return 1 if result.failures else 0
+
+
+# -- interpolate ------------------------------------------------------------------------------
+def _save_frames(frames, out: Path, stem: str, grid_title: str, params: dict, force: bool) -> Path:
+    from medical_diffusion.atomic_io import atomic_write_text, check_writable
+    from medical_diffusion.generation.interpolation import frames_grid
+    from medical_diffusion.png_io import save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    grid_path = check_writable(out / f"{stem}_grid.png", force)
+    records = []
+    for j, frame in enumerate(frames):
+        path = out / f"{stem}_{j:02d}.png"
+        sha = save_png(frame.image, path)
+        records.append({"file": path.name, "label": frame.label, "prompt": frame.prompt, "t": frame.t, "sha256": sha})
+    save_png(frames_grid(frames, grid_title), grid_path)
+    atomic_write_text(out / f"{stem}.json", json.dumps({"params": params, "frames": records}, indent=1))
+    return grid_path
+
+
+def run_interpolate(args) -> int:
+    from medical_diffusion.generation.interpolation import interpolate_embeddings, interpolate_prompts
+    from medical_diffusion.generation.sampling import resolve_seed
+
+    backend, table, vectors = load_model_and_embeddings(args)
+    seed = resolve_seed(args.seed)
+    bar = StepBar("interpolate")
+    try:
+        if args.mode == "prompt":
+            warn_prompts(backend, [f"{args.healthy} AND {args.diseased}"], vectors)
+            frames = interpolate_prompts(backend, args.healthy, args.diseased, args.k, embeddings=vectors, seed=seed,
+                                         progress=bar, **sample_kwargs(args))
+        else:
+            missing = [n for n in (args.healthy, args.diseased) if n not in table]
+            if missing:
+                raise MedDiffError(f"embedding mode needs embedding names; not loaded: {', '.join(missing)} "
+                                   f"(loaded: {', '.join(sorted(table)) or 'none'})")
+            frames = interpolate_embeddings(backend, table[args.healthy], table[args.diseased], args.k,
+                                            mode=args.blend, template=args.template, embeddings=vectors, seed=seed,
+                                            progress=bar, **sample_kwargs(args))
+    finally:
+        bar.close()
+    params = {"mode": args.mode, "healthy": args.healthy, "diseased": args.diseased, "k": args.k, "seed": seed,
+              "model": str(args.model), "blend": args.blend if args.mode == "embedding" else None,
+              **sample_kwargs(args)}
+    title = f"{args.healthy} -> {args.diseased} ({args.mode}{', ' + args.blend if args.mode == 'embedding' else ''}), seed {seed}"
+    grid = _save_frames(frames, Path(args.out), "interpolation", title, params, args.force)
+    print(f"wrote {len(frames)} images and {grid}")
+    return 0
+
+
+# -- compose ----------------------------------------------------------------------------------
+def _parse_addition(text: str) -> tuple[str, float]:
+    match = re.match(r"^(.*?)(?::\s*([-+]?(?:\d+\.?|\d*\.\d+)))?$", text.strip())
+    name, weight = match.group(1).strip(), match.group(2)
+    if not name:
+        raise MedDiffError(f"--add {text!r}: expected NAME or NAME:STRENGTH")
+    return name, float(weight) if weight is not None else 1.0
+
+
+def run_compose(args) -> int:
+    from medical_diffusion.generation.composition import compose, composition_stages
+    from medical_diffusion.generation.sampling import resolve_seed
+
+    additions = [_parse_addition(a) for a in args.add]
+    stage_cfg = [float(v) for v in args.stage_cfg.split(",")] if args.stage_cfg else None
+    stages = composition_stages(args.base, additions, base_weight=args.base_weight, cfg_scale=args.cfg,
+                                stage_cfg=stage_cfg)
+    backend, table, vectors = load_model_and_embeddings(args)
+    warn_prompts(backend, [s.prompt for s in stages], vectors)
+    seed = resolve_seed(args.seed)
+    kwargs = sample_kwargs(args)
+    kwargs.pop("cfg_scale")
+    bar = StepBar("compose")
+    try:
+        frames = compose(backend, stages, embeddings=vectors, seed=seed, progress=bar, **kwargs)
+    finally:
+        bar.close()
+    params = {"base": args.base, "add": additions, "base_weight": args.base_weight, "seed": seed,
+              "stages": [{"prompt": s.prompt, "cfg_scale": s.cfg_scale} for s in stages], "model": str(args.model),
+              **kwargs}
+    grid = _save_frames(frames, Path(args.out), "composition", f"{args.base} + pathologies, seed {seed}", params,
+                        args.force)
+    print(f"wrote {len(frames)} images and {grid}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="N images per class prompt into OUT/<label>/ with a resumable manifest",
+        description="Generate a synthetic data set: N images per class prompt (A1111 composable syntax, "
+                    "embeddings by name) into OUT/<label>/NNNNN.png with OUT/manifest.json. Re-running the same "
+                    "command resumes.",
+    )
+    p.add_argument("--prompt", action="append", required=True, metavar="LABEL=PROMPT",
+                   help="class label and prompt, e.g. neg=prostate_neg (repeatable)")
+    p.add_argument("-n", "--n", type=int, required=True, help="images per class (paper: 1000)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--paired-seeds", action="store_true", help="use the same seeds for every class")
+    p.add_argument("--restart", action="store_true", help="ignore an existing manifest with other parameters")
+    add_model_args(p)
+    p.set_defaults(func=run_generate)
+
+    p = subparsers.add_parser(
+        "interpolate", help="healthy -> diseased in K steps at one seed, images + labelled grid",
+        description="Interpolate from healthy to diseased at one seed. 'prompt' mode uses A1111 composable "
+                    "weights 'healthy :(1-t) AND diseased :t' (the paper); 'embedding' mode blends the two "
+                    "embeddings' vectors into one.",
+    )
+    p.add_argument("--healthy", required=True, help="healthy prompt or embedding name")
+    p.add_argument("--diseased", required=True, help="diseased prompt or embedding name")
+    p.add_argument("-k", "--k", type=int, default=5, help="number of images, including both ends (default 5)")
+    p.add_argument("--mode", choices=("prompt", "embedding"), default="prompt")
+    p.add_argument("--blend", choices=("linear", "slerp"), default="linear", help="embedding-mode blend")
+    p.add_argument("--template", default="{}", help="embedding-mode prompt with {} for the blended embedding")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite an existing grid")
+    add_model_args(p)
+    p.set_defaults(func=run_interpolate)
+
+    p = subparsers.add_parser(
+        "compose", help="add pathologies one by one at one seed, labelled strip",
+        description="Start from a base (healthy) prompt and add pathologies one by one with strengths, all at "
+                    "one seed (paper Figure 3: strength 0.5 each, CFG 3 for three).",
+    )
+    p.add_argument("--base", required=True, help="base prompt or embedding name (e.g. the healthy embedding)")
+    p.add_argument("--add", action="append", required=True, metavar="NAME[:STRENGTH]",
+                   help="pathology prompt/embedding with its strength (repeatable, in order)")
+    p.add_argument("--base-weight", type=float, default=1.0,
+                   help="weight of the base once pathologies are added (0 drops it)")
+    p.add_argument("--stage-cfg", help="comma-separated CFG per stage (base + one per pathology)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite an existing strip")
+    add_model_args(p)
+    p.set_defaults(func=run_compose)

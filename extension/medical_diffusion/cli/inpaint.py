@@ -1,0 +1,221 @@
+"""``meddiff mask`` (inpainting masks from geometry) and ``meddiff inpaint`` (A1111-style inpainting)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from medical_diffusion.errors import InputFileError, MedDiffError
+
+log = logging.getLogger(__name__)
+
+
+# -- mask -------------------------------------------------------------------------------------
+class _ShapeAction(argparse.Action):
+    """Collect --ellipse/--circle in the order given, as (kind, values)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        shapes = list(getattr(namespace, self.dest, None) or [])
+        shapes.append((option_string.lstrip("-"), list(values)))
+        setattr(namespace, self.dest, shapes)
+
+
+def build_mask_spec(args):
+    """A :class:`MaskSpec` from the command line (sizes and spacing from files where given)."""
+    from medical_diffusion.generation.masks import MaskShape, MaskSpec, read_source_geometry
+
+    shapes = []
+    for kind, values in args.shapes or []:  # in command-line order
+        if kind == "circle":
+            shapes.append(MaskShape.circle(*values))
+            continue
+        if len(values) not in (4, 5):
+            raise MedDiffError("--ellipse takes CX CY RX RY [ANGLE]")
+        shapes.append(MaskShape((values[0], values[1]), (values[2], values[3]), values[4] if len(values) == 5 else 0.0))
+    spacing = tuple(args.spacing) if args.spacing else None
+    source_size = tuple(args.source_size) if args.source_size else None
+    if args.spacing_from:
+        geo = read_source_geometry(args.spacing_from)
+        if spacing is None:
+            if geo.spacing is None:
+                raise InputFileError(args.spacing_from, "holds no pixel spacing; give --spacing SX SY")
+            spacing = geo.spacing
+        source_size = source_size or geo.size
+    image = None
+    if args.image:
+        from medical_diffusion.generation.masks import load_source_image
+
+        image = load_source_image(args.image, args.slice)
+        source_size = source_size or image.size
+    target = tuple(args.target_size)
+    return MaskSpec(shapes=shapes, unit=args.unit, source_size=source_size or target, spacing=spacing,
+                    target_size=target, feather=args.feather, invert=args.invert), image
+
+
+def run_mask(args) -> int:
+    from medical_diffusion.atomic_io import atomic_write_text, check_writable
+    from medical_diffusion.generation.masks import overlay_preview, render_mask
+    from medical_diffusion.png_io import save_png
+
+    if not args.shapes:
+        raise MedDiffError("give at least one --ellipse or --circle")
+    spec, image = build_mask_spec(args)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise MedDiffError(f"{out}: the mask is written as PNG; use a .png name")
+    overlay_path = out.with_name(out.stem + ".overlay.png")
+    json_path = out.with_suffix(".json")
+    for path in (out, overlay_path, json_path):
+        check_writable(path, args.force)
+    result = render_mask(spec)
+    for warning in result.warnings:
+        log.warning("warning: %s", warning)
+    save_png(result.mask, out)
+    save_png(overlay_preview(image, result, spec), overlay_path)
+    record = {
+        "spec": json.loads(spec.to_json()),
+        "mask": out.name,
+        "target_spacing_mm": result.target_spacing,
+        "shape_sizes_px": result.shape_sizes_px,
+        "shape_sizes_mm": result.shape_sizes_mm,
+        "repaint_fraction": float((result.mask > 127).mean()),
+        "warnings": result.warnings,
+        "image": str(args.image) if args.image else None,
+        "spacing_from": str(args.spacing_from) if args.spacing_from else None,
+    }
+    atomic_write_text(json_path, json.dumps(record, indent=1))
+    sizes = ", ".join(
+        f"{w:.1f}x{h:.1f} mm" for w, h in result.shape_sizes_mm
+    ) if result.shape_sizes_mm else ", ".join(f"{w:.0f}x{h:.0f} px" for w, h in result.shape_sizes_px)
+    print(f"wrote {out} ({spec.target_size[0]}x{spec.target_size[1]}; shapes {sizes}), {overlay_path}, {json_path}")
+    return 0
+
+
+# -- inpaint ----------------------------------------------------------------------------------
+def load_mask(path: str, size: tuple[int, int]):
+    """A mask image, or a mask JSON written by ``meddiff mask`` (re-rendered); white = repaint."""
+    from PIL import Image
+
+    from medical_diffusion.generation.masks import MaskSpec, render_mask
+    from medical_diffusion.png_io import load_image
+
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(p.read_text("utf-8"))
+            spec = MaskSpec.from_dict(data.get("spec", data))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputFileError(p, f"not a mask description ({exc})") from exc
+        mask = Image.fromarray(render_mask(spec).mask)
+        label = p.stem
+    else:
+        mask = load_image(p, "L")
+        label = p.stem
+    if mask.size != size:
+        raise InputFileError(p, f"mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}")
+    return mask, label
+
+
+def run_inpaint(args) -> int:
+    from medical_diffusion.atomic_io import atomic_write_text, check_writable
+    from medical_diffusion.cli.generate import StepBar, load_model_and_embeddings, warn_prompts
+    from medical_diffusion.generation.inpainting import inpaint, inpaint_grid
+    from medical_diffusion.generation.sampling import resolve_seed
+    from medical_diffusion.png_io import load_image, save_png
+
+    image = load_image(args.image, "RGB")
+    masks = [load_mask(m, image.size) for m in args.mask]
+    out = Path(args.out)
+    grid_path = check_writable(out / "inpaint_grid.png", args.force)
+    backend, _table, vectors = load_model_and_embeddings(args)
+    warn_prompts(backend, [args.prompt], vectors)
+    seed = resolve_seed(args.seed)
+    results, records, failures = [], [], []
+    bar = StepBar("inpaint")
+    try:
+        for j, (mask, label) in enumerate(masks):
+            try:
+                res = inpaint(
+                    backend, image, mask, args.prompt, embeddings=vectors, negative_prompt=args.negative_prompt,
+                    seed=seed, steps=args.steps, cfg_scale=args.cfg, denoising_strength=args.denoising_strength,
+                    fill=args.fill, mask_blur=args.mask_blur, invert_mask=args.invert_mask,
+                    only_masked=not args.whole_image, padding=args.padding, width=args.width, height=args.height,
+                    progress=bar,
+                )
+            except MedDiffError as exc:
+                failures.append(f"{args.mask[j]}: {exc}")
+                continue
+            path = out / f"inpaint_{j:02d}_{label}.png"
+            sha = save_png(res.image, path)
+            results.append((res, label))
+            records.append({"file": path.name, "mask": str(args.mask[j]), "crop_region": res.crop_region,
+                            "sha256": sha})
+    finally:
+        bar.close()
+    if results:
+        save_png(inpaint_grid(image, [r for r, _ in results], [l for _, l in results],
+                              title=f"{args.prompt} (seed {seed}, {args.fill})"), grid_path)
+    params = {"image": str(args.image), "prompt": args.prompt, "negative_prompt": args.negative_prompt,
+              "seed": seed, "steps": args.steps, "cfg_scale": args.cfg, "denoising_strength": args.denoising_strength,
+              "fill": args.fill, "mask_blur": args.mask_blur, "invert_mask": args.invert_mask,
+              "only_masked": not args.whole_image, "padding": args.padding, "width": args.width,
+              "height": args.height, "model": str(args.model)}
+    atomic_write_text(out / "inpaint.json", json.dumps({"params": params, "results": records,
+                                                        "failures": failures}, indent=1))
+    for failure in failures:
+        print(f"failed: {failure}")
+    print(f"wrote {len(results)} inpainted image(s)" + (f" and {grid_path}" if results else "") + f" in {out}")
+    return 1 if failures else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mask", help="inpainting mask from ellipses/circles in px or mm (PNG + overlay + JSON)",
+        description="Draw an inpainting mask (white = repaint) from ellipses/circles whose centre and radii are "
+                    "in source pixels or mm. Coordinates: x = column, y = row of the source grid, (0, 0) = centre "
+                    "of the top-left pixel. The source (e.g. a DICOM slice) is rescaled to the target size (512) "
+                    "with the image. Writes OUT.png, OUT.overlay.png (size labelled) and OUT.json.",
+    )
+    p.add_argument("--out", required=True, help="mask PNG to write")
+    p.add_argument("--ellipse", nargs="+", type=float, action=_ShapeAction, dest="shapes", metavar="V",
+                   help="CX CY RX RY [ANGLE_DEG] (repeatable; all shapes are united)")
+    p.add_argument("--circle", nargs=3, type=float, action=_ShapeAction, dest="shapes", metavar=("CX", "CY", "R"),
+                   help="circle centre and radius (repeatable)")
+    p.add_argument("--unit", choices=("px", "mm"), default="px", help="unit of centres, radii and feather")
+    p.add_argument("--spacing", nargs=2, type=float, metavar=("SX", "SY"), help="mm per source pixel (x, y)")
+    p.add_argument("--spacing-from", help="DICOM or volume file giving pixel spacing and source size")
+    p.add_argument("--source-size", nargs=2, type=int, metavar=("W", "H"),
+                   help="source pixel grid (default: from --spacing-from, else --image, else the target size)")
+    p.add_argument("--target-size", nargs=2, type=int, default=(512, 512), metavar=("W", "H"))
+    p.add_argument("--image", help="image for the overlay preview (PNG/JPEG, DICOM, or a volume)")
+    p.add_argument("--slice", type=int, help="slice of a volume --image (default: middle)")
+    p.add_argument("--feather", type=float, default=0.0, help="soft edge width (same unit)")
+    p.add_argument("--invert", action="store_true", help="repaint everything outside the shapes")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(func=run_mask)
+
+    from medical_diffusion.cli.generate import add_model_args
+
+    p = subparsers.add_parser(
+        "inpaint", help="inpaint masked areas with a trained embedding (A1111 img2img inpainting)",
+        description="Inpaint with the (non-inpainting) SD2 base model the A1111 way: masked latent blending "
+                    "every step, mask blur, 'only masked' crop with padding, paste-back. Several --mask give a "
+                    "grid of the same image inpainted at several places (paper Figure 4).",
+    )
+    p.add_argument("--image", required=True, help="image to inpaint (e.g. a generated healthy case)")
+    p.add_argument("--mask", action="append", required=True,
+                   help="mask PNG (white = repaint) or mask JSON from 'meddiff mask' (repeatable)")
+    p.add_argument("--prompt", required=True, help="prompt for the masked area (e.g. the positive embedding)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--fill", choices=("original", "latent noise", "fill", "latent nothing"), default="original",
+                   help="masked content before sampling (default: original)")
+    p.add_argument("--denoising-strength", type=float, default=0.75, help="A1111 denoising strength (default 0.75)")
+    p.add_argument("--mask-blur", type=int, default=4, help="mask blur in px (A1111 default 4)")
+    p.add_argument("--invert-mask", action="store_true", help="repaint outside the mask")
+    p.add_argument("--whole-image", action="store_true", help="process the whole picture, not only the masked area")
+    p.add_argument("--padding", type=int, default=32, help="'only masked' padding in px (default 32)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing grid")
+    add_model_args(p)
+    p.set_defaults(func=run_inpaint)

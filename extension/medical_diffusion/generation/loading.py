@@ -1,0 +1,71 @@
+"""Model and embeddings for the generation commands and tabs, plus prompt sanity warnings."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Mapping, Sequence
+
+import torch
+
+from medical_diffusion.backend.base import ModelBackend
+from medical_diffusion.errors import MedDiffError
+from medical_diffusion.generation.prompts import budget_warnings, check_token_budget, parse_composable
+
+log = logging.getLogger(__name__)
+
+
+def load_model(model: str, device: str = "cpu") -> ModelBackend:
+    """A backend from a diffusers folder, a ``.ckpt``/``.safetensors`` file, or ``"tiny"``."""
+    from medical_diffusion.backend.diffusers_backend import load_backend
+
+    backend = load_backend(model, device=device)
+    label = getattr(backend, "label", "")
+    if label:
+        log.warning("model: %s", label)
+    return backend
+
+
+def load_embedding_table(
+    backend: ModelBackend, embeddings_dir: str | None = None, files: Sequence[str] = ()
+) -> dict:
+    """``{name: Embedding}`` from a folder (all readable files) and single files (later wins)."""
+    from medical_diffusion.embeddings import load_embedding, load_embeddings_dir
+
+    table = {}
+    if embeddings_dir:
+        table.update(load_embeddings_dir(embeddings_dir, expected_width=backend.text_width))
+    for path in files or ():
+        emb = load_embedding(path, expected_width=backend.text_width)
+        table[emb.name] = emb
+    for name, emb in table.items():
+        if int(emb.vectors.shape[1]) != backend.text_width:
+            raise MedDiffError(
+                f"embedding {name!r} has width {emb.vectors.shape[1]} but the model needs {backend.text_width}"
+            )
+    return table
+
+
+def vectors_of(table: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """``{name: vectors}`` as the sampler wants it."""
+    return {name: emb.vectors for name, emb in table.items()}
+
+
+def backend_token_counter(backend: ModelBackend):
+    """Count CLIP tokens of plain text with the backend's tokenizer."""
+    return lambda text: int(backend.text_to_vectors(text).shape[0])
+
+
+def prompt_warnings(backend: ModelBackend, prompt: str, vectors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Token-budget warnings, and parts that use none of the loaded embeddings (typos)."""
+    lengths = {name: int(v.shape[0]) for name, v in vectors.items()}
+    warnings = budget_warnings(check_token_budget(prompt, lengths, backend_token_counter(backend)))
+    if lengths:
+        names = "|".join(re.escape(n) for n in lengths)
+        for text, _ in parse_composable(prompt):
+            if text.strip() and not re.search(rf"(?<![\w-])({names})(?![\w-])", text):
+                warnings.append(f"prompt part {text.strip()!r} uses none of the loaded embeddings "
+                                f"({', '.join(sorted(lengths))})")
+    elif prompt.strip():
+        warnings.append("no embeddings loaded: the prompt is plain text")
+    return warnings
