@@ -98,6 +98,13 @@ class DiffusersBackend(ModelBackend):
         self.make_pipeline().save_pretrained(folder, safe_serialization=True)
         return folder
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Trade compute for memory in the UNet's backward pass (training option)."""
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+
     # -- text -----------------------------------------------------------------------------
     def _tokenize(self, text: str) -> list[int]:
         # ``_tokenize`` skips added-token splitting, so "!!" stays one token as in OpenCLIP

@@ -1,0 +1,110 @@
+"""``meddiff train``: learn a Textual Inversion embedding for a folder of images."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a Textual Inversion embedding (model frozen)",
+        description="Train an embedding on a folder of images. Defaults follow de Wilde et al. 2024: "
+        "prompt = the embedding name alone, 64 vectors, AdamW lr 0.005, 50000 steps, batch size 1.",
+    )
+    p.add_argument("--model", help="diffusers folder, SD2 .ckpt/.safetensors file, or 'tiny' (random-weight demo)")
+    p.add_argument("--data", help="folder of training images")
+    p.add_argument("--name", help="embedding name (lowercase; the word you type in prompts)")
+    p.add_argument("--out", help="run folder (default: runs/<name>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="start over in an existing run folder")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the model's")
+    g = p.add_argument_group("embedding")
+    g.add_argument("--vectors", type=int, help="vectors per token, 1-75 (default 64)")
+    g.add_argument("--init", choices=["text", "zeros", "random"], help="initialisation (default text)")
+    g.add_argument("--init-text", help="text whose tokens initialise the vectors (default '*')")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", dest="learning_rate", help='learning rate or A1111 schedule "0.05:10, 0.005:200, 0.001"')
+    g.add_argument("--steps", type=int, help="optimizer steps (default 50000; with --resume: new total)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--grad-accumulation", type=int)
+    g.add_argument("--clip-grad-norm", type=float)
+    g.add_argument("--clip-grad-value", type=float)
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("data")
+    g.add_argument("--resolution", type=int, help="training image size in pixels (default 512)")
+    g.add_argument("--latents", choices=["mean", "sample"], help="cache the VAE posterior mean or one sample")
+    g.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips (off by default)")
+    g.add_argument("--mask", help="'alpha' (PNG alpha channel) or a folder of masks named like the images")
+    g.add_argument("--mask-weight", type=float, help="loss weight inside the mask (outside 1)")
+    g.add_argument("--template", dest="template_file", help="A1111 template file with [name]/[filewords] lines")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (default 500; 0 = only at the end)")
+    g.add_argument("--preview-every", type=int, help="preview image every N steps (default 500; 0 = off)")
+    g.add_argument("--preview-steps", type=int, help="sampler steps for previews (default 20)")
+    g.add_argument("--preview-seed", type=int)
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed precision for the model's forward pass")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None, help="less memory, slower")
+    p.set_defaults(func=handle)
+
+
+_OVERRIDABLE = (
+    "prediction_type", "learning_rate", "steps", "batch_size", "grad_accumulation", "clip_grad_norm",
+    "clip_grad_value", "save_every", "preview_every", "preview_steps", "preview_seed", "autocast",
+    "gradient_checkpointing",
+)
+_NEW_RUN = (
+    "vectors", "init", "init_text", "seed", "resolution", "latents", "hflip", "mask", "mask_weight",
+    "template_file",
+) + _OVERRIDABLE
+
+
+def handle(args: argparse.Namespace) -> int:
+    from medical_diffusion.errors import MedDiffError
+    from medical_diffusion.training.config import TrainConfig
+    from medical_diffusion.training.loop import run_training
+    from medical_diffusion.training.progress import TqdmProgress
+    from medical_diffusion.training.run_folder import load_run_config
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = load_run_config(run_dir)
+        fixed = [k for k in _NEW_RUN if k not in _OVERRIDABLE and getattr(args, k, None) is not None]
+        fixed += [k for k in ("data", "name", "model") if getattr(args, k) is not None]
+        if fixed:
+            raise MedDiffError(f"--resume keeps the run's own {', '.join(fixed)} (see {run_dir / 'run_config.json'})")
+        for key in _OVERRIDABLE:
+            value = getattr(args, key, None)
+            if value is not None:
+                setattr(config, key, value)
+    else:
+        missing = [f"--{k}" for k in ("model", "data", "name") if getattr(args, k) is None]
+        if missing:
+            raise MedDiffError(f"missing {', '.join(missing)} (or give --resume RUN_DIR)")
+        values = {k: getattr(args, k) for k in _NEW_RUN if getattr(args, k, None) is not None}
+        if "vectors" in values:
+            values["n_vectors"] = values.pop("vectors")
+        config = TrainConfig(name=args.name, data_dir=str(Path(args.data).resolve()), model=args.model, **values)
+        if config.model.lower() != "tiny":
+            config.model = str(Path(config.model).resolve())
+        run_dir = Path(args.out) if args.out else Path("runs") / args.name
+    config.validate()
+    if config.model.lower() == "tiny":
+        log.info("model: tiny random-weight SD2-shaped model (workflow demo: it learns noise, not anatomy)")
+    total = config.total_steps()
+    bar = TqdmProgress(total=total, desc=f"train {config.name}")
+    try:
+        result = run_training(config, run_dir, resume=bool(args.resume), force=args.force, device=args.device,
+                              progress=bar)
+    finally:
+        bar.close()
+    state = "stopped" if result.interrupted else "done"
+    loss = f", last loss {result.last_loss:.4f}" if result.last_loss is not None else ""
+    print(f"{state}: {result.steps_done}/{total} steps{loss}; embedding {result.embedding_path}; run folder {result.run_dir}")
+    return 0

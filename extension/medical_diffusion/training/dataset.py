@@ -1,0 +1,146 @@
+"""Training images: loading, optional loss-weight masks and captions, and the latent cache.
+
+Every image is VAE-encoded once (posterior mean, or one seeded sample) and kept in memory;
+with horizontal flip on, the flipped image is encoded too, so no VAE runs during training.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from medical_diffusion.backend.base import ModelBackend
+from medical_diffusion.errors import InputFileError, MedDiffError
+from medical_diffusion.png_io import list_images, load_image
+
+log = logging.getLogger(__name__)
+
+_LEADING_NUMBERS = re.compile(r"^[\d\s_\-.]+")
+
+
+@dataclass
+class TrainImage:
+    path: Path
+    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
+    mask: torch.Tensor | None  # (1, H, W) in [0, 1]
+    caption: str
+
+
+def caption_for(path: Path) -> str:
+    """``[filewords]`` text: ``<stem>.txt`` beside the image, else the file name without leading numbers."""
+    txt = path.with_suffix(".txt")
+    if txt.is_file():
+        try:
+            return txt.read_text("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputFileError(txt, f"unreadable caption: {exc}") from None
+    return _LEADING_NUMBERS.sub("", path.stem).replace("_", " ").strip()
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _find_mask(mask_dir: Path, image: Path) -> Path:
+    for candidate in sorted(mask_dir.glob(image.stem + ".*")):
+        if candidate.is_file() and candidate.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"):
+            return candidate
+    raise InputFileError(mask_dir / f"{image.stem}.png", f"no mask for training image {image.name}")
+
+
+def load_training_images(data_dir: str | Path, resolution: int, mask: str | None = None) -> list[TrainImage]:
+    """Load every image in ``data_dir`` resized to ``resolution``; all problems are reported together."""
+    folder = Path(data_dir)
+    paths = list_images(folder)
+    if not paths:
+        raise InputFileError(folder, "no training images found (expected .png/.jpg/... files directly inside)")
+    mask_dir = None
+    if mask not in (None, "alpha"):
+        mask_dir = Path(mask)
+        if not mask_dir.is_dir():
+            raise InputFileError(mask_dir, "mask folder not found")
+    images: list[TrainImage] = []
+    failures: list[InputFileError] = []
+    for path in paths:
+        try:
+            img = load_image(path, "RGBA" if mask == "alpha" else "RGB")
+            img = img.resize((resolution, resolution), Image.BICUBIC)
+            tensor = _to_tensor(img)
+            pixels = tensor[:3] * 2 - 1
+            weight = None
+            if mask == "alpha":
+                weight = tensor[3:4]
+            elif mask_dir is not None:
+                mpath = _find_mask(mask_dir, path)
+                weight = _to_tensor(load_image(mpath, "L").resize((resolution, resolution), Image.BILINEAR))
+            images.append(TrainImage(path, pixels, weight, caption_for(path)))
+        except InputFileError as exc:
+            failures.append(exc)
+        except (OSError, ValueError) as exc:
+            failures.append(InputFileError(path, f"unreadable image: {exc}"))
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        listed = "; ".join(str(f) for f in failures[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        raise MedDiffError(f"{len(failures)} training files are unusable: {listed}{more}")
+    return images
+
+
+class LatentCache:
+    """Scaled latents (and latent-resolution loss weights) of every training image, computed once."""
+
+    def __init__(
+        self,
+        backend: ModelBackend,
+        images: list[TrainImage],
+        *,
+        sample: bool = False,
+        hflip: bool = False,
+        mask_weight: float = 1.0,
+        seed: int = 0,
+        encode_batch: int = 4,
+    ):
+        self.hflip = hflip
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.stack([im.pixels for im in images])
+        views = [pixels, pixels.flip(-1)] if hflip else [pixels]
+        encoded = []
+        with torch.no_grad():
+            for view in views:
+                parts = [
+                    backend.encode_images(view[i : i + encode_batch], sample=sample, generator=generator).float().cpu()
+                    for i in range(0, len(view), encode_batch)
+                ]
+                encoded.append(torch.cat(parts))
+        #: (views, N, C, h, w): view 1 is the flipped image
+        self.latents = torch.stack(encoded)
+        self.weights: torch.Tensor | None = None
+        if any(im.mask is not None for im in images):
+            h, w = self.latents.shape[-2:]
+            masks = torch.stack([im.mask for im in images]).float()
+            small = F.adaptive_avg_pool2d(masks, (h, w))
+            weight = 1.0 + (mask_weight - 1.0) * small
+            self.weights = torch.stack([weight, weight.flip(-1)] if hflip else [weight])
+        self.captions = [im.caption for im in images]
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[1])
+
+    def batch(self, indices: list[int], flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents ``(B, C, h, w)`` and weights ``(B, 1, h, w)`` or None."""
+        views = [1 if f and self.hflip else 0 for f in flips]
+        lat = torch.stack([self.latents[v, i] for v, i in zip(views, indices)])
+        if self.weights is None:
+            return lat, None
+        return lat, torch.stack([self.weights[v, i] for v, i in zip(views, indices)])

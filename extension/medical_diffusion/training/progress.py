@@ -1,0 +1,61 @@
+"""Progress reporting: one event per optimizer step, shown by the CLI as a tqdm bar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass
+class ProgressEvent:
+    """State after an optimizer step (``step`` counts steps done, 1-based)."""
+
+    step: int
+    total: int
+    loss: float
+    lr: float
+    eta_seconds: float | None = None
+    preview: Path | None = None
+    checkpoint: Path | None = None
+    message: str = ""
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class TqdmProgress:
+    """A :data:`ProgressCallback` drawing a tqdm bar (loss and lr in the postfix)."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2g}", refresh=False)
+        self.bar.update(event.step - self.bar.n)
+        if event.checkpoint is not None:
+            self.bar.write(f"step {event.step}: saved {event.checkpoint}")
+        if event.preview is not None:
+            self.bar.write(f"step {event.step}: preview {event.preview}")
+        if event.message:
+            self.bar.write(event.message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class EtaEstimator:
+    """Seconds left, from an exponential moving average of the step time."""
+
+    def __init__(self, smoothing: float = 0.1):
+        self.smoothing = smoothing
+        self.step_time: float | None = None
+
+    def update(self, seconds: float, steps_left: int) -> float:
+        if self.step_time is None:
+            self.step_time = seconds
+        else:
+            self.step_time += self.smoothing * (seconds - self.step_time)
+        return self.step_time * max(steps_left, 0)
