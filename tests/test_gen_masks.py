@@ -74,7 +74,6 @@ def test_feather_in_mm_uses_physical_distance():
                     spacing=(0.5, 1.0), target_size=(200, 200), feather=10.0)
     m = render_mask(spec).mask.astype(float)
     # 0.5 mm per target pixel on both axes: the 10 mm ramp spans 20 px horizontally and vertically
-    cy, cx = 100, 100 - 0.5
     ramp_x = np.flatnonzero((m[100, 100:] > 0) & (m[100, 100:] < 255)).size
     ramp_y = np.flatnonzero((m[100:, 100] > 0) & (m[100:, 100] < 255)).size
     assert ramp_x == pytest.approx(20, abs=2) and ramp_y == pytest.approx(20, abs=2)

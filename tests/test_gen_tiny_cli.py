@@ -121,3 +121,16 @@ def test_cli_mask_then_inpaint(tmp_path, emb_dir, testdata, reuse_tiny):
     far = np.asarray(Image.open(mask)) == 0
     assert np.array_equal(got[far & (np.arange(64)[None, :] < 3)], np.asarray(Image.open(image))[far & (np.arange(64)[None, :] < 3)])
     assert main(["mask", "--out", str(mask), "--circle", "1", "1", "1"]) == 1  # exists, no --force
+
+
+@pytest.mark.parametrize("n_words,n_vectors", [(0, 64), (11, 64), (12, 64), (30, 50), (80, 8)])
+def test_token_budget_agrees_with_the_backend_chunker(tiny, n_words, n_vectors):
+    from medical_diffusion.generation.loading import backend_token_counter
+    from medical_diffusion.generation.prompts import check_token_budget
+
+    prompt = " ".join(["lung"] * n_words + ["sick"])
+    (budget,) = check_token_budget(prompt, {"sick": n_vectors}, backend_token_counter(tiny))
+    chunks = tiny.prompt_chunks(prompt, {"sick": n_vectors})
+    assert budget.chunks == len(chunks)
+    (chunk_index,) = [i for i, c in enumerate(chunks) if c.fixes]
+    assert budget.embeddings["sick"][0] == chunk_index

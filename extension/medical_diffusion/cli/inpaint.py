@@ -176,7 +176,8 @@ def register(subparsers) -> None:
         description="Draw an inpainting mask (white = repaint) from ellipses/circles whose centre and radii are "
                     "in source pixels or mm. Coordinates: x = column, y = row of the source grid, (0, 0) = centre "
                     "of the top-left pixel. The source (e.g. a DICOM slice) is rescaled to the target size (512) "
-                    "with the image. Writes OUT.png, OUT.overlay.png (size labelled) and OUT.json.",
+                    "with the image. Writes OUT.png, OUT.overlay.png (size labelled) and OUT.json. For a prepared "
+                    "slice (e.g. a 150 mm PI-CAI crop at 512 px) give that image's own spacing (150/512 mm).",
     )
     p.add_argument("--out", required=True, help="mask PNG to write")
     p.add_argument("--ellipse", nargs="+", type=float, action=_ShapeAction, dest="shapes", metavar="V",
