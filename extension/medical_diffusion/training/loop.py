@@ -142,6 +142,7 @@ def train(
     run = RunFolder(run_dir, config.name)
     name = config.name
 
+    images = load_training_images(config.data_dir, config.resolution, config.mask)  # before touching the run folder
     start_step, state = 0, None
     if resume:
         found = run.load_latest()
@@ -157,7 +158,6 @@ def train(
     else:
         run.create(config, force=force)
 
-    images = load_training_images(config.data_dir, config.resolution, config.mask)
     cache = LatentCache(
         backend, images, sample=config.latents == "sample", hflip=config.hflip, mask_weight=config.mask_weight,
         seed=_mix(config.seed, 2),
@@ -189,10 +189,14 @@ def train(
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=autocast_dtype)
 
-    def checkpoint(step: int) -> Path:
+    last_plot = [time.monotonic()]
+
+    def checkpoint(step: int, final: bool = False) -> Path:
         ck = run.save_checkpoint(param, step, {"optimizer": optimizer.state_dict()},
                                  checkpoint_name=getattr(backend, "label", None) or config.model)
-        run.plot_losses()
+        if final or time.monotonic() - last_plot[0] > 60:  # the curve costs ~0.5 s: at most once a minute
+            run.plot_losses()
+            last_plot[0] = time.monotonic()
         return ck.embedding_path
 
     eta = EtaEstimator()
@@ -258,7 +262,9 @@ def train(
                     progress(event)
         finally:
             if step != saved_step and step > 0:
-                checkpoint(step)  # end of run, stop request, Ctrl-C or error: keep what was learned
+                checkpoint(step, final=True)  # end of run, stop request, Ctrl-C or error: keep what was learned
+            elif step > 0:
+                run.plot_losses()
             run.close()
             if set_ckpt is not None and config.gradient_checkpointing:
                 set_ckpt(False)
