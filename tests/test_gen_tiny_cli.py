@@ -77,6 +77,10 @@ def test_cli_generate_resume(tmp_path, emb_dir, capsys, tiny, monkeypatch):
     assert "0 generated, 4 already present" in capsys.readouterr().out
     assert main([*args[:-6], "--steps", "3", "--width", "64", "--height", "64"]) == 1
     assert "other parameters" in capsys.readouterr().err
+    rnd = [*args, "--seed", "-1"]
+    rnd[rnd.index(str(out))] = str(tmp_path / "random")
+    assert main(rnd) == 0 and main(rnd) == 0  # the random seed is recorded and reused on resume
+    assert "0 generated, 4 already present" in capsys.readouterr().out.splitlines()[-1]
 
 
 @pytest.mark.slow

@@ -95,8 +95,15 @@ def run_generate(args) -> int:
         raise MedDiffError("two --prompt options use the same class label")
     backend, table, vectors = load_model_and_embeddings(args)
     warn_prompts(backend, classes.values(), vectors)
+    seed = args.seed
+    manifest = Path(args.out) / "manifest.json"
+    if seed < 0 and manifest.exists() and not args.restart:  # a random seed is drawn once per set
+        try:
+            seed = int(json.loads(manifest.read_text("utf-8"))["params"]["seed"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     params = SetParams(
-        classes=classes, seed=resolve_seed(args.seed), steps=args.steps, cfg_scale=args.cfg,
+        classes=classes, seed=resolve_seed(seed), steps=args.steps, cfg_scale=args.cfg,
         negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         paired_seeds=args.paired_seeds, model=str(args.model),
         embeddings={name: embedding_fingerprint(emb.vectors) for name, emb in sorted(table.items())
