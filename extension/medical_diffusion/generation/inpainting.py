@@ -229,8 +229,10 @@ def inpaint_grid(
     results: Sequence[InpaintResult],
     labels: Sequence[str],
     title: str | None = None,
+    cell: int = 256,
 ) -> Image.Image:
-    """Figure-4 style sheet: the original, then per mask the mask outline and the inpainted image."""
+    """Figure-4 style sheet: top row the original and each mask on it, bottom row the original and
+    each inpainted result, every tile shown at ``cell`` px."""
     from medical_diffusion.image_grid import make_grid
 
     overlays = []
@@ -242,4 +244,4 @@ def inpaint_grid(
     top = [original.convert("RGB")] + overlays
     bottom = [original.convert("RGB")] + [r.image for r in results]
     captions = ["original"] + [f"mask {label}" for label in labels] + ["original"] + [f"inpainted {label}" for label in labels]
-    return make_grid(top + bottom, captions, cols=len(results) + 1, cell=min(original.size[0], 256), title=title)
+    return make_grid(top + bottom, captions, cols=len(results) + 1, cell=cell, title=title)
