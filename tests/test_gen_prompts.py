@@ -78,3 +78,18 @@ def test_token_budget_warns_when_text_pushes_embedding_to_next_chunk():
 def test_token_budget_uses_given_tokenizer():
     (b,) = check_token_budget("emb a b", {"emb": 10}, count_tokens=lambda text: 3 * len(text.split()))
     assert b.tokens == 16 and b.tokens_left == 59
+
+
+def test_prompt_warnings_flag_budget_and_parts_without_embeddings():
+    import torch
+
+    from medical_diffusion.generation.loading import prompt_warnings
+    from test_gen_fake_backend import FakeBackend
+
+    fb = FakeBackend()
+    vectors = {"prostate_pos": torch.zeros(64, 16), "prostate_neg": torch.zeros(64, 16)}
+    assert prompt_warnings(fb, "prostate_neg :0.25 AND prostate_pos :0.75", vectors) == []
+    typo = prompt_warnings(fb, "prostate_neg AND prostate_poss", vectors)
+    assert len(typo) == 1 and "'prostate_poss' uses none of the loaded embeddings" in typo[0]
+    long = prompt_warnings(fb, "an axial t2 weighted mri slice of the male prostate gland prostate_pos", vectors)
+    assert any("does not fit" in w for w in long)
