@@ -91,5 +91,5 @@ def test_prompt_warnings_flag_budget_and_parts_without_embeddings():
     assert prompt_warnings(fb, "prostate_neg :0.25 AND prostate_pos :0.75", vectors) == []
     typo = prompt_warnings(fb, "prostate_neg AND prostate_poss", vectors)
     assert len(typo) == 1 and "'prostate_poss' uses none of the loaded embeddings" in typo[0]
-    long = prompt_warnings(fb, "an axial t2 weighted mri slice of the male prostate gland prostate_pos", vectors)
+    long = prompt_warnings(fb, "an axial t2 weighted mri slice of the large male prostate gland prostate_pos", vectors)
     assert any("does not fit" in w for w in long)
