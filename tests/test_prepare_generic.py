@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 import SimpleITK as sitk
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset

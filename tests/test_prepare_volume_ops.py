@@ -39,24 +39,54 @@ def test_crop_or_pad_formulas():
     assert vo.crop_or_pad_offsets((5, 7, 4), (2, 4, 9)) == [1, 1, -2]
 
 
-@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float32])
-def test_fast_resampler_matches_simpleitk(dtype):
-    rng = np.random.default_rng(1)
-    arr = (rng.random((6, 21, 17)) * 3000 - (1000 if dtype != np.uint16 else 0)).astype(dtype)
-    direction = sitk.VersorRigid3DTransform((0.1, 0.05, 0.02, 1.0)).GetMatrix()
-    img = _image(arr, (2.0, 1.7, 3.6), direction)
-    ref = vo.resample_array(img, (3.0, 0.5, 0.5), method="sitk")
-    fast = vo.resample_array(img, (3.0, 0.5, 0.5), method="fast")
-    assert ref.shape == fast.shape and ref.dtype == fast.dtype == dtype
-    diff = np.abs(ref.astype(np.float64) - fast.astype(np.float64))
-    # equal up to the truncating cast of values within rounding error of an integer (and the plane at
-    # exactly half a voxel outside, where ITK's inside test depends on rounding)
-    tol = 1e-3 if dtype == np.float32 else 1
-    assert (diff > tol).mean() < 0.01
-    assert np.abs(ref.astype(np.float64).max() - fast.astype(np.float64).max()) <= tol
-    # B-spline overshoot is clamped by the cast: unsigned output never negative, default 0 outside
-    if dtype == np.uint16:
-        assert fast.min() == 0
+GEOMETRIES = [  # (array shape zyx, spacing xyz)
+    ((6, 21, 17), (2.0, 1.7, 3.6)),
+    ((19, 30, 30), (0.5, 0.5, 3.0)),  # identity in-plane: every value lands on an integer
+    ((12, 16, 11), (2.0, 2.0, 2.999999974910729)),  # 4x upsampling: half-voxel edge planes
+    ((5, 9, 13), (1.75, 0.3, 3.3)),  # few slices: the full causal initialisation
+]
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_itk_bspline_is_bit_exact(dtype, geometry):
+    from medical_diffusion.datasets import itk_bspline as ib
+
+    shape, spacing = geometry
+    rng = np.random.default_rng(sum(shape))
+    hi = 250 if dtype == np.uint8 else 3000
+    arr = (rng.random(shape) * hi - (800 if dtype == np.int16 else 0)).astype(dtype)
+    direction = sitk.VersorRigid3DTransform((0.1, -0.05, 0.02, 1.0)).GetMatrix()
+    img = _image(arr, spacing, direction, origin=(-118.95, -65.84, -33.37))
+    ref = vo.resample_array(img, (3.0, 0.5, 0.5))
+    grid = ib.SameDirectionGrid(img, (0.5, 0.5, 3.0), vo.resampled_size(img, (3.0, 0.5, 0.5)))
+    zz, yy, xx = (a.ravel() for a in np.meshgrid(*[np.arange(n) for n in ref.shape], indexing="ij"))
+    values, inside = ib.evaluate(ib.coefficients(arr), grid, zz, yy, xx)
+    got = np.where(inside, ib.cast(values, dtype), 0).astype(dtype).reshape(ref.shape)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_fast_paper_slice_equals_simpleitk(geometry):
+    shape, spacing = geometry
+    rng = np.random.default_rng(len(shape) + shape[0])
+    arr = (rng.gamma(2.0, 300.0, shape)).astype(np.uint16)
+    img = _image(arr, spacing, sitk.VersorRigid3DTransform((0.03, 0.1, -0.02, 1.0)).GetMatrix())
+    crop = (8, 24, 20)
+    for z in range(crop[0]):
+        fast = vo.normalised_crop_slice(img, (3.0, 0.5, 0.5), crop, z, "fast")
+        slow = vo.normalised_crop_slice(img, (3.0, 0.5, 0.5), crop, z, "sitk")
+        assert fast.shape == (24, 20)
+        np.testing.assert_array_equal(fast, slow)
+
+
+def test_fast_paper_slice_falls_back_for_float_images():
+    from medical_diffusion.datasets.fast_paper_slice import fast_normalised_crop_slice
+
+    img = _image(np.random.default_rng(0).random((6, 10, 10)).astype(np.float32), (1.0, 1.0, 3.0))
+    assert fast_normalised_crop_slice(img, (3.0, 0.5, 0.5), (6, 20, 20), 2) is None
+    np.testing.assert_array_equal(vo.normalised_crop_slice(img, (3.0, 0.5, 0.5), (6, 20, 20), 2, "fast"),
+                                  vo.normalised_crop_slice(img, (3.0, 0.5, 0.5), (6, 20, 20), 2, "sitk"))
 
 
 def test_minmax_and_truncating_uint8():

@@ -131,18 +131,20 @@ def run_batch(
     worker_init: Callable[[], None] | None = None,
     rejected: list[ItemFailure] | None = None,
     contact_sheet_title: str | None = None,
+    pixel_options_json: str | None = None,
 ) -> BatchResult:
     """Make every planned item with ``process(payload) -> (uint8 image, info)``.
 
     ``payloads[key] = (source description, payload)``. Items already finished by an earlier run with
-    the same options (journal entry, output files present with the recorded sha256) are skipped.
+    the same pixel-affecting options (``pixel_options_json``, default all options; journal entry, output
+    files present with the recorded sha256) are skipped.
     Failures (plus ``rejected`` items, refused before processing) are collected in ``failures.csv``;
     the manifest is rewritten at the end; with ``contact_sheet_title`` a contact sheet is written.
     ``process`` and ``worker_init`` must be module-level functions when ``workers > 1``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = options_fingerprint(options_json)
+    fingerprint = options_fingerprint(pixel_options_json if pixel_options_json is not None else options_json)
     journal_path = out_dir / JOURNAL_NAME
     journal = _load_journal(journal_path)
     by_key = {p.candidate.key: p for p in planned}
@@ -214,11 +216,13 @@ def run_batch(
     return result
 
 
-def options_to_json(options: Any) -> str:
-    """Stable JSON of an options dataclass (paths as strings; the output folder and workers left out)."""
+def options_to_json(options: Any, only: tuple[str, ...] | None = None) -> str:
+    """Stable JSON of an options dataclass (the output folder and workers left out; ``only`` these fields)."""
     from dataclasses import asdict
 
     d = asdict(options)
     for k in ("out", "workers", "progress"):
         d.pop(k, None)
+    if only is not None:
+        d = {k: v for k, v in d.items() if k in only}
     return json.dumps(d, sort_keys=True, default=str)

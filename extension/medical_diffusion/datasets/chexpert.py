@@ -32,6 +32,9 @@ UNCERTAIN_POLICIES = ("zeros", "ones", "exclude")  # -1.0 counts as negative / a
 PREFIXES = ("CheXpert-v1.0-small/", "CheXpert-v1.0/")
 
 
+#: options that change the pixels of an item (a change redoes finished items on a re-run)
+PIXEL_OPTIONS = ("size",)
+
 @dataclass
 class ChexpertOptions:
     """Options for :func:`prepare_chexpert` (defaults = the paper)."""
@@ -157,4 +160,5 @@ def prepare_chexpert(options: ChexpertOptions, progress: ProgressCallback | None
         payloads[item.candidate.key] = (str(img), (str(img), options.size))
     return run_batch(planned, payloads, _process, options.out, options_to_json(options), workers=options.workers,
                      progress=progress, rejected=rejected,
-                     contact_sheet_title="CheXpert" if options.contact_sheet else None)
+                     contact_sheet_title="CheXpert" if options.contact_sheet else None,
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))

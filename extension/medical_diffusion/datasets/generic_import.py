@@ -33,6 +33,9 @@ WINDOWS = ("auto", "minmax", "percentile")  # or "CENTER,WIDTH"
 MASK_RULES = ("max", "median")
 
 
+#: options that change the pixels of an item (a change redoes finished items on a re-run)
+PIXEL_OPTIONS = ("window", "slice_index", "mask", "mask_rule", "color", "fit", "crop_nonzero", "size")
+
 @dataclass
 class ImportOptions:
     """Options for :func:`prepare_images`."""
@@ -393,4 +396,5 @@ def prepare_images(options: ImportOptions, progress: ProgressCallback | None = N
     planned = plan_outputs(selected, options.neutral_names)
     return run_batch(planned, {p.candidate.key: jobs[p.candidate.key] for p in planned}, process_item, options.out,
                      options_to_json(options), workers=options.workers, progress=progress, rejected=rejected,
-                     contact_sheet_title="Imported images" if options.contact_sheet else None)
+                     contact_sheet_title="Imported images" if options.contact_sheet else None,
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))

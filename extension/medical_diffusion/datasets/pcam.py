@@ -15,6 +15,9 @@ from medical_diffusion.datasets.splits import Candidate, select_items
 from medical_diffusion.errors import InputFileError, MedDiffError
 
 
+#: options that change the pixels of an item (a change redoes finished items on a re-run)
+PIXEL_OPTIONS = ("size",)
+
 @dataclass
 class PcamOptions:
     """Options for :func:`prepare_pcam` (defaults = the paper: 100 + 100 from the training file)."""
@@ -92,4 +95,5 @@ def prepare_pcam(options: PcamOptions, progress: ProgressCallback | None = None)
         idx = int(item.candidate.key.split("_")[1])
         payloads[item.candidate.key] = (f"{options.x}[{idx}]", (str(options.x), idx, options.size))
     return run_batch(planned, payloads, _process, options.out, options_to_json(options), workers=options.workers,
-                     progress=progress, contact_sheet_title="PatchCamelyon" if options.contact_sheet else None)
+                     progress=progress, contact_sheet_title="PatchCamelyon" if options.contact_sheet else None,
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))

@@ -34,6 +34,9 @@ MARKSHEET = "clinical_information/marksheet.csv"
 _T2W_NAME = re.compile(r"^(?P<pid>[^_]+)_(?P<sid>[^_]+)_t2w\.mha$")
 
 
+#: options that change the pixels of an item (a change redoes finished items on a re-run)
+PIXEL_OPTIONS = ("mode", "channels", "label_source", "spacing", "crop", "size")
+
 @dataclass
 class PicaiOptions:
     """Options for :func:`prepare_picai` (defaults = the paper)."""
@@ -51,7 +54,7 @@ class PicaiOptions:
     splits: tuple[str, ...] = ()  # e.g. ("train", "val", "test"): patient-disjoint classifier sets
     seed: int = 0
     neutral_names: bool = True
-    resampler: str = "fast"  # "fast" (separable, same maths) or "sitk" (SimpleITK ResampleImageFilter)
+    resampler: str = "fast"  # "fast": SimpleITK's exact values, computed only where needed; "sitk": whole volumes
     cases: tuple[str, ...] = ()  # restrict to these "<pid>_<sid>" ids
     workers: int = 1
     contact_sheet: bool = True
@@ -161,49 +164,52 @@ def case_label(case: PicaiCase, label_source: str, marksheet: dict[str, bool] | 
     return bool((sitk.GetArrayViewFromImage(image) > 0).any()), path
 
 
-def _volume_slices(job: CaseJob) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Normalised cropped volumes per modality and the cropped label map (gland or lesion)."""
+def _check_files(job: CaseJob) -> str:
     label_path = job.lesion if job.positive else job.case.gland
     if not os.path.isfile(label_path):
         raise InputFileError(label_path, "label file missing")
     for mod in job.modalities:
         if not os.path.isfile(job.case.scans[mod]):
             raise InputFileError(job.case.scans[mod], f"{mod.upper()} scan missing")
-    vols: dict[str, np.ndarray] = {}
-    if job.mode == "paper":
-        for mod in job.modalities:
-            img = vo.read_volume(job.case.scans[mod])
-            arr = vo.resample_array(img, job.spacing, method=job.resampler)
-            try:
-                norm = vo.minmax_normalise(arr)
-            except ValueError as exc:
-                raise InputFileError(job.case.scans[mod], str(exc)) from None
-            vols[mod] = vo.center_crop_or_pad(norm, job.crop)
-        label = vo.center_crop_or_pad(
-            vo.resample_array(vo.read_volume(label_path), job.spacing, is_label=True), job.crop)
-        return vols, label
-    # aligned: everything on the centre-cropped T2W grid
-    t2w = vo.read_volume(job.case.scans["t2w"])
-    t2w_rs = vo.resample_sitk(t2w, job.spacing) if job.resampler == "sitk" else None
-    if t2w_rs is None:
-        arr = vo.resample_fast(t2w, job.spacing) if t2w.GetNumberOfComponentsPerPixel() == 1 else \
-            sitk.GetArrayFromImage(vo.resample_sitk(t2w, job.spacing))
-        t2w_rs = sitk.GetImageFromArray(arr)
-        t2w_rs.SetSpacing([float(s) for s in job.spacing[::-1]])
-        t2w_rs.SetOrigin(t2w.GetOrigin())
-        t2w_rs.SetDirection(t2w.GetDirection())
+    return label_path
+
+
+def _normalise(arr: np.ndarray, path: str, where: str = "") -> np.ndarray:
+    try:
+        return vo.minmax_normalise(arr)
+    except ValueError as exc:
+        raise InputFileError(path, f"{exc}{where}") from None
+
+
+def paper_slices(job: CaseJob) -> tuple[dict[str, np.ndarray], int]:
+    """Paper mode: the chosen cropped slice of every modality (each resampled on its own grid)."""
+    label_path = _check_files(job)
+    label = vo.center_crop_or_pad(vo.resample_array(vo.read_volume(label_path), job.spacing, is_label=True),
+                                  job.crop)
+    z = choose_slice(label, job.positive)
+    slices = {}
+    for mod in job.modalities:
+        path = job.case.scans[mod]
+        try:
+            slices[mod] = vo.normalised_crop_slice(vo.read_volume(path), job.spacing, job.crop, z, job.resampler)
+        except ValueError as exc:
+            raise InputFileError(path, str(exc)) from None
+    return slices, z
+
+
+def aligned_volumes(job: CaseJob) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Aligned mode: T2W as in paper mode; ADC/HBV and the label resampled onto the cropped T2W grid."""
+    label_path = _check_files(job)
+    t2w_path = job.case.scans["t2w"]
+    t2w_rs = vo.resample_sitk(vo.read_volume(t2w_path), job.spacing)
     ref = vo.cropped_reference(t2w_rs, job.crop)
+    vols: dict[str, np.ndarray] = {}
     for mod in job.modalities:
         if mod == "t2w":
-            arr = sitk.GetArrayFromImage(t2w_rs)
-            norm = vo.minmax_normalise(arr)
-            vols[mod] = vo.center_crop_or_pad(norm, job.crop)
+            vols[mod] = vo.center_crop_or_pad(_normalise(sitk.GetArrayFromImage(t2w_rs), t2w_path), job.crop)
         else:
             arr = vo.resample_onto(vo.read_volume(job.case.scans[mod]), ref)
-            try:
-                vols[mod] = vo.minmax_normalise(arr)
-            except ValueError as exc:
-                raise InputFileError(job.case.scans[mod], f"{exc} on the T2W grid") from None
+            vols[mod] = _normalise(arr, job.case.scans[mod], " on the T2W grid")
     label = vo.resample_onto(vo.read_volume(label_path), ref, is_label=True)
     return vols, label
 
@@ -224,13 +230,17 @@ def choose_slice(label: np.ndarray, positive: bool) -> int:
 def process_case(job: CaseJob) -> tuple[np.ndarray, dict]:
     """One case -> (uint8 ``size x size`` grey or RGB image, {"slice": z})."""
     try:
-        vols, label = _volume_slices(job)
-        z = choose_slice(label, job.positive)
+        if job.mode == "paper":
+            slices, z = paper_slices(job)
+        else:
+            vols, label = aligned_volumes(job)
+            z = choose_slice(label, job.positive)
+            slices = {m: v[z] for m, v in vols.items()}
     except MedDiffError as exc:
         if isinstance(exc, InputFileError):
             raise
         raise MedDiffError(f"{job.case.case_id}: {exc}") from None
-    u8 = vo.to_uint8_truncating([vols[m][z] for m in job.modalities])
+    u8 = vo.to_uint8_truncating([slices[m] for m in job.modalities])
     return vo.resize_lanczos(u8, job.size), {"slice": z}
 
 
@@ -276,4 +286,5 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
     return run_batch(planned, payloads, process_case, options.out, options_to_json(options),
                      workers=options.workers, progress=progress,
                      worker_init=single_itk_thread if options.workers > 1 else None, rejected=rejected,
-                     contact_sheet_title="PI-CAI" if options.contact_sheet else None)
+                     contact_sheet_title="PI-CAI" if options.contact_sheet else None,
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from medical_diffusion.errors import InputFileError
 
-RESAMPLERS = ("fast", "sitk")
+RESAMPLERS = ("fast", "sitk")  # both give SimpleITK's exact values; "fast" computes only what is needed
 
 
 def read_volume(path: str | os.PathLike) -> sitk.Image:
@@ -49,116 +49,9 @@ def resample_sitk(image: sitk.Image, spacing_zyx: Sequence[float], is_label: boo
     return f.Execute(image)
 
 
-# --- separable cubic B-spline: the same maths as ITK's BSplineInterpolateImageFunction (order 3) ----------
-
-_POLE = math.sqrt(3.0) - 2.0
-
-
-def _bspline_coefficients_1d(data: np.ndarray, axis: int) -> np.ndarray:
-    """Cubic B-spline prefilter along ``axis`` with mirror boundaries (ITK BSplineDecompositionImageFilter)."""
-    c = np.moveaxis(data, axis, 0).copy()
-    n = c.shape[0]
-    if n == 1:
-        return np.moveaxis(c, 0, axis)
-    z = _POLE
-    c *= (1.0 - z) * (1.0 - 1.0 / z)
-    # causal initialisation (ITK: truncated sum when the horizon is shorter than the data)
-    horizon = int(math.ceil(math.log(1e-10) / math.log(abs(z))))
-    if horizon < n:
-        zn = z
-        s = c[0].copy()
-        for k in range(1, horizon):
-            s += zn * c[k]
-            zn *= z
-        c[0] = s
-    else:
-        zn = z
-        iz = 1.0 / z
-        z2n = z ** (n - 1)
-        s = c[0] + z2n * c[n - 1]
-        z2n *= z2n * iz
-        for k in range(1, n - 1):
-            s += (zn + z2n) * c[k]
-            zn *= z
-            z2n *= iz
-        c[0] = s / (1.0 - zn * zn)
-    for k in range(1, n):
-        c[k] += z * c[k - 1]
-    c[n - 1] = (z / (z * z - 1.0)) * (z * c[n - 2] + c[n - 1])
-    for k in range(n - 2, -1, -1):
-        c[k] = z * (c[k + 1] - c[k])
-    return np.moveaxis(c, 0, axis)
-
-
-def _interpolation_matrix(positions: np.ndarray, n_in: int) -> np.ndarray:
-    """Matrix ``(len(positions), n_in)`` of cubic B-spline weights with ITK's mirror boundary rule."""
-    m = np.zeros((len(positions), n_in), dtype=np.float64)
-    base = np.floor(positions).astype(np.int64) - 1
-    w = positions - (base + 1)
-    w3 = (1.0 / 6.0) * w * w * w
-    w0 = (1.0 / 6.0) + 0.5 * w * (w - 1.0) - w3
-    w2 = w + w0 - 2.0 * w3
-    w1 = 1.0 - w0 - w2 - w3
-    rows = np.arange(len(positions))
-    for k, wk in enumerate((w0, w1, w2, w3)):
-        idx = base + k
-        if n_in == 1:
-            idx = np.zeros_like(idx)
-        else:
-            last = n_in - 1
-            idx = np.where(idx < 0, -idx, idx)
-            idx = np.where(idx > last, 2 * last - idx, idx)
-            idx = np.clip(idx, 0, last)
-        np.add.at(m, (rows, idx), wk)
-    return m
-
-
-def resample_fast(image: sitk.Image, spacing_zyx: Sequence[float]) -> np.ndarray:
-    """B-spline resample as :func:`resample_sitk` (same grid, mirror boundaries, 0 outside the input,
-    clamp + truncating cast to the input type), computed separably with matrix products.
-
-    Valid because the output grid shares origin and direction with the input, so each output axis
-    maps onto one input axis. Agrees with SimpleITK to floating-point rounding (a value lying within
-    ~1e-9 of an integer may truncate one unit differently).
-    """
-    arr = sitk.GetArrayViewFromImage(image)
-    if image.GetNumberOfComponentsPerPixel() != 1 or arr.ndim != 3:
-        raise ValueError("resample_fast needs a scalar 3D image")
-    dtype = arr.dtype
-    size_xyz = resampled_size(image, spacing_zyx)
-    out_shape = size_xyz[::-1]
-    in_sp = np.array(image.GetSpacing()[::-1], dtype=np.float64)
-    out_sp = np.array(list(spacing_zyx), dtype=np.float64)
-    coef = arr.astype(np.float64)
-    for ax in range(3):
-        coef = _bspline_coefficients_1d(coef, ax)
-    inside = []
-    mats = []
-    for ax in range(3):
-        pos = np.arange(out_shape[ax], dtype=np.float64) * (out_sp[ax] / in_sp[ax])
-        n_in = arr.shape[ax]
-        inside.append((pos >= -0.5) & (pos < n_in - 0.5))
-        mats.append(_interpolation_matrix(pos, n_in))
-    out = np.matmul(coef, mats[2].T)  # x
-    out = np.matmul(mats[1], out)  # y
-    out = np.tensordot(mats[0], out, axes=(1, 0))  # z
-    mask = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
-    out[~mask] = 0.0
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        out = np.clip(out, info.min, info.max)
-        out = np.trunc(out)
-    return out.astype(dtype)
-
-
-def resample_array(image: sitk.Image, spacing_zyx: Sequence[float], is_label: bool = False,
-                   method: str = "fast") -> np.ndarray:
-    """Resampled volume as a ``(z, y, x)`` array; ``method`` "fast" (separable) or "sitk"."""
-    if method not in RESAMPLERS:
-        raise ValueError(f"unknown resampler {method!r} (choose from {', '.join(RESAMPLERS)})")
-    if is_label or method == "sitk" or image.GetNumberOfComponentsPerPixel() != 1:
-        return sitk.GetArrayFromImage(resample_sitk(image, spacing_zyx, is_label=is_label))
-    return resample_fast(image, spacing_zyx)
+def resample_array(image: sitk.Image, spacing_zyx: Sequence[float], is_label: bool = False) -> np.ndarray:
+    """SimpleITK-resampled volume (see :func:`resample_sitk`) as a ``(z, y, x)`` array."""
+    return sitk.GetArrayFromImage(resample_sitk(image, spacing_zyx, is_label=is_label))
 
 
 def minmax_normalise(volume: np.ndarray) -> np.ndarray:
@@ -228,3 +121,25 @@ def to_uint8_truncating(channels: Sequence[np.ndarray]) -> np.ndarray:
 def resize_lanczos(image: np.ndarray, size: int = 512) -> np.ndarray:
     """Lanczos resize of a uint8 grey/RGB array to ``size x size``."""
     return np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
+
+
+def normalised_crop_slice(image: sitk.Image, spacing_zyx: Sequence[float], crop_zyx: Sequence[int], z: int,
+                          method: str = "fast") -> np.ndarray:
+    """Paper-mode steps 1-3 for one volume, returning only slice ``z`` of the cropped volume:
+    B-spline resample (SimpleITK semantics), min-max over the whole resampled volume, centre crop/pad.
+
+    "sitk" runs SimpleITK on the whole volume. "fast" gives bit-identical results: a separable
+    approximation of the whole volume bounds every voxel's value, and only voxels whose integer value
+    is not settled by the bounds (candidates for the min/max, and the output slice) are computed with
+    ITK's exact arithmetic (:mod:`itk_bspline`). It falls back to "sitk" where that is not possible.
+    """
+    if method not in RESAMPLERS:
+        raise ValueError(f"unknown resampler {method!r} (choose from {', '.join(RESAMPLERS)})")
+    if method == "fast":
+        from medical_diffusion.datasets.fast_paper_slice import fast_normalised_crop_slice
+
+        out = fast_normalised_crop_slice(image, spacing_zyx, crop_zyx, z)
+        if out is not None:
+            return out
+    volume = minmax_normalise(resample_array(image, spacing_zyx))
+    return center_crop_or_pad(volume, crop_zyx)[z]
