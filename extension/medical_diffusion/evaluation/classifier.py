@@ -10,7 +10,6 @@ per epoch; the best-validation weights give the reported test AUC. Each mix (a T
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -123,7 +122,8 @@ def build_resnet18(weights: str | os.PathLike | None) -> nn.Module:
     from medical_diffusion.evaluation.weights import find_resnet18_weights
 
     path = find_resnet18_weights(weights)
-    model = resnet18(weights=None)
+    with torch.device("meta"):  # no random init: every tensor but the new head comes from the file
+        model = resnet18(weights=None)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -136,7 +136,7 @@ def build_resnet18(weights: str | os.PathLike | None) -> nn.Module:
     if missing:
         raise InputFileError(path, f"not a torchvision ResNet-18 state dict (missing {missing[0]})")
     try:
-        model.load_state_dict(body, strict=False)
+        model.load_state_dict(body, strict=False, assign=True)
     except RuntimeError as exc:
         raise InputFileError(path, f"not a torchvision ResNet-18 state dict ({str(exc).splitlines()[0]})") from exc
     model.fc = nn.Linear(model.fc.in_features, 1)
@@ -165,7 +165,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def train_one_run(train: ImageSet, val: ImageSet, test: ImageSet, config: ClassifierConfig, seed: int,
@@ -175,7 +175,7 @@ def train_one_run(train: ImageSet, val: ImageSet, test: ImageSet, config: Classi
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_resnet18(config.weights)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
     n = len(train)
     epoch_steps = max(1, math.ceil(n / config.batch_size))
     best_auc, best_step, best_state = -1.0, 0, None
@@ -194,7 +194,8 @@ def train_one_run(train: ImageSet, val: ImageSet, test: ImageSet, config: Classi
         if step % epoch_steps == 0 or step == config.steps:
             auc = roc_auc(val.labels.numpy(), predict(model, val, config.eval_batch_size, config.bf16))
             if auc > best_auc:
-                best_auc, best_step, best_state = auc, step, copy.deepcopy(model.state_dict())
+                best_auc, best_step = auc, step
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if progress:
             progress(stage, step, config.steps)
     model.load_state_dict(best_state)
@@ -212,7 +213,7 @@ def train_one_run(train: ImageSet, val: ImageSet, test: ImageSet, config: Classi
 def measure_step_seconds(config: ClassifierConfig, trials: int = 2) -> tuple[float, float]:
     """Measured seconds per training step and per evaluated image on this machine (random data)."""
     model = build_resnet18(config.weights)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(config.batch_size, 3, config.size, config.size, generator=gen)
     y = torch.randint(0, 2, (config.batch_size,), generator=gen)
@@ -337,15 +338,19 @@ def run_experiments(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_
     fp = config.fingerprint()
 
     plans = []
-    for mix in mixes:
+    for mix in mixes:  # choose every mix's training files first, so bad counts fail before any work
         todo = [k for k in range(config.runs) if load_run(run_path(out, mix.name, k), fp) is None]
-        n_train = (len(real_train_items) if mix.n_real is None else mix.n_real) + mix.n_synthetic
-        plans.append((mix, todo, n_train))
+        seed = _mix_seed(config.seed, mix.name)
+        items = balanced_subset(real_train_items, mix.n_real, seed, str(real_root / "train"))
+        if mix.n_synthetic:
+            items += balanced_subset(labelled_files(mix.synthetic_dir), mix.n_synthetic, seed + 1,
+                                     str(mix.synthetic_dir))
+        plans.append((mix, todo, items, seed))
     step_s, eval_s = measure_step_seconds(config)
-    total = sum(len(todo) * estimate_seconds(step_s, eval_s, config, max(n, 1), len(val), len(test))
-                for _, todo, n in plans)
-    n_todo = sum(len(todo) for _, todo, _ in plans)
-    log(f"time estimate: {n_todo} run(s) to do ({sum(config.runs - len(t) for _, t, _ in plans)} already finished), "
+    total = sum(len(todo) * estimate_seconds(step_s, eval_s, config, max(len(items), 1), len(val), len(test))
+                for _, todo, items, _ in plans)
+    n_todo = sum(len(todo) for _, todo, _, _ in plans)
+    log(f"time estimate: {n_todo} run(s) to do ({sum(config.runs - len(t) for _, t, _, _ in plans)} already finished), "
         f"{config.steps} steps of {config.batch_size} at {config.size}px{' bf16' if config.bf16 else ''}: "
         f"{step_s:.2f} s/step measured here -> about {format_duration(total)} in all")
     if estimate_only:
@@ -353,12 +358,7 @@ def run_experiments(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_
 
     summaries, curves = [], {}
     done_runs = 0
-    for mix, todo, _ in plans:
-        seed = _mix_seed(config.seed, mix.name)
-        items = balanced_subset(real_train_items, mix.n_real, seed, str(real_root / "train"))
-        if mix.n_synthetic:
-            syn_items = labelled_files(mix.synthetic_dir)
-            items += balanced_subset(syn_items, mix.n_synthetic, seed + 1, str(mix.synthetic_dir))
+    for mix, todo, items, seed in plans:
         train = None
         results: List[RunResult] = []
         for k in range(config.runs):
