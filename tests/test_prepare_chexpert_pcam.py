@@ -169,3 +169,19 @@ def test_pcam_gz_and_bad_files(tmp_path, capsys):
         prepare_pcam(PcamOptions(x=str(notes), y=str(yp), out=str(tmp_path / "o")))
     with pytest.raises(MedDiffError, match="no HDF5 dataset 'x'"):
         prepare_pcam(PcamOptions(x=str(yp), y=str(yp), out=str(tmp_path / "o")))
+
+
+def test_cli_chexpert_and_pcam(tmp_path, capsys):
+    csv_path = make_chexpert(tmp_path)
+    rc = cli_main(["prepare", "chexpert", "--csv", str(csv_path), "--root", str(tmp_path), "--out",
+                   str(tmp_path / "cx"), "--classes", "No Finding,Cardiomegaly", "--quiet", "--source-names"])
+    out = capsys.readouterr().out
+    assert rc == 3 and "5 made" in out and "patient00007" in out  # one listed image is missing on disk
+    names = sorted(p.name for p in (tmp_path / "cx" / "embedding" / "cardiomegaly").iterdir())
+    # patient00002 has Cardiomegaly + Pneumonia: exactly one positive among the two chosen classes
+    assert names == [f"train_patient0000{i}_study1_view1_frontal_jpg.png" for i in (1, 2, 8)]
+    xp, yp = make_pcam(tmp_path)
+    rc = cli_main(["prepare", "pcam", "--x", str(xp), "--y", str(yp), "--out", str(tmp_path / "pc"),
+                   "--per-class", "2", "--quiet"])
+    assert rc == 0 and "4 made" in capsys.readouterr().out
+    assert (tmp_path / "pc" / "contact_sheet.png").is_file()

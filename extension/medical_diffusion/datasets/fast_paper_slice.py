@@ -12,7 +12,7 @@ from medical_diffusion.datasets.volume_ops import crop_or_pad_offsets, resampled
 
 #: give up (use SimpleITK on the whole volume) when more min/max candidates need exact evaluation
 MAX_EXACT_CANDIDATES = 200_000
-#: margin around the separable approximation (its error is ~1e-9 for 16-bit data)
+#: margin around the separable approximation (its error is < 1e-9 for 8/16-bit data)
 DELTA = 1e-5
 
 
@@ -24,12 +24,13 @@ def _exact(coef, grid, dtype, zz, yy, xx) -> np.ndarray:
 def fast_normalised_crop_slice(image: sitk.Image, spacing_zyx: Sequence[float], crop_zyx: Sequence[int],
                                z: int) -> np.ndarray | None:
     """Slice ``z`` of crop(minmax(resample(image))), equal to the SimpleITK route; None if not applicable
-    (non-integer pixel type, a dimension of size 2, or too many undecided min/max candidates)."""
+    (pixel type other than 8/16-bit integers, a dimension of size 2 (where ITK reads outside its buffer),
+    or too many undecided min/max candidates)."""
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         return None
     arr = sitk.GetArrayViewFromImage(image)
     dtype = arr.dtype
-    if not np.issubdtype(dtype, np.integer) or dtype.itemsize > 4 or 2 in arr.shape:
+    if not np.issubdtype(dtype, np.integer) or dtype.itemsize > 2 or 2 in arr.shape:
         return None
     size_xyz = resampled_size(image, spacing_zyx)
     out_shape = tuple(size_xyz[::-1])

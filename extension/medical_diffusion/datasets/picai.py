@@ -164,6 +164,14 @@ def case_label(case: PicaiCase, label_source: str, marksheet: dict[str, bool] | 
     return bool((sitk.GetArrayViewFromImage(image) > 0).any()), path
 
 
+def _label_job(args: tuple) -> tuple[bool, str] | str:
+    """(positive, lesion path), or the error message: for a process pool."""
+    try:
+        return case_label(*args)
+    except MedDiffError as exc:
+        return str(exc)
+
+
 def _check_files(job: CaseJob) -> str:
     label_path = job.lesion if job.positive else job.case.gland
     if not os.path.isfile(label_path):
@@ -262,14 +270,21 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
     rejected: list[ItemFailure] = []
     candidates: list[Candidate] = []
     labelled: dict[str, tuple[PicaiCase, bool, str]] = {}
-    for i, case in enumerate(cases):
-        try:
-            positive, lesion = case_label(case, options.label_source, marksheet)
-        except MedDiffError as exc:
-            rejected.append(ItemFailure(case.case_id, case.scans["t2w"], str(exc)))
+    jobs = [(case, options.label_source, marksheet) for case in cases]
+    if options.workers > 1 and len(cases) > 1 and options.label_source != "marksheet":
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=options.workers) as pool:
+            outcomes = pool.map(_label_job, jobs, chunksize=8)
+            results = list(outcomes)
+    else:
+        results = [_label_job(j) for j in jobs]
+    for i, (case, outcome) in enumerate(zip(cases, results)):
+        if isinstance(outcome, str):
+            rejected.append(ItemFailure(case.case_id, case.scans["t2w"], outcome))
             continue
-        label = "pos" if positive else "neg"
-        candidates.append(Candidate(case.case_id, label, case.patient_id))
+        positive, lesion = outcome
+        candidates.append(Candidate(case.case_id, "pos" if positive else "neg", case.patient_id))
         labelled[case.case_id] = (case, positive, lesion)
         if progress:
             progress(i + 1, len(cases), f"labelling {case.case_id}")
