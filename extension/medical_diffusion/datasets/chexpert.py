@@ -150,13 +150,14 @@ def prepare_chexpert(options: ChexpertOptions, progress: ProgressCallback | None
     options.validate()
     rows, rejected = select_rows(options.csv, tuple(options.classes), options.uncertain, options.view)
     folders = class_folders(tuple(options.classes), tuple(options.splits))
-    candidates = [Candidate(path, folders[cls], patient) for path, cls, patient in rows]
+    original = {strip_prefix(path): path for path, _, _ in rows}
+    candidates = [Candidate(strip_prefix(path), folders[cls], patient) for path, cls, patient in rows]
     labels = tuple(folders[c] for c in options.classes)
     selected = select_items(candidates, options.n_per_class, tuple(options.splits), options.seed, labels)
     planned = plan_outputs(selected, options.neutral_names)
     payloads = {}
     for item in planned:
-        img = resolve_image(options.root, item.candidate.key)
+        img = resolve_image(options.root, original[item.candidate.key])
         payloads[item.candidate.key] = (str(img), (str(img), options.size))
     return run_batch(planned, payloads, _process, options.out, options_to_json(options), workers=options.workers,
                      progress=progress, rejected=rejected,
