@@ -1,0 +1,33 @@
+"""The one Blocks definition of the Medical Diffusion tabs."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import gradio as gr
+
+from medical_diffusion.ui.context import UIContext
+
+#: (tab title, module name under medical_diffusion.ui) in display order
+TABS = [
+    ("Embeddings", "tab_embeddings"),
+    ("Interpolate & compose", "tab_generate"),
+]
+
+
+def build_blocks(ctx: UIContext, bind_send_to_txt2img: Callable | None = None) -> gr.Blocks:
+    """All tabs inside one ``gr.Blocks``; the webui shows it as a top-level tab."""
+    import importlib
+
+    with gr.Blocks(analytics_enabled=False, title="Medical Diffusion") as blocks:
+        if ctx.model_label:
+            gr.Markdown(f"**Model:** {ctx.model_label}", elem_id="md_model_label")
+        with gr.Tabs(elem_id="md_tabs"):
+            for title, module_name in TABS:
+                module = importlib.import_module(f"medical_diffusion.ui.{module_name}")
+                with gr.Tab(title, elem_id=f"md_tab_{module_name[4:]}"):
+                    if module_name == "tab_generate":
+                        module.build(ctx, bind_send_to_txt2img=bind_send_to_txt2img)
+                    else:
+                        module.build(ctx)
+    return blocks

@@ -1,0 +1,68 @@
+"""What the tabs need from their host: a model, folders, path policy, a lock for long work."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager
+
+from medical_diffusion.allowed_roots import check_allowed
+from medical_diffusion.backend.base import ModelBackend
+
+
+@dataclass
+class UIContext:
+    """Host services for the tabs.
+
+    ``backend_factory`` builds the model on first use (cached); ``work_dir`` is where tabs write
+    by default; ``embeddings_dir`` is where trained or blended embeddings are saved and listed.
+    """
+
+    backend_factory: Callable[[], ModelBackend]
+    work_dir: Path
+    embeddings_dir: Path
+    model_label: str = ""
+    #: called after an embedding file is written (the webui reloads its embedding database)
+    on_embedding_saved: Callable[[Path], None] = lambda path: None
+    #: lock held around model work (the webui's queue lock; a plain lock standalone)
+    work_lock: Callable[[], ContextManager] = field(default=None)  # type: ignore[assignment]
+    #: keep the first backend (standalone); the webui builds one per use since the user may switch models
+    cache_backend: bool = True
+    _backend: ModelBackend | None = field(default=None, init=False, repr=False)
+    _backend_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.work_dir = Path(self.work_dir)
+        self.embeddings_dir = Path(self.embeddings_dir)
+        if self.work_lock is None:
+            lock = threading.Lock()
+            self.work_lock = lambda: lock
+
+    def backend(self) -> ModelBackend:
+        if not self.cache_backend:
+            return self.backend_factory()
+        with self._backend_lock:
+            if self._backend is None:
+                self._backend = self.backend_factory()
+            return self._backend
+
+    def path(self, value: str | os.PathLike, *, must_exist: bool = False) -> Path:
+        """A user-typed path, checked against the allowed roots (relative paths: under work_dir)."""
+        if not str(value).strip():
+            raise ValueError("a path is required")
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = self.work_dir / path
+        resolved = check_allowed(path)
+        if must_exist and not resolved.exists():
+            raise FileNotFoundError(f"{value}: no such file or folder")
+        return resolved
+
+    @contextlib.contextmanager
+    def model_work(self):
+        """Hold the host's lock while the model is in use."""
+        with self.work_lock():
+            yield self.backend()

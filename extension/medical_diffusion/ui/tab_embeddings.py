@@ -1,0 +1,119 @@
+"""Embeddings tab: inspect, compare, blend, convert and download embedding files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+
+from medical_diffusion.ui.context import UIContext
+from medical_diffusion.ui.feedback import shows_errors, uploaded_path
+
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp")
+
+
+def list_embedding_files(ctx: UIContext) -> list[str]:
+    """Embedding files in the context's embeddings folder (relative names)."""
+    folder = ctx.embeddings_dir
+    if not folder.is_dir():
+        return []
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES and not p.name.endswith(".preview.png")
+    )
+
+
+def _resolve(ctx: UIContext, upload, choice: str | None) -> Path:
+    path = uploaded_path(upload)
+    if path:
+        return Path(path)
+    if choice:
+        return ctx.path(ctx.embeddings_dir / choice, must_exist=True)
+    raise ValueError("choose an embedding from the list or upload a file")
+
+
+def build(ctx: UIContext) -> None:
+    """Add the Embeddings tab's widgets to the current Blocks context."""
+    from medical_diffusion.embeddings import load_embedding, save_embedding
+    from medical_diffusion.embeddings.blend import blend_embeddings
+    from medical_diffusion.embeddings.inspection import format_report, inspect_embedding
+    from medical_diffusion.embeddings.similarity import compare_embeddings, format_comparison
+
+    def width() -> int:
+        return ctx.backend().text_width
+
+    def load(path):
+        return load_embedding(path, expected_width=width())
+
+    def refresh():
+        files = list_embedding_files(ctx)
+        return gr.Dropdown.update(choices=files), gr.Dropdown.update(choices=files)
+
+    with gr.Row():
+        with gr.Column():
+            choice_a = gr.Dropdown(label="Embedding A", choices=list_embedding_files(ctx), elem_id="md_emb_a")
+            upload_a = gr.File(label="…or upload A", file_types=list(EMBEDDING_SUFFIXES))
+        with gr.Column():
+            choice_b = gr.Dropdown(label="Embedding B (compare, blend)", choices=list_embedding_files(ctx),
+                                   elem_id="md_emb_b")
+            upload_b = gr.File(label="…or upload B", file_types=list(EMBEDDING_SUFFIXES))
+    refresh_btn = gr.Button("Refresh list", elem_id="md_emb_refresh")
+    refresh_btn.click(refresh, outputs=[choice_a, choice_b])
+
+    with gr.Row():
+        inspect_btn = gr.Button("Inspect A", variant="primary", elem_id="md_emb_inspect")
+        compare_btn = gr.Button("Compare A and B", elem_id="md_emb_compare")
+    report_text = gr.Textbox(label="Report", lines=12, elem_id="md_emb_report")
+    report_json = gr.JSON(label="Report (JSON)")
+
+    @shows_errors
+    def do_inspect(upload, choice):
+        report = inspect_embedding(_resolve(ctx, upload, choice), expected_width=width(),
+                                   token_scale=ctx.backend().token_embedding_norm())
+        return format_report(report), json.loads(json.dumps(report, default=str))
+
+    @shows_errors
+    def do_compare(ua, ca, ub, cb):
+        result = compare_embeddings(load(_resolve(ctx, ua, ca)), load(_resolve(ctx, ub, cb)))
+        return format_comparison(result), json.loads(json.dumps(result, default=str))
+
+    inspect_btn.click(do_inspect, [upload_a, choice_a], [report_text, report_json])
+    compare_btn.click(do_compare, [upload_a, choice_a, upload_b, choice_b], [report_text, report_json])
+
+    with gr.Accordion("Blend A and B in embedding space", open=False):
+        with gr.Row():
+            weight = gr.Slider(0, 1, value=0.5, step=0.05, label="Weight of B")
+            mode = gr.Radio(["linear", "slerp"], value="slerp", label="Interpolation")
+            blend_name = gr.Textbox(label="New name (lowercase)", value="blend")
+        blend_btn = gr.Button("Blend and save to the embeddings folder")
+
+    @shows_errors
+    def do_blend(ua, ca, ub, cb, w, m, name):
+        a, b = load(_resolve(ctx, ua, ca)), load(_resolve(ctx, ub, cb))
+        name = name.strip().lower()
+        blended = blend_embeddings(a, b, float(w), mode=m, name=name)
+        path = save_embedding(blended, ctx.path(ctx.embeddings_dir / f"{name}.pt"))
+        ctx.on_embedding_saved(path)
+        files = list_embedding_files(ctx)
+        return (format_report(inspect_embedding(path, expected_width=width())), gr.Dropdown.update(choices=files),
+                gr.Dropdown.update(choices=files))
+
+    blend_btn.click(do_blend, [upload_a, choice_a, upload_b, choice_b, weight, mode, blend_name],
+                    [report_text, choice_a, choice_b])
+
+    with gr.Accordion("Convert / download A", open=False):
+        fmt = gr.Radio(["a1111", "safetensors", "diffusers"], value="a1111", label="Format")
+        convert_btn = gr.Button("Convert")
+        converted = gr.File(label="Download", interactive=False)
+
+    @shows_errors
+    def do_convert(ua, ca, f):
+        emb = load(_resolve(ctx, ua, ca))
+        out_dir = ctx.path(ctx.work_dir / "exports")
+        # diffusers: a folder <name>/learned_embeds.safetensors, the layout load_textual_inversion expects
+        target = out_dir / {"a1111": f"{emb.name}.pt", "safetensors": f"{emb.name}.safetensors",
+                            "diffusers": emb.name}[f]
+        return str(save_embedding(emb, target, fmt=f, force=True))
+
+    convert_btn.click(do_convert, [upload_a, choice_a, fmt], [converted])

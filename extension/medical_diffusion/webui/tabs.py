@@ -1,0 +1,54 @@
+"""The Medical Diffusion top-level tab inside the webui (``on_ui_tabs``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def forget_cached_conditioning() -> None:
+    """Drop A1111's cached prompt conditioning so a retrained embedding takes effect (A1111 #11993)."""
+    from modules import processing
+
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+
+
+def reload_embeddings(_path: Path | None = None) -> None:
+    """Make a newly written embedding usable in txt2img at once."""
+    from modules import sd_hijack
+
+    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+    forget_cached_conditioning()
+
+
+def bind_send_to_txt2img(button, prompt_box) -> None:
+    from modules import infotext_utils
+
+    infotext_utils.register_paste_params_button(
+        infotext_utils.ParamBinding(paste_button=button, tabname="txt2img", source_text_component=prompt_box)
+    )
+
+
+def make_context():
+    from modules import call_queue, shared
+
+    from medical_diffusion.ui.context import UIContext
+    from medical_diffusion.webui.backend import WebuiBackend
+
+    work_dir = getattr(shared.opts, "medical_diffusion_data_dir", "") or Path(shared.data_path) / "medical_diffusion"
+    return UIContext(
+        backend_factory=WebuiBackend,
+        work_dir=Path(work_dir),
+        embeddings_dir=Path(shared.cmd_opts.embeddings_dir),
+        model_label="",
+        on_embedding_saved=reload_embeddings,
+        work_lock=lambda: call_queue.queue_lock,
+        cache_backend=False,
+    )
+
+
+def on_ui_tabs():
+    from medical_diffusion.ui.app import build_blocks
+
+    blocks = build_blocks(make_context(), bind_send_to_txt2img=bind_send_to_txt2img)
+    return [(blocks, "Medical Diffusion", "medical_diffusion")]

@@ -1,0 +1,93 @@
+"""A real browser against ``meddiff ui --model tiny``: every tab, real clicks, screenshots.
+
+Screenshots go to ``$MEDDIFF_SCREENSHOTS`` (default: the test's tmp folder).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from browser_support import browser, start_ui
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    from medical_diffusion.embeddings import Embedding, save_embedding
+
+    work = tmp_path_factory.mktemp("ui_work")
+    shots = Path(os.environ.get("MEDDIFF_SCREENSHOTS", work / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(["prostate_neg", "prostate_pos"]):
+        vectors = torch.randn(4, 32, generator=torch.Generator().manual_seed(seed)) * 0.3
+        save_embedding(Embedding(name, vectors), work / "embeddings" / f"{name}.pt")
+    proc, url = start_ui(work)
+    pw, br = browser()
+    page = br.new_page(viewport={"width": 1400, "height": 1600})
+    page.goto(url)
+    page.wait_for_selector("#md_tabs")
+    yield page, work, shots
+    br.close()
+    pw.stop()
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _choose(page, dropdown_id: str, option: str) -> None:
+    page.click(f"#{dropdown_id} input")
+    page.click(f"ul.options li:has-text('{option}')")
+
+
+def _set_number(page, label: str, value: str) -> None:
+    box = page.locator(f"div.block:has(span:has-text('{label}')) input[type=number]").first
+    box.fill(value)
+    box.press("Enter")
+
+
+def _open_tab(page, title: str) -> None:
+    page.click(f"#md_tabs button:has-text('{title}')")
+
+
+def test_model_label_says_demo(ui):
+    page, _, shots = ui
+    assert "workflow demo" in page.inner_text("#md_model_label")
+
+
+def test_embeddings_tab_inspect_and_blend(ui):
+    page, work, shots = ui
+    _open_tab(page, "Embeddings")
+    _choose(page, "md_emb_a", "prostate_neg.pt")
+    page.click("#md_emb_inspect")
+    page.wait_for_function("document.querySelector('#md_emb_report textarea').value.includes('4 x 32')",
+                           timeout=60_000)
+    report = page.input_value("#md_emb_report textarea")
+    assert "prostate_neg" in report and "< 1 MB" in report
+    page.screenshot(path=str(shots / "embeddings_inspect.png"), full_page=True)
+
+    _choose(page, "md_emb_b", "prostate_pos.pt")
+    page.click("#md_emb_compare")
+    page.wait_for_function("document.querySelector('#md_emb_report textarea').value.includes('cosine')",
+                           timeout=60_000)
+
+
+def test_interpolation_grid(ui):
+    page, work, shots = ui
+    _open_tab(page, "Interpolate & compose")
+    _choose(page, "md_gen_healthy", "prostate_neg")
+    _choose(page, "md_gen_diseased", "prostate_pos")
+    page.click("#md_gen_build_t")
+    page.wait_for_function("document.querySelector('#md_gen_prompt textarea').value.includes(' AND ')",
+                           timeout=60_000)
+    assert page.input_value("#md_gen_prompt textarea") == "prostate_neg :0.5 AND prostate_pos :0.5"
+    for label, value in [("Sampling steps", "3"), ("Width", "128"), ("Height", "128"),
+                         ("Interpolation steps K", "3")]:
+        _set_number(page, label, value)
+    page.click("#md_gen_grid")
+    page.wait_for_selector("#md_gen_result img", timeout=240_000)
+    assert "3 frames" in page.inner_text("#md_gen_status")
+    page.screenshot(path=str(shots / "interpolation_grid.png"), full_page=True)
