@@ -120,13 +120,14 @@ def test_checkpoints_load_in_embedding_module_and_diffusers(backend, data_dir, t
     emb = load_embedding(ckpt, expected_width=32)
     assert emb.name == "blob-2" and emb.step == 2 and emb.vectors.shape == (4, 32)
     assert torch.equal(emb.vectors, _vectors(result.embedding_path))
-    pipe = backend.make_pipeline()
+    pipe = backend.make_pipeline(own_text_encoder=True)
     pipe.load_textual_inversion(str(result.embedding_path), token="blob")
     prompt = pipe.maybe_convert_prompt("blob", pipe.tokenizer)  # diffusers expands multi-vector tokens
     ids = pipe.tokenizer(prompt, add_special_tokens=False).input_ids
     assert len(ids) == 4
     weights = pipe.text_encoder.get_input_embeddings().weight
     assert torch.equal(weights[ids].detach(), emb.vectors)
+    assert backend.text_encoder.get_input_embeddings().weight.shape[0] == 49408  # backend untouched
 
 
 def test_template_and_mask_weights(backend, data_dir, tmp_path):
@@ -231,3 +232,17 @@ def test_cli_end_to_end(data_dir, tmp_path, capsys):
     assert main(["train", "--model", "tiny", "--data", str(tmp_path / "nope"), "--name", "x",
                  "--out", str(tmp_path / "x")]) == 1
     assert "nope" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_stops_cleanly_with_a_checkpoint(backend, data_dir, tmp_path):
+    import os
+    import signal
+
+    def interrupt(event):
+        if event.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled by the loop: finish the step, save, stop
+
+    result = train(_config(data_dir, steps=5), backend, tmp_path / "run", progress=interrupt)
+    assert result.interrupted and result.steps_done in (2, 3)
+    assert (tmp_path / "run" / "embeddings" / f"blob-{result.steps_done}.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

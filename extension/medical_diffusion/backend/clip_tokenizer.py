@@ -8,6 +8,7 @@ reads, in OpenCLIP's order, so token ids equal those of A1111's SD2 tokenizer an
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import importlib.util
@@ -82,14 +83,17 @@ def write_tokenizer_files(folder: str | Path, bpe_file: str | Path | None = None
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_folder() -> str:
-    folder = Path(tempfile.mkdtemp(prefix="meddiff-clip-tokenizer-"))
-    write_tokenizer_files(folder)
-    return str(folder)
+def _cached_tokenizer():
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="meddiff-clip-tokenizer-") as folder:
+        write_tokenizer_files(folder)
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def load_sd2_tokenizer():
-    """A ``transformers.CLIPTokenizer`` for SD2 built offline from OpenCLIP's BPE file."""
-    from transformers import CLIPTokenizer
+    """A ``transformers.CLIPTokenizer`` for SD2 built offline from OpenCLIP's BPE file.
 
-    return CLIPTokenizer.from_pretrained(_cached_folder(), local_files_only=True)
+    Each call returns its own copy (diffusers' ``load_textual_inversion`` adds tokens in place).
+    """
+    return copy.deepcopy(_cached_tokenizer())

@@ -84,13 +84,21 @@ class DiffusersBackend(ModelBackend):
             "scheduler": DDPMScheduler.from_config(self.scheduler_config),
         }
 
-    def make_pipeline(self):
-        """A ``StableDiffusionPipeline`` sharing this backend's modules (no safety checker)."""
+    def make_pipeline(self, own_text_encoder: bool = False):
+        """A ``StableDiffusionPipeline`` sharing this backend's modules (no safety checker).
+
+        diffusers' ``load_textual_inversion`` grows the tokenizer and the token-embedding table in
+        place; ``own_text_encoder=True`` gives the pipeline copies so this backend is unaffected.
+        """
+        import copy
+
         from diffusers import StableDiffusionPipeline
 
-        return StableDiffusionPipeline(
-            **self.pipeline_components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        parts = self.pipeline_components
+        if own_text_encoder:
+            parts["text_encoder"] = copy.deepcopy(self.text_encoder)
+            parts["tokenizer"] = copy.deepcopy(self.tokenizer)
+        return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write a diffusers folder that :func:`load_backend` reads back."""
