@@ -148,7 +148,7 @@ def test_marksheet_label_source(tmp_path):
     result = prepare_picai(options(tmp_path, tmp_path / "out", label_source="marksheet"))
     assert [r.case_id for r in result.rows] == ["1001_2001"]
     errors = {f.key: f.error for f in result.failures}
-    assert "lesion lies outside" in errors["1002_2002"] and "marksheet" in errors["1003_2003"]
+    assert "no lesion voxels" in errors["1002_2002"] and "marksheet" in errors["1003_2003"]
 
 
 def test_resumable_and_options_change_redoes(tmp_path):

@@ -24,7 +24,9 @@ def _common(p: argparse.ArgumentParser, default_n: int | None = None) -> None:
 def register(subparsers) -> None:
     prep = subparsers.add_parser("prepare", help="prepare a dataset as 512x512 PNG training folders",
                                  description="Prepare PI-CAI, CheXpert, PatchCamelyon or generic medical images. "
-                                             "Re-running with the same options skips finished items.")
+                                             "Re-running with the same options skips finished items. Items that "
+                                             "fail are listed in OUT/failures.csv and the others are still made "
+                                             "(exit code 3 when any failed).")
     sub = prep.add_subparsers(dest="dataset", metavar="DATASET", required=True)
 
     p = sub.add_parser("picai", help="PI-CAI prostate MRI (paper mode or aligned mode)")

@@ -227,7 +227,7 @@ def choose_slice(label: np.ndarray, positive: bool) -> int:
     if positive:
         sums = label.reshape(label.shape[0], -1).astype(np.int64).sum(axis=1)
         if sums.max() <= 0:
-            raise MedDiffError("lesion lies outside the cropped region")
+            raise MedDiffError("no lesion voxels inside the cropped region")
         return int(np.argmax(sums))
     z = np.nonzero(label == 1)[0]
     if z.size == 0:
