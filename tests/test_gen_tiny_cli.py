@@ -17,6 +17,15 @@ from medical_diffusion.generation.sampling import sample_images  # noqa: E402
 SMALL = ["--steps", "2", "--width", "64", "--height", "64"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; extra threads only spin on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from medical_diffusion.backend.tiny import build_tiny_backend
@@ -47,7 +56,6 @@ def _arr(img):
     return np.asarray(img, dtype=np.int16)
 
 
-@pytest.mark.slow
 def test_tiny_sampling_deterministic_and_weight_semantics(tiny):
     g = torch.Generator().manual_seed(1)
     emb = {"healthy": torch.randn(4, 32, generator=g) * 0.3, "sick": torch.randn(4, 32, generator=g) * 0.3}
@@ -61,7 +69,6 @@ def test_tiny_sampling_deterministic_and_weight_semantics(tiny):
     assert np.abs(_arr(a) - _arr(s)).max() > 1
 
 
-@pytest.mark.slow
 def test_cli_generate_resume(tmp_path, emb_dir, capsys, tiny, monkeypatch):
     out = tmp_path / "set"
     args = ["generate", "--model", "tiny", "--embeddings-dir", str(emb_dir), "--prompt", "neg=healthy",
@@ -83,7 +90,6 @@ def test_cli_generate_resume(tmp_path, emb_dir, capsys, tiny, monkeypatch):
     assert "0 generated, 4 already present" in capsys.readouterr().out.splitlines()[-1]
 
 
-@pytest.mark.slow
 def test_cli_interpolate_and_compose(tmp_path, emb_dir, reuse_tiny):
     base = ["--model", "tiny", "--embeddings-dir", str(emb_dir), *SMALL]
     assert main(["interpolate", "--healthy", "healthy", "--diseased", "sick", "-k", "3",
@@ -140,7 +146,6 @@ def test_token_budget_agrees_with_the_backend_chunker(tiny, n_words, n_vectors):
     assert budget.embeddings["sick"][0] == chunk_index
 
 
-@pytest.mark.slow
 def test_txt2img_matches_diffusers_pipeline_with_euler_ancestral(tiny):
     """The whole loop (CFG, input scaling, per-seed noise, Euler a) against diffusers' own
     StableDiffusionPipeline + EulerAncestralDiscreteScheduler(timestep_spacing="linspace"), using
