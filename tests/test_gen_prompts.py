@@ -93,3 +93,5 @@ def test_prompt_warnings_flag_budget_and_parts_without_embeddings():
     assert len(typo) == 1 and "'prostate_poss' uses none of the loaded embeddings" in typo[0]
     long = prompt_warnings(fb, "an axial t2 weighted mri slice of the large male prostate gland prostate_pos", vectors)
     assert any("does not fit" in w for w in long)
+    pct = prompt_warnings(fb, "prostate_neg :70% AND prostate_pos :30%", vectors)
+    assert any("write :0.3" in w for w in pct) and any("write :0.7" in w for w in pct)

@@ -60,6 +60,11 @@ def prompt_warnings(backend: ModelBackend, prompt: str, vectors: Mapping[str, to
     """Token-budget warnings, and parts that use none of the loaded embeddings (typos)."""
     lengths = {name: int(v.shape[0]) for name, v in vectors.items()}
     warnings = budget_warnings(check_token_budget(prompt, lengths, backend_token_counter(backend)))
+    for text, _ in parse_composable(prompt):
+        odd = re.search(r":\s*([-+]?\d*\.?\d+)\s*%\s*$", text)
+        if odd:
+            warnings.append(f"weight '{odd.group(0).strip()}' in part {text.strip()!r} is not read as a weight "
+                            f"(A1111 takes decimals: write :{float(odd.group(1)) / 100:g})")
     if lengths:
         names = "|".join(re.escape(n) for n in lengths)
         for text, _ in parse_composable(prompt):
