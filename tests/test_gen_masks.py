@@ -104,3 +104,7 @@ def test_spacing_from_real_dicom(testdata):
     assert geo.size == (1024, 1024) and geo.spacing == pytest.approx((0.168, 0.168))
     vol = read_source_geometry(next((testdata / "picai_sample" / "images" / "10795").glob("*_adc.mha")))
     assert vol.size == (84, 128) and vol.spacing == pytest.approx((2.0, 2.0))
+    series = read_source_geometry(testdata / "dicom_series" / "ProstateX-0000_adc")
+    assert series.size == (84, 128) and series.spacing is not None and min(series.spacing) > 0
+    with pytest.raises(MedDiffError, match="no such file"):
+        read_source_geometry(testdata / "missing.dcm")

@@ -186,7 +186,7 @@ def register(subparsers) -> None:
                    help="circle centre and radius (repeatable)")
     p.add_argument("--unit", choices=("px", "mm"), default="px", help="unit of centres, radii and feather")
     p.add_argument("--spacing", nargs=2, type=float, metavar=("SX", "SY"), help="mm per source pixel (x, y)")
-    p.add_argument("--spacing-from", help="DICOM or volume file giving pixel spacing and source size")
+    p.add_argument("--spacing-from", help="DICOM file or series folder, or a volume, giving pixel spacing and source size")
     p.add_argument("--source-size", nargs=2, type=int, metavar=("W", "H"),
                    help="source pixel grid (default: from --spacing-from, else --image, else the target size)")
     p.add_argument("--target-size", nargs=2, type=int, default=(512, 512), metavar=("W", "H"))

@@ -167,9 +167,16 @@ class SourceGeometry:
 
 
 def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
-    """Pixel grid and spacing from a DICOM file (PixelSpacing is row, column) or a volume
-    (``.mha``/``.nii``/``.nrrd``... via SimpleITK header only)."""
+    """Pixel grid and spacing from a DICOM file or series folder (PixelSpacing is row, column) or
+    a volume (``.mha``/``.nii``/``.nrrd``... via SimpleITK, header only)."""
     path = Path(path)
+    if path.is_dir():  # a DICOM series: every slice shares the in-plane grid
+        import SimpleITK as sitk
+
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
+        if not files:
+            raise InputFileError(path, "folder holds no DICOM series")
+        path = Path(files[0])
     if not path.is_file():
         raise InputFileError(path, "no such file")
     if _is_dicom(path):
