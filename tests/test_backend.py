@@ -199,3 +199,14 @@ def test_load_backend_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(MedDiffError, match="bad.safetensors"):
         load_backend(str(bad))
+
+
+def test_embedding_that_does_not_fit_starts_a_new_chunk(backend):
+    vec = torch.randn(64, backend.text_width)
+    words = " ".join(["dog"] * 12)  # 12 tokens + 64 vectors > 75: A1111 moves the embedding on
+    cond = backend.encode_prompt(f"{words} sick", {"sick": vec})
+    assert cond.shape == (1, 154, backend.text_width)
+    torch.testing.assert_close(cond[:, :77], backend.encode_prompt(words), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond[:, 77:], backend.encode_prompt("sick", {"sick": vec}), rtol=0, atol=1e-6)
+    fits = backend.encode_prompt(" ".join(["dog"] * 11) + " sick", {"sick": vec})
+    assert fits.shape == (1, 77, backend.text_width)
