@@ -26,8 +26,12 @@ def coefficients(volume: np.ndarray) -> np.ndarray:
     """Cubic B-spline coefficients of a ``(z, y, x)`` volume, as ITK's BSplineDecompositionImageFilter."""
     c = volume.astype(np.float64)  # copy
     for axis in (2, 1, 0):  # ITK: x, then y, then z
-        _decompose_axis(np.moveaxis(c, axis, 0))
-    return c
+        if c.shape[axis] == 1:
+            continue
+        line_first = np.ascontiguousarray(np.moveaxis(c, axis, 0))  # each step works on contiguous memory
+        _decompose_axis(line_first)
+        c = np.moveaxis(line_first, 0, axis)
+    return np.ascontiguousarray(c)
 
 
 def _decompose_axis(s: np.ndarray) -> None:
@@ -161,7 +165,8 @@ def cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def approximate(coef: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int],
                 ratio: Sequence[float]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """Separable evaluation of the whole output volume (error ~1e-9), with per-axis inside flags
-    (certain inside, ambiguous) from the nominal positions ``index * ratio``."""
+    (certainly inside, and on a half-voxel edge where ITK's inside test is decided by rounding)
+    from the nominal positions ``index * ratio``."""
     mats, inside, ambiguous = [], [], []
     for ax in range(3):
         pos = np.arange(out_shape[ax], dtype=np.float64) * ratio[ax]
@@ -170,30 +175,29 @@ def approximate(coef: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[i
         inside.append((pos >= -0.5) & (pos < n - 0.5) & ~near)
         ambiguous.append(near)
         mats.append(_weights_matrix(pos, n))
-    out = coef
-    for ax in (2, 1, 0):  # 4 non-zeros per row: sparse products
-        out = _apply_along(out, mats[ax], ax)
-    return out, inside, ambiguous
-
-
-def _apply_along(volume: np.ndarray, matrix, axis: int) -> np.ndarray:
-    moved = np.moveaxis(volume, axis, 0)
-    flat = np.ascontiguousarray(moved).reshape(moved.shape[0], -1)
-    res = np.asarray(matrix @ flat).reshape((matrix.shape[0],) + moved.shape[1:])
-    return np.moveaxis(res, 0, axis)
+    nz, ny, nx = coef.shape
+    # x (last axis) first, while the array is smallest: one transpose each way
+    out = np.ascontiguousarray((mats[2] @ coef.reshape(-1, nx).T).T).reshape(nz, ny, -1)
+    # z: rows of a (z, y*x) matrix, no transpose
+    out = (mats[0] @ out.reshape(nz, -1)).reshape(-1, ny, out.shape[2])
+    # y: one (y, x) slab at a time
+    res = np.empty((out.shape[0], mats[1].shape[0], out.shape[2]), dtype=np.float64)
+    for k in range(out.shape[0]):
+        res[k] = mats[1] @ out[k]
+    return res, inside, ambiguous
 
 
 def _weights_matrix(pos: np.ndarray, n_in: int):
+    """Sparse ``(len(pos), n_in)`` cubic B-spline weights (mirror boundaries)."""
     from scipy import sparse
 
-    m = np.zeros((len(pos), n_in), dtype=np.float64)
     base = np.floor(pos).astype(np.int64) - 1
     w = pos - (base + 1)
     w3 = (1.0 / 6.0) * w * w * w
     w0 = (1.0 / 6.0) + 0.5 * w * (w - 1.0) - w3
     w2 = w + w0 - 2.0 * w3
     w1 = 1.0 - w0 - w2 - w3
-    rows = np.arange(len(pos))
+    rows, cols, vals = [], [], []
     for k, wk in enumerate((w0, w1, w2, w3)):
         idx = base + k
         if n_in == 1:
@@ -202,5 +206,9 @@ def _weights_matrix(pos: np.ndarray, n_in: int):
             idx = np.where(idx < 0, -idx, idx)
             idx = np.where(idx >= n_in - 1, 2 * (n_in - 1) - idx, idx)
             idx = np.clip(idx, 0, n_in - 1)
-        np.add.at(m, (rows, idx), wk)
-    return sparse.csr_matrix(m)
+        rows.append(np.arange(len(pos)))
+        cols.append(idx)
+        vals.append(wk)
+    m = sparse.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(len(pos), n_in))
+    return m.tocsr()  # duplicate entries (mirrored taps) are summed
