@@ -43,8 +43,8 @@ def _choose(page, dropdown_id: str, option: str) -> None:
     page.click(f"ul.options li:has-text('{option}')")
 
 
-def _set_number(page, label: str, value: str) -> None:
-    box = page.locator(f"div.block:has(span:has-text('{label}')) input[type=number]").first
+def _set_number(page, tab: str, label: str, value: str) -> None:
+    box = page.locator(f"#md_tab_{tab} div.block:has(span:has-text('{label}')) input[type=number]").first
     box.fill(value)
     box.press("Enter")
 
@@ -86,8 +86,42 @@ def test_interpolation_grid(ui):
     assert page.input_value("#md_gen_prompt textarea") == "prostate_neg :0.5 AND prostate_pos :0.5"
     for label, value in [("Sampling steps", "3"), ("Width", "128"), ("Height", "128"),
                          ("Interpolation steps K", "3")]:
-        _set_number(page, label, value)
+        _set_number(page, "generate", label, value)
     page.click("#md_gen_grid")
     page.wait_for_selector("#md_gen_result img", timeout=240_000)
     assert "3 frames" in page.inner_text("#md_gen_status")
     page.screenshot(path=str(shots / "interpolation_grid.png"), full_page=True)
+
+
+def test_inpaint_click_to_place_keyboard_nudge_and_run(ui):
+    from PIL import Image
+
+    page, work, shots = ui
+    picture = work / "phantom.png"
+    Image.radial_gradient("L").resize((256, 256)).convert("RGB").save(picture)
+    _open_tab(page, "Inpaint")
+    page.set_input_files("#md_inp_image input[type=file]", str(picture))
+    page.wait_for_selector("#md_inp_overlay img", timeout=60_000)
+
+    # a click on the 512-px overlay at (128, 384) is (63.75, 191.75) in the 256-px source
+    box = page.locator("#md_inp_overlay img").bounding_box()
+    page.mouse.click(box["x"] + 128 * box["width"] / 512, box["y"] + 384 * box["height"] / 512)
+    page.wait_for_function("Math.abs(parseFloat(document.querySelector('#md_inp_cx input').value) - 63.75) < 1",
+                           timeout=30_000)
+    x0 = float(page.input_value("#md_inp_cx input"))
+    y0 = float(page.input_value("#md_inp_cy input"))
+    assert abs(y0 - 191.75) < 1
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Shift+ArrowDown")
+    assert float(page.input_value("#md_inp_cx input")) == x0 + 1
+    assert float(page.input_value("#md_inp_cy input")) == y0 + 10
+    page.wait_for_function("document.querySelector('#md_inp_info').innerText.includes('px')", timeout=30_000)
+    page.screenshot(path=str(shots / "inpaint_mask.png"), full_page=True)
+
+    _choose(page, "md_inp_embedding", "prostate_pos")
+    for label, value in [("Sampling steps", "3"), ("Width", "128"), ("Height", "128")]:
+        _set_number(page, "inpaint", label, value)
+    page.click("#md_inp_run")
+    page.wait_for_selector("#md_inp_result img", timeout=240_000)
+    assert "Inpainted with prostate_pos" in page.inner_text("#md_inp_status")
+    page.screenshot(path=str(shots / "inpaint_result.png"), full_page=True)

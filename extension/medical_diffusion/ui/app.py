@@ -12,6 +12,7 @@ from medical_diffusion.ui.context import UIContext
 TABS = [
     ("Embeddings", "tab_embeddings"),
     ("Interpolate & compose", "tab_generate"),
+    ("Inpaint", "tab_inpaint"),
 ]
 
 

@@ -25,12 +25,11 @@ def make_context(model: str, work_dir: str | Path, embeddings_dir: str | Path | 
     )
 
 
-def javascript_head() -> str:
-    """The extension's ``javascript/*.js`` as a ``<script>`` block (the webui loads them itself)."""
+def javascript_source() -> str:
+    """The extension's ``javascript/*.js`` (the webui loads these itself)."""
     if not JAVASCRIPT_DIR.is_dir():
         return ""
-    scripts = [p.read_text(encoding="utf-8") for p in sorted(JAVASCRIPT_DIR.glob("*.js"))]
-    return "".join(f"<script>{s}</script>" for s in scripts)
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(JAVASCRIPT_DIR.glob("*.js")))
 
 
 def launch(ctx: UIContext, host: str = "127.0.0.1", port: int = 7861, block: bool = True):
@@ -39,6 +38,10 @@ def launch(ctx: UIContext, host: str = "127.0.0.1", port: int = 7861, block: boo
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     ctx.embeddings_dir.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(ctx)
+    script = javascript_source()
+    if script:
+        with blocks:  # run the extension's scripts once the page has loaded
+            blocks.load(None, None, None, _js=f"() => {{ {script} }}")
     blocks.queue(concurrency_count=1)
     log.info("Medical Diffusion UI on http://%s:%d (work folder %s)", host, port, ctx.work_dir)
     blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_api=False,

@@ -1,0 +1,188 @@
+"""Inpaint tab: place an ellipse mask by clicking, size it in px or mm, inpaint with an embedding."""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from medical_diffusion.ui.context import UIContext
+from medical_diffusion.ui.feedback import shows_errors, uploaded_path
+from medical_diffusion.ui.tab_generate import embedding_names, sampling_controls
+
+TARGET = 512
+
+
+def click_to_source(x: float, y: float, source_size: tuple[int, int], unit: str,
+                    spacing: tuple[float, float] | None, target: int = TARGET) -> tuple[float, float]:
+    """A click on the ``target``-px overlay -> centre in source pixels, or mm when ``unit == "mm"``."""
+    w0, h0 = source_size
+    sx = (x + 0.5) * w0 / target - 0.5
+    sy = (y + 0.5) * h0 / target - 0.5
+    if unit == "mm":
+        if spacing is None:
+            raise ValueError("mm needs the pixel spacing")
+        return sx * spacing[0], sy * spacing[1]
+    return sx, sy
+
+
+def build(ctx: UIContext) -> None:
+    from medical_diffusion.generation.inpainting import FILL_MODES, inpaint
+    from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
+    from medical_diffusion.generation.masks import (MaskShape, MaskSpec, load_source_image, overlay_preview,
+                                                    read_source_geometry, render_mask)
+    from medical_diffusion.png_io import save_png
+
+    source = gr.State(None)  # {"size": [w, h]} of the loaded image
+    shapes = gr.State([])  # shapes already added to the union
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(label="Image (upload, or load a DICOM/volume below)", type="pil",
+                             elem_id="md_inp_image")
+            with gr.Row():
+                volume_file = gr.File(label="DICOM / NIfTI / MHA (pixel spacing read from the header)")
+                slice_index = gr.Number(value=-1, precision=0, label="Slice (-1: middle)")
+            load_btn = gr.Button("Load file")
+        with gr.Column():
+            overlay = gr.Image(label="Mask overlay: click to place the centre (arrow keys nudge it)",
+                               type="pil", interactive=False, elem_id="md_inp_overlay")
+            mask_info = gr.Markdown(elem_id="md_inp_info")
+    with gr.Row():
+        unit = gr.Radio(["px", "mm"], value="px", label="Unit")
+        spacing_x = gr.Number(value=0, label="Spacing x (mm/px, 0: unknown)", elem_id="md_inp_spx")
+        spacing_y = gr.Number(value=0, label="Spacing y (mm/px)", elem_id="md_inp_spy")
+    with gr.Row():
+        cx = gr.Number(value=256, label="Centre x", elem_id="md_inp_cx")
+        cy = gr.Number(value=256, label="Centre y", elem_id="md_inp_cy")
+        rx = gr.Number(value=24, label="Radius x", elem_id="md_inp_rx")
+        ry = gr.Number(value=24, label="Radius y", elem_id="md_inp_ry")
+    with gr.Row():
+        angle = gr.Slider(-90, 90, value=0, step=1, label="Rotation (degrees)")
+        feather = gr.Number(value=0, label="Feather (same unit)")
+        invert = gr.Checkbox(False, label="Invert")
+    with gr.Row():
+        add_btn = gr.Button("Add shape to the union")
+        clear_btn = gr.Button("Clear shapes")
+        save_btn = gr.Button("Save mask (PNG + overlay + JSON)")
+    names = embedding_names(ctx)
+    with gr.Row():
+        emb = gr.Dropdown(names, label="Embedding to paint with", elem_id="md_inp_embedding")
+        prompt = gr.Textbox(label="Prompt (default: the embedding's name)", elem_id="md_inp_prompt")
+    params = sampling_controls()
+    with gr.Row():
+        strength = gr.Slider(0, 1, value=0.75, step=0.05, label="Denoising strength")
+        fill = gr.Radio(list(FILL_MODES), value="original", label="Masked content")
+        blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur (px)")
+        only_masked = gr.Checkbox(True, label="Only masked (crop, paint, paste back)")
+        padding = gr.Slider(0, 256, value=32, step=4, label="Only-masked padding (px)")
+    inpaint_btn = gr.Button("Inpaint", variant="primary", elem_id="md_inp_run")
+    result = gr.Image(label="Inpainted", type="pil", interactive=False, elem_id="md_inp_result")
+    status = gr.Markdown(elem_id="md_inp_status")
+
+    geometry = [unit, spacing_x, spacing_y, cx, cy, rx, ry, angle, feather, invert]
+
+    def spec_of(src, extra, u, spx, spy, x, y, r1, r2, a, f, inv) -> MaskSpec:
+        if not src:
+            raise ValueError("load or upload an image first")
+        spacing = (float(spx), float(spy)) if spx and spy else None
+        current = MaskShape((float(x), float(y)), (float(r1), float(r2)), float(a))
+        stored = [MaskShape(tuple(s["center"]), tuple(s["radii"]), s["angle"]) for s in extra or []]
+        return MaskSpec(stored + [current], unit=u, source_size=tuple(src["size"]), spacing=spacing,
+                        target_size=(TARGET, TARGET), feather=float(f or 0), invert=bool(inv))
+
+    def render(img, src, extra, *geo):
+        spec = spec_of(src, extra, *geo)
+        res = render_mask(spec)
+        sizes = res.shape_sizes_mm or res.shape_sizes_px
+        unit_name = "mm" if res.shape_sizes_mm else "px"
+        lines = [f"shape {i + 1}: {w:.1f} x {h:.1f} {unit_name}" for i, (w, h) in enumerate(sizes)]
+        lines += [f"⚠ {w}" for w in res.warnings]
+        return overlay_preview(img, res, spec), "\n\n".join(lines), res, spec
+
+    @shows_errors
+    def on_upload(img):
+        if img is None:
+            return None, [], "", 0, 0
+        w, h = img.size
+        return {"size": [w, h]}, [], "", 0, 0
+
+    @shows_errors
+    def on_load(file, index):
+        path = uploaded_path(file)
+        if not path:
+            raise ValueError("choose a DICOM or volume file")
+        geo = read_source_geometry(path)
+        img = load_source_image(path, None if int(index) < 0 else int(index))
+        spx, spy = geo.spacing or (0, 0)
+        return img, {"size": list(img.size)}, spx, spy
+
+    @shows_errors
+    def on_geometry(img, src, extra, *geo):
+        if not src:
+            return None, ""
+        picture, text, _, _ = render(img, src, extra, *geo)
+        return picture, text
+
+    @shows_errors
+    def on_click(img, src, u, spx, spy, evt: gr.SelectData):
+        if not src:
+            raise ValueError("load or upload an image first")
+        x, y = evt.index
+        spacing = (float(spx), float(spy)) if spx and spy else None
+        sx, sy = click_to_source(float(x), float(y), tuple(src["size"]), u, spacing)
+        return round(sx, 2), round(sy, 2)
+
+    @shows_errors
+    def on_add(src, extra, *geo):
+        spec = spec_of(src, extra, *geo)
+        last = spec.shapes[-1]
+        return extra + [{"center": list(last.center), "radii": list(last.radii), "angle": last.angle}]
+
+    @shows_errors
+    def on_save(img, src, extra, *geo):
+        picture, text, res, spec = render(img, src, extra, *geo)
+        folder = ctx.path(ctx.work_dir / "masks")
+        stem = f"mask_{len(list(folder.glob('mask_*.png'))) + 1:03d}" if folder.is_dir() else "mask_001"
+        save_png(res.mask, folder / f"{stem}.png")
+        save_png(picture, folder / f"{stem}_overlay.png")
+        from medical_diffusion.atomic_io import atomic_write_text
+
+        atomic_write_text(folder / f"{stem}.json", spec.to_json())
+        return f"{text}\n\nSaved `{folder / stem}.png` (+ overlay, JSON)."
+
+    @shows_errors
+    def on_inpaint(img, src, extra, *values, progress=gr.Progress()):
+        geo, rest = values[: len(geometry)], values[len(geometry):]
+        name, text, steps, cfg, seed, width, height, negative, s, fm, b, om, pad = rest
+        if img is None:
+            raise ValueError("load or upload an image first")
+        if not name and not (text or "").strip():
+            raise ValueError("choose an embedding or type a prompt")
+        _, info, res, spec = render(img, src, extra, *geo)
+        mask = Image.fromarray(res.mask).resize(img.size, Image.NEAREST)
+        the_prompt = (text or "").strip() or name
+        with ctx.model_work() as backend:
+            table = vectors_of(load_embedding_table(backend, str(ctx.embeddings_dir)))
+            warn = prompt_warnings(backend, the_prompt, table)
+            out = inpaint(backend, img, mask, the_prompt, embeddings=table, negative_prompt=negative or "",
+                          seed=int(seed), steps=int(steps), cfg_scale=float(cfg), denoising_strength=float(s),
+                          fill=fm, mask_blur=int(b), only_masked=bool(om), padding=int(pad),
+                          width=int(width), height=int(height), progress=lambda i, n: progress(i / n))
+        notes = "\n\n".join(f"⚠ {w}" for w in warn)
+        return out.image, f"Inpainted with `{the_prompt}` at seed {out.seed}.\n\n{notes}"
+
+    redraw = dict(fn=on_geometry, inputs=[image, source, shapes, *geometry], outputs=[overlay, mask_info])
+    image.upload(on_upload, [image], [source, shapes, mask_info, spacing_x, spacing_y]).then(**redraw)
+    image.clear(lambda: (None, [], None, ""), None, [source, shapes, overlay, mask_info])
+    load_btn.click(on_load, [volume_file, slice_index], [image, source, spacing_x, spacing_y]).then(**redraw)
+    for widget in geometry:
+        widget.change(**redraw)
+    overlay.select(on_click, [image, source, unit, spacing_x, spacing_y], [cx, cy])
+    add_btn.click(on_add, [source, shapes, *geometry], [shapes]).then(**redraw)
+    clear_btn.click(lambda: [], None, [shapes]).then(**redraw)
+    save_btn.click(on_save, [image, source, shapes, *geometry], [mask_info])
+    sample_inputs = [params[k] for k in ("steps", "cfg", "seed", "width", "height", "negative")]
+    inpaint_btn.click(on_inpaint, [image, source, shapes, *geometry, emb, prompt, *sample_inputs,
+                                   strength, fill, blur, only_masked, padding], [result, status])
