@@ -12,6 +12,8 @@ from medical_diffusion.datasets.volume_ops import crop_or_pad_offsets, resampled
 
 #: give up (use SimpleITK on the whole volume) when more min/max candidates need exact evaluation
 MAX_EXACT_CANDIDATES = 200_000
+#: larger outputs go to SimpleITK (the bound pass keeps a few float64 copies of the output volume)
+MAX_OUTPUT_VOXELS = 40_000_000
 #: margin around the separable approximation (its error is < 1e-9 for 8/16-bit data)
 DELTA = 1e-5
 
@@ -34,7 +36,7 @@ def fast_normalised_crop_slice(image: sitk.Image, spacing_zyx: Sequence[float], 
         return None
     size_xyz = resampled_size(image, spacing_zyx)
     out_shape = tuple(size_xyz[::-1])
-    if min(out_shape) < 1:
+    if min(out_shape) < 1 or int(np.prod(out_shape)) > MAX_OUTPUT_VOXELS:
         return None
     coef = ib.coefficients(arr)
     in_sp = np.array(image.GetSpacing()[::-1], dtype=np.float64)
