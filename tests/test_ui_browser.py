@@ -58,6 +58,38 @@ def test_model_label_says_demo(ui):
     assert "workflow demo" in page.inner_text("#md_model_label")
 
 
+def _fill(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_train_five_steps_with_live_loss_plot(ui):
+    from PIL import Image
+
+    page, work, shots = ui
+    data = work / "train_images"
+    data.mkdir()
+    for i in range(3):
+        Image.radial_gradient("L").resize((64, 64)).rotate(30 * i).convert("RGB").save(data / f"img_{i}.png")
+    _open_tab(page, "Train embedding")
+    _fill(page, "md_train_name", "phantom_ui")
+    _fill(page, "md_train_data", str(data))
+    for elem_id, value in [("md_train_steps", "5"), ("md_train_resolution", "64"),
+                           ("md_train_preview_every", "5"), ("md_train_preview_steps", "2")]:
+        _fill(page, elem_id, value)
+    _set_number(page, "train", "Vectors", "4")
+    page.click("#md_train_start")
+    page.wait_for_function("document.querySelector('#md_train_status').innerText.includes('step ')",
+                           timeout=120_000)
+    page.wait_for_function("document.querySelector('#md_train_status').innerText.includes('Finished at step 5')",
+                           timeout=240_000)
+    assert page.locator("#md_train_loss canvas, #md_train_loss svg").count() > 0  # the plot was drawn
+    page.wait_for_selector("#md_train_preview img", timeout=60_000)
+    assert (work / "embeddings" / "phantom_ui.pt").is_file()
+    page.screenshot(path=str(shots / "train.png"), full_page=True)
+
+
 def test_embeddings_tab_inspect_and_blend(ui):
     page, work, shots = ui
     _open_tab(page, "Embeddings")

@@ -25,12 +25,17 @@ class UIContext:
     work_dir: Path
     embeddings_dir: Path
     model_label: str = ""
+    #: how the model is named in run configs (a path, "tiny", or the webui checkpoint)
+    model_id: str = ""
     #: called after an embedding file is written (the webui reloads its embedding database)
     on_embedding_saved: Callable[[Path], None] = lambda path: None
     #: lock held around model work (the webui's queue lock; a plain lock standalone)
     work_lock: Callable[[], ContextManager] = field(default=None)  # type: ignore[assignment]
     #: keep the first backend (standalone); the webui builds one per use since the user may switch models
     cache_backend: bool = True
+    #: ``training_session(job_name, steps)``: a context manager around a training run that yields an
+    #: extra stop flag (the webui: undo cross-attention optimisations, drive ``shared.state``)
+    training_session: Callable[[str, int], ContextManager[Callable[[], bool]]] = field(default=None)  # type: ignore[assignment]
     _backend: ModelBackend | None = field(default=None, init=False, repr=False)
     _backend_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -40,6 +45,8 @@ class UIContext:
         if self.work_lock is None:
             lock = threading.Lock()
             self.work_lock = lambda: lock
+        if self.training_session is None:
+            self.training_session = lambda job, steps: contextlib.nullcontext(lambda: False)
 
     def backend(self) -> ModelBackend:
         if not self.cache_backend:

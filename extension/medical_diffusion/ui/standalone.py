@@ -22,6 +22,7 @@ def make_context(model: str, work_dir: str | Path, embeddings_dir: str | Path | 
         work_dir=work_dir,
         embeddings_dir=Path(embeddings_dir).resolve() if embeddings_dir else work_dir / "embeddings",
         model_label=label,
+        model_id=model,
     )
 
 

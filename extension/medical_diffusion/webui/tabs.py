@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 
@@ -29,6 +30,27 @@ def bind_send_to_txt2img(button, prompt_box) -> None:
     )
 
 
+@contextlib.contextmanager
+def training_session(job: str, steps: int):
+    """Around a training run in the webui: no cross-attention optimisations (they give weak
+    embeddings, A1111 #6483/#7618), the webui's progress state, its Interrupt button as a stop flag."""
+    from modules import sd_hijack, shared
+
+    shared.state.begin(job="medical-diffusion-train")
+    shared.state.job_count = steps
+    shared.state.textinfo = job
+    apply_optimizations = getattr(shared.opts, "training_xattention_optimizations", False)
+    if not apply_optimizations:
+        sd_hijack.undo_optimizations()
+    try:
+        yield lambda: bool(shared.state.interrupted)
+    finally:
+        if not apply_optimizations:
+            sd_hijack.apply_optimizations()
+        shared.state.end()
+        forget_cached_conditioning()
+
+
 def make_context():
     from modules import call_queue, shared
 
@@ -44,6 +66,8 @@ def make_context():
         on_embedding_saved=reload_embeddings,
         work_lock=lambda: call_queue.queue_lock,
         cache_backend=False,
+        training_session=training_session,
+        model_id="webui",
     )
 
 
