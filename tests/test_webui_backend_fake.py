@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -71,7 +72,8 @@ def fake_modules(monkeypatch):
 
     pkgs = {
         "modules": types.ModuleType("modules"),
-        "modules.devices": types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32),
+        "modules.devices": types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32,
+                                                 autocast=contextlib.nullcontext),
         "modules.shared": types.SimpleNamespace(sd_model=model),
         "modules.sd_hijack": types.SimpleNamespace(model_hijack=types.SimpleNamespace(embedding_db=db)),
         "modules.textual_inversion": types.ModuleType("modules.textual_inversion"),

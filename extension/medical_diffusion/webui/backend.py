@@ -65,15 +65,22 @@ class WebuiBackend(ModelBackend):
             for name, old in previous.items():
                 db.register_embedding_by_name(old, self.model, name)
 
+    def _autocast(self):
+        """The webui's autocast (fp16 weights with float32 inputs), as its own training loop uses."""
+        from modules import devices
+
+        return devices.autocast()
+
     def encode_prompt(self, prompt: str, embeddings: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        with self._registered(embeddings or {}):
+        with self._registered(embeddings or {}), self._autocast():
             return self.model.cond_stage_model([prompt])
 
     # -- images ---------------------------------------------------------------------------
     def encode_images(
         self, pixels: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        posterior = self.model.encode_first_stage(pixels.to(self.device, self.dtype))
+        with self._autocast():
+            posterior = self.model.encode_first_stage(pixels.to(self.device, self.dtype))
         latents = posterior.mean
         if sample:
             noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
@@ -81,8 +88,10 @@ class WebuiBackend(ModelBackend):
         return self.model.scale_factor * latents
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_first_stage(latents.to(self.device, self.dtype)).clamp(-1, 1)
+        with self._autocast():
+            return self.model.decode_first_stage(latents.to(self.device, self.dtype)).float().clamp(-1, 1)
 
     # -- denoiser -------------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.model.apply_model(latents, timesteps.to(latents.device), cond)
+        with self._autocast():
+            return self.model.apply_model(latents.to(self.device), timesteps.to(self.device), cond.to(self.device))
