@@ -146,6 +146,18 @@ def test_classifier_end_to_end_and_resume(tiny_experiment, monkeypatch):
         clf.run_experiments(tmp_path / "real", mixes, out, changed, log=logs.append)
 
 
+def test_resnet18_file_without_step_counters_loads(tmp_path, random_resnet18_file):
+    state = torch.load(random_resnet18_file, weights_only=True)
+    old_style = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old_style, tmp_path / "old.pth")
+    model = clf.build_resnet18(tmp_path / "old.pth")
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert torch.equal(model.conv1.weight, state["conv1.weight"]) and model.fc.out_features == 1
+    torch.save({"conv1.weight": state["conv1.weight"]}, tmp_path / "partial.pth")
+    with pytest.raises(MedDiffError, match="partial.pth: not a torchvision ResNet-18"):
+        clf.build_resnet18(tmp_path / "partial.pth")
+
+
 def test_classifier_errors(tiny_experiment, tmp_path):
     root, weights = tiny_experiment
     config = clf.ClassifierConfig(steps=1, batch_size=4, size=32, runs=1)

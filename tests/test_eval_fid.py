@@ -152,7 +152,9 @@ def test_compute_fid_with_injected_extractor(tmp_path):
     assert from_stats.value == pytest.approx(res.value, rel=1e-5)
     assert from_stats.method.startswith("statistics")
     with pytest.raises(MedDiffError, match="bootstrap needs the real images"):
-        compute_fid(stats, tmp_path / "gen", ext, bootstrap_reps=5)
+        compute_fid(stats, tmp_path / "gen", ext, mode="clean", bootstrap_reps=5)
+    with pytest.raises(MedDiffError, match="real.npz: statistics were made with counting-.*-clean"):
+        compute_fid(stats, tmp_path / "gen", ext, mode="paper")
 
 
 def test_cli_fid_mfid_with_converted_tiny_radimagenet(tmp_path, capsys):

@@ -132,6 +132,9 @@ def build_resnet18(weights: str | os.PathLike | None) -> nn.Module:
         state = state["state_dict"]
     body = {k: v for k, v in state.items() if not k.startswith("fc.")} if isinstance(state, dict) else {}
     wanted = {k for k in model.state_dict() if not k.startswith("fc.")}
+    for k in wanted:  # older files have no BatchNorm step counters
+        if k.endswith("num_batches_tracked") and k not in body:
+            body[k] = torch.tensor(0, dtype=torch.long)
     missing = sorted(wanted - set(body))
     if missing:
         raise InputFileError(path, f"not a torchvision ResNet-18 state dict (missing {missing[0]})")
@@ -143,7 +146,8 @@ def build_resnet18(weights: str | os.PathLike | None) -> nn.Module:
     return model
 
 
-def _to_float(images_u8: torch.Tensor) -> torch.Tensor:
+def to_unit_float(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] (no ImageNet normalisation, as the authors' code)."""
     return images_u8.float().div_(255.0)
 
 
@@ -153,7 +157,7 @@ def predict(model: nn.Module, images: ImageSet, batch_size: int, bf16: bool) -> 
     out = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(images), batch_size):
-            out.append(model(_to_float(images.images[start:start + batch_size])).float().squeeze(1))
+            out.append(model(to_unit_float(images.images[start:start + batch_size])).float().squeeze(1))
     return torch.sigmoid(torch.cat(out)).numpy() if out else np.zeros(0)
 
 
@@ -177,7 +181,7 @@ def train_one_run(train: ImageSet, val: ImageSet, test: ImageSet, config: Classi
     model = build_resnet18(config.weights)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
     n = len(train)
-    epoch_steps = max(1, math.ceil(n / config.batch_size))
+    epoch_steps = steps_per_epoch(n, config.batch_size)
     best_auc, best_step, best_state = -1.0, 0, None
     order = torch.randperm(n, generator=gen)
     pos = 0
@@ -187,7 +191,7 @@ def train_one_run(train: ImageSet, val: ImageSet, test: ImageSet, config: Classi
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + config.batch_size]
         pos += config.batch_size
-        x = _to_float(train.images[idx])
+        x = to_unit_float(train.images[idx])
         if config.augment:
             x = heavy_augment(x, HeavyAugmentConfig(), gen)
         train_step(model, opt, x, train.labels[idx], config.bf16)
@@ -233,10 +237,15 @@ def measure_step_seconds(config: ClassifierConfig, trials: int = 2) -> tuple[flo
     return step_s, (time.perf_counter() - t) / len(xs)
 
 
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Full batches per pass over the training set (a batch never wraps into the next epoch)."""
+    return max(1, n_train // batch_size)
+
+
 def estimate_seconds(step_s: float, eval_s: float, config: ClassifierConfig, n_train: int, n_val: int,
                      n_test: int) -> float:
     """Seconds for one run: training steps + one validation pass per epoch + the test pass."""
-    evals = math.ceil(config.steps / max(1, math.ceil(n_train / config.batch_size)))
+    evals = math.ceil(config.steps / steps_per_epoch(n_train, config.batch_size))
     return config.steps * step_s + evals * n_val * eval_s + n_test * eval_s
 
 
@@ -286,7 +295,8 @@ def summarise(mix: MixSpec, results: Sequence[RunResult]) -> MixSummary:
                       float(np.mean(aucs)) if aucs else float("nan"), sd, aucs)
 
 
-def _mix_seed(base: int, name: str) -> int:
+def mix_seed(base: int, name: str) -> int:
+    """Seed for a mix's file selection: fixed per (seed, mix name), the same for all its runs."""
     return (base * 1_000_003 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)) % (2 ** 31)
 
 
@@ -340,7 +350,7 @@ def run_experiments(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_
     plans = []
     for mix in mixes:  # choose every mix's training files first, so bad counts fail before any work
         todo = [k for k in range(config.runs) if load_run(run_path(out, mix.name, k), fp) is None]
-        seed = _mix_seed(config.seed, mix.name)
+        seed = mix_seed(config.seed, mix.name)
         items = balanced_subset(real_train_items, mix.n_real, seed, str(real_root / "train"))
         if mix.n_synthetic:
             items += balanced_subset(labelled_files(mix.synthetic_dir), mix.n_synthetic, seed + 1,

