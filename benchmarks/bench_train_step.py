@@ -260,6 +260,7 @@ def main() -> int:
     p.add_argument("--tiny-resolution", type=int, default=64)
     p.add_argument("--sd2-steps", type=int, default=4)
     p.add_argument("--sd2-resolution", type=int, default=256, help="512 is the paper's; needs ~20 GB on CPU")
+    p.add_argument("--rounds", type=int, default=2, help="alternating repetitions of every trainer")
     p.add_argument("--no-classic", action="store_true", help="skip the classic-attention reference row")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -281,26 +282,36 @@ def main() -> int:
     variants = ["meddiff", "diffusers"] + ([] if args.no_classic else ["diffusers-classic"])
     rows = []
     for config, steps, res in runs:
-        results = {}
+        results: dict[str, list[dict]] = {v: [] for v in variants}
+        for rnd in range(args.rounds):  # alternate the trainers so a busy machine hurts both alike
+            for variant in variants:
+                print(f"[{config}] round {rnd + 1}/{args.rounds} {LABELS[variant]}: {steps} steps at {res}px ...",
+                      file=sys.stderr, flush=True)
+                results[variant].append(run_variant(config, variant, steps, res))
+
+        def summary(variant):
+            timed = [t for r in results[variant] for t in (r["times"][1:] if len(r["times"]) > 1 else r["times"])]
+            peak = max(r["peak"] for r in results[variant])
+            setup = statistics.median(r["setup"] for r in results[variant])
+            return len(timed), statistics.median(timed), min(timed), peak, setup
+
+        base = summary("diffusers")
         for variant in variants:
-            print(f"[{config}] {LABELS[variant]}: {steps} steps at {res}px ...", file=sys.stderr, flush=True)
-            results[variant] = run_variant(config, variant, steps, res)
-        base = results["diffusers"]
-        for variant in variants:
-            r = results[variant]
-            timed = r["times"][1:] if len(r["times"]) > 1 else r["times"]
-            med = statistics.median(timed)
-            base_med = statistics.median(base["times"][1:] if len(base["times"]) > 1 else base["times"])
-            rows.append((config, res, LABELS[variant], len(timed), med, base_med / med, r["peak"] / 2**30,
-                         r["peak"] / base["peak"], r["setup"]))
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, batch 1, {N_VECTORS} vectors\n")
-    head = ("model", "px", "trainer", "steps", "s/step", "speed-up", "peak GB", "mem ratio", "setup s")
+            n, med, best, peak, setup = summary(variant)
+            rows.append((config, res, LABELS[variant], n, med, base[1] / med, best, base[2] / best,
+                         peak / 2**30, peak / base[3], setup))
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, fp32, batch 1, "
+          f"{N_VECTORS} vectors, {args.rounds} alternating rounds\n")
+    head = ("model", "px", "trainer", "steps", "median s/step", "speed-up", "min s/step", "speed-up (min)",
+            "peak GB", "mem ratio", "setup s")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for c, res, label, n, med, speed, peak, mem_ratio, setup in rows:
-        print(f"| {c} | {res} | {label} | {n} | {med:.3f} | {speed:.2f}x | {peak:.2f} | {mem_ratio:.2f} | {setup:.1f} |")
+    for c, res, label, n, med, speed, best, speed_min, peak, mem_ratio, setup in rows:
+        print(f"| {c} | {res} | {label} | {n} | {med:.3f} | {speed:.2f}x | {best:.3f} | {speed_min:.2f}x | "
+              f"{peak:.2f} | {mem_ratio:.2f} | {setup:.1f} |")
     print("\nspeed-up and mem ratio are relative to the diffusers example approach (higher speed-up is better, "
-          "lower mem ratio is better); setup = one-time latent caching of the 4 images.")
+          "lower mem ratio is better); min s/step is the least disturbed step on a shared machine; "
+          "setup = one-time latent caching of the 4 images (this trainer only).")
     return 0
 
 

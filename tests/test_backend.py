@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 
@@ -49,11 +50,9 @@ def test_tokenizer_ids_match_open_clip(monkeypatch):
     from medical_diffusion.backend.clip_tokenizer import load_sd2_tokenizer
 
     tok = load_sd2_tokenizer()  # imports transformers before the ftfy stand-in below
-    if "ftfy" not in sys.modules:
-        try:
-            import ftfy  # noqa: F401
-        except ImportError:  # open_clip's tokenizer imports ftfy; ASCII text needs no fixing
-            monkeypatch.setitem(sys.modules, "ftfy", types.SimpleNamespace(fix_text=lambda s: s))
+    if "ftfy" not in sys.modules and importlib.util.find_spec("ftfy") is None:
+        # open_clip's tokenizer imports ftfy; ASCII text needs no fixing
+        monkeypatch.setitem(sys.modules, "ftfy", types.SimpleNamespace(fix_text=lambda s: s))
     open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 
     reference = open_clip_tokenizer.SimpleTokenizer()

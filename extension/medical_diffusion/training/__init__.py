@@ -7,7 +7,7 @@ resume). The model is reached only through :class:`medical_diffusion.backend.Mod
 from __future__ import annotations
 
 from medical_diffusion.training.config import TrainConfig
-from medical_diffusion.training.loop import TrainResult, train
+from medical_diffusion.training.loop import TrainResult, run_training, train
 from medical_diffusion.training.progress import ProgressEvent
 
-__all__ = ["ProgressEvent", "TrainConfig", "TrainResult", "train"]
+__all__ = ["ProgressEvent", "TrainConfig", "TrainResult", "run_training", "train"]
