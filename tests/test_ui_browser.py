@@ -64,6 +64,30 @@ def _fill(page, elem_id: str, value: str) -> None:
     box.press("Tab")
 
 
+def test_prepare_generic_import_with_a_bad_file(ui):
+    from PIL import Image
+
+    page, work, shots = ui
+    src = work / "raw_pngs"
+    src.mkdir()
+    for i in range(3):
+        Image.radial_gradient("L").resize((300, 200)).save(src / f"scan_{i}.png")
+    (src / "broken.png").write_bytes(b"not an image")
+    _open_tab(page, "Prepare data")
+    page.click("#md_tab_prepare button:has-text('DICOM / NIfTI / PNG')")
+    _fill(page, "md_prep_out", str(work / "prepared"))
+    _fill(page, "md_prep_n", "0")
+    _fill(page, "md_prep_gen_inputs", str(src))
+    _fill(page, "md_prep_gen_label", "phantom")
+    page.click("#md_prep_gen_run")
+    page.wait_for_function("document.querySelector('#md_prep_status').innerText.includes('Made')", timeout=120_000)
+    status = page.inner_text("#md_prep_status")
+    assert "Made 3" in status and "failed 1" in status
+    assert "broken.png" in page.inner_text("#md_tab_prepare")  # the failure is listed, the batch went on
+    assert len(list((work / "prepared").rglob("*.png"))) >= 3
+    page.screenshot(path=str(shots / "prepare.png"), full_page=True)
+
+
 def test_train_five_steps_with_live_loss_plot(ui):
     from PIL import Image
 

@@ -10,6 +10,7 @@ from medical_diffusion.ui.context import UIContext
 
 #: (tab title, module name under medical_diffusion.ui) in display order
 TABS = [
+    ("Prepare data", "tab_prepare"),
     ("Train embedding", "tab_train"),
     ("Embeddings", "tab_embeddings"),
     ("Interpolate & compose", "tab_generate"),

@@ -1,0 +1,124 @@
+"""Prepare data tab: PI-CAI, CheXpert, PatchCamelyon and generic images -> training folders."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from medical_diffusion.ui.context import UIContext
+from medical_diffusion.ui.feedback import shows_errors
+
+SPLITS = ("train", "val", "test")
+
+
+def _n(value) -> int | None:
+    return int(value) if value and int(value) > 0 else None
+
+
+def summary(result) -> tuple[str, list[list[str]], str | None]:
+    """Markdown summary, failure rows and the contact sheet path of a :class:`BatchResult`."""
+    sheet = result.out_dir / "contact_sheet.png"
+    text = (f"Made **{result.processed}**, skipped **{result.skipped}** (already done), "
+            f"failed **{len(result.failures)}**. Output: `{result.out_dir}` "
+            f"(manifest: `{result.manifest_path.name}`).")
+    rows = [[f.key, f.source, f.error] for f in result.failures]
+    return text, rows, str(sheet) if sheet.is_file() else None
+
+
+def build(ctx: UIContext) -> None:
+    from medical_diffusion.datasets.chexpert import ChexpertOptions, prepare_chexpert
+    from medical_diffusion.datasets.generic_import import ImportOptions, prepare_images
+    from medical_diffusion.datasets.pcam import PcamOptions, prepare_pcam
+    from medical_diffusion.datasets.picai import PicaiOptions, prepare_picai
+
+    with gr.Row():
+        out = gr.Textbox(label="Output folder", value=str(ctx.work_dir / "prepared"), elem_id="md_prep_out")
+        n_per_class = gr.Number(value=100, precision=0, label="Images per class (0: all; paper: 100)",
+                                elem_id="md_prep_n")
+        make_splits = gr.Checkbox(False, label="Also make patient-disjoint train/val/test sets")
+        seed = gr.Number(value=0, precision=0, label="Seed")
+        workers = gr.Slider(1, 16, value=1, step=1, label="Workers")
+    with gr.Tabs():
+        with gr.Tab("PI-CAI prostate MRI", elem_id="md_prep_picai"):
+            with gr.Row():
+                picai_images = gr.Textbox(label="images/ folder (<pid>/<pid>_<sid>_{t2w,adc,hbv}.mha)",
+                                          elem_id="md_prep_picai_images")
+                picai_labels = gr.Textbox(label="picai_labels folder", elem_id="md_prep_picai_labels")
+            with gr.Row():
+                picai_mode = gr.Radio(["paper", "aligned"], value="paper", label="Mode")
+                picai_channels = gr.Radio(["rgb", "t2w", "adc", "hbv"], value="rgb",
+                                          label="Channels (rgb = T2W/ADC/HBV)")
+                picai_labels_from = gr.Radio(["combined", "human", "marksheet"], value="combined",
+                                             label="Label source")
+            picai_btn = gr.Button("Prepare PI-CAI", variant="primary", elem_id="md_prep_picai_run")
+        with gr.Tab("CheXpert chest X-ray"):
+            with gr.Row():
+                cx_csv = gr.Textbox(label="train.csv")
+                cx_root = gr.Textbox(label="Image root (folder holding train/...)")
+            with gr.Row():
+                cx_classes = gr.Textbox(value="No Finding, Cardiomegaly, Pleural Effusion, Pneumonia",
+                                        label="Classes (comma-separated; exactly one positive per image)")
+                cx_uncertain = gr.Radio(["zeros", "ones", "exclude"], value="zeros",
+                                        label="Uncertain (-1) labels count as")
+            cx_btn = gr.Button("Prepare CheXpert", variant="primary")
+        with gr.Tab("PatchCamelyon histopathology"):
+            with gr.Row():
+                pcam_x = gr.Textbox(label="x HDF5 (…_x.h5)")
+                pcam_y = gr.Textbox(label="y HDF5 (…_y.h5)")
+            pcam_btn = gr.Button("Prepare PatchCamelyon", variant="primary")
+        with gr.Tab("DICOM / NIfTI / PNG"):
+            with gr.Row():
+                gen_inputs = gr.Textbox(label="Files or folders (one per line)", lines=3, elem_id="md_prep_gen_inputs")
+                gen_label = gr.Textbox(value="images", label="Class name", elem_id="md_prep_gen_label")
+            with gr.Row():
+                gen_window = gr.Textbox(value="auto", label="Window: auto, minmax, percentile, or C,W")
+                gen_slice = gr.Number(value=-1, precision=0, label="Slice of volumes (-1: middle)")
+                gen_mask = gr.Textbox(label="Mask file/folder for slice choice (optional)")
+            gen_btn = gr.Button("Import", variant="primary", elem_id="md_prep_gen_run")
+    status = gr.Markdown(elem_id="md_prep_status")
+    failures = gr.Dataframe(headers=["item", "source", "problem"], label="Failures (the batch went on)",
+                            interactive=False, wrap=True)
+    sheet = gr.Image(label="Contact sheet", type="filepath", interactive=False, elem_id="md_prep_sheet")
+
+    def common(o, n, sp, sd, w):
+        return dict(out=str(ctx.path(o)), n_per_class=_n(n), splits=SPLITS if sp else (), seed=int(sd),
+                    workers=int(w))
+
+    def progress_cb(progress):
+        return lambda done, total, message="": progress(done / max(total, 1), desc=message or None)
+
+    @shows_errors
+    def run_picai(images, labels, mode, channels, src, o, n, sp, sd, w, progress=gr.Progress()):
+        opts = PicaiOptions(images=str(ctx.path(images, must_exist=True)), labels=str(ctx.path(labels, must_exist=True)),
+                            mode=mode, channels=channels, label_source=src, **common(o, n, sp, sd, w))
+        return summary(prepare_picai(opts, progress=progress_cb(progress)))
+
+    @shows_errors
+    def run_chexpert(csv, root, classes, unc, o, n, sp, sd, w, progress=gr.Progress()):
+        names = tuple(c.strip() for c in classes.split(",") if c.strip())
+        opts = ChexpertOptions(csv=str(ctx.path(csv, must_exist=True)), root=str(ctx.path(root, must_exist=True)),
+                               classes=names, uncertain=unc, **common(o, n, sp, sd, w))
+        return summary(prepare_chexpert(opts, progress=progress_cb(progress)))
+
+    @shows_errors
+    def run_pcam(x, y, o, n, sp, sd, w, progress=gr.Progress()):
+        opts = PcamOptions(x=str(ctx.path(x)), y=str(ctx.path(y)), **common(o, n, sp, sd, w))
+        return summary(prepare_pcam(opts, progress=progress_cb(progress)))
+
+    @shows_errors
+    def run_generic(inputs, label, window, sl, mask, o, n, sp, sd, w, progress=gr.Progress()):
+        paths = tuple(str(ctx.path(line.strip(), must_exist=True)) for line in inputs.splitlines() if line.strip())
+        if not paths:
+            raise ValueError("give at least one file or folder")
+        opts = ImportOptions(inputs=paths, label=label.strip() or "images", window=window.strip() or "auto",
+                             slice_index=None if int(sl) < 0 else int(sl),
+                             mask=str(ctx.path(mask, must_exist=True)) if mask.strip() else None,
+                             **common(o, n, sp, sd, w))
+        return summary(prepare_images(opts, progress=progress_cb(progress)))
+
+    shared_inputs = [out, n_per_class, make_splits, seed, workers]
+    outputs = [status, failures, sheet]
+    picai_btn.click(run_picai, [picai_images, picai_labels, picai_mode, picai_channels, picai_labels_from,
+                                *shared_inputs], outputs)
+    cx_btn.click(run_chexpert, [cx_csv, cx_root, cx_classes, cx_uncertain, *shared_inputs], outputs)
+    pcam_btn.click(run_pcam, [pcam_x, pcam_y, *shared_inputs], outputs)
+    gen_btn.click(run_generic, [gen_inputs, gen_label, gen_window, gen_slice, gen_mask, *shared_inputs], outputs)
