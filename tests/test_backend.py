@@ -209,3 +209,20 @@ def test_embedding_that_does_not_fit_starts_a_new_chunk(backend):
     torch.testing.assert_close(cond[:, 77:], backend.encode_prompt("sick", {"sick": vec}), rtol=0, atol=1e-6)
     fits = backend.encode_prompt(" ".join(["dog"] * 11) + " sick", {"sick": vec})
     assert fits.shape == (1, 77, backend.text_width)
+
+
+def test_single_file_uses_shipped_configs_offline(tmp_path, monkeypatch):
+    """An SD2-keyed file missing most weights fails inside component loading (configs found
+    locally, nothing fetched) with a one-line error naming the file."""
+    from safetensors.torch import save_file
+
+    from medical_diffusion.backend.diffusers_backend import load_backend
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "partial_sd2.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+               "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3072, 1024)}, str(path))
+    with pytest.raises(MedDiffError) as info:
+        load_backend(str(path))
+    message = str(info.value)
+    assert "partial_sd2.safetensors" in message and "missing" in message and "\n" not in message

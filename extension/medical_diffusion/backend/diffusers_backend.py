@@ -289,7 +289,8 @@ def load_single_file(
             torch_dtype=dtype,
         )
     except Exception as exc:  # diffusers raises many types for bad checkpoints
-        raise InputFileError(path, f"cannot load as a Stable Diffusion 2 checkpoint: {exc}") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputFileError(path, f"cannot load as a Stable Diffusion 2 checkpoint: {first}") from None
     sched = dict(pipe.scheduler.config)
     if prediction_type is None:
         prediction_type = "v_prediction" if detect_v_prediction(pipe.unet) else "epsilon"
