@@ -246,3 +246,13 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(backend, data_dir, tmp_path):
     assert result.interrupted and result.steps_done in (2, 3)
     assert (tmp_path / "run" / "embeddings" / f"blob-{result.steps_done}.pt").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_gradient_checkpointing_same_result_and_autocast_runs(backend, data_dir, tmp_path):
+    plain = train(_config(data_dir, steps=2), backend, tmp_path / "plain")
+    ckpt = train(_config(data_dir, steps=2, gradient_checkpointing=True), backend, tmp_path / "ckpt")
+    torch.testing.assert_close(_vectors(plain.embedding_path), _vectors(ckpt.embedding_path), rtol=1e-5, atol=1e-6)
+    assert not backend.unet.is_gradient_checkpointing  # switched off again after the run
+    bf16 = train(_config(data_dir, steps=2, autocast="bf16"), backend, tmp_path / "bf16")
+    vec = _vectors(bf16.embedding_path)
+    assert torch.isfinite(vec).all() and not torch.equal(vec, _vectors(plain.embedding_path))
