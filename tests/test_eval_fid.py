@@ -49,6 +49,23 @@ def test_modes_give_network_inputs():
         prepare_array(rgb, 32, "fancy")
 
 
+def test_paper_mode_keeps_16_bit_range(tmp_path):
+    from PIL import Image
+
+    from medical_diffusion.evaluation.preprocessing import load_for_network
+
+    deep = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60).astype(np.uint16)  # up to ~61000
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    got = load_for_network(tmp_path / "deep.png", 32, "paper")
+    expected = prepare_array(np.repeat(deep[:, :, None].astype(np.float64), 3, axis=2), 32, "paper")
+    assert torch.equal(got, expected) and got.max() > 200 and got.min() < 50
+    with pytest.raises(MedDiffError, match="deep.png.*8-bit"):
+        load_for_network(tmp_path / "deep.png", 32, "clean")
+    with pytest.raises(MedDiffError, match="absent.png"):
+        load_for_network(tmp_path / "absent.png", 32, "paper")
+
+
 def test_missing_weights_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     monkeypatch.setattr(w, "fid_helper_weights", lambda: None)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medical_diffusion.errors import MedDiffError
+from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.png_io import load_image
 
 MODES = ("paper", "clean")
@@ -76,5 +76,20 @@ def prepare_array(rgb: np.ndarray, size: int, mode: str) -> torch.Tensor:
 
 
 def load_for_network(path: str | os.PathLike, size: int, mode: str) -> torch.Tensor:
-    """Read an image file (grey or colour) as RGB and prepare it; errors name the file."""
+    """Read an image file (grey or colour) as RGB and prepare it; errors name the file.
+
+    In ``paper`` mode 16-bit / float grey images keep their full range (the z-score comes first);
+    ``clean`` mode needs 8-bit pixels and says so.
+    """
+    check_mode(mode)
+    try:
+        with Image.open(path) as probe:
+            image_mode = probe.mode
+    except Exception:  # missing or unreadable: load_image below raises the named-file error
+        image_mode = ""
+    if image_mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        if mode == "clean":
+            raise InputFileError(path, f"{image_mode} image: 'clean' preprocessing needs 8-bit pixels (use 'paper')")
+        grey = np.asarray(load_image(path, "F"), dtype=np.float64)
+        return prepare_array(np.repeat(grey[:, :, None], 3, axis=2), size, mode)
     return prepare_array(np.asarray(load_image(path, "RGB")), size, mode)
