@@ -177,6 +177,9 @@ def test_cli_classify_estimate_and_quick_probe(tiny_experiment, capsys, monkeypa
                  "--mix", "4:0", "--steps", "2", "--runs", "1", "--size", "32", "--batch-size", "4",
                  "--estimate-only"])
     assert code == 0 and "time estimate: 1 run(s)" in capsys.readouterr().out
+    code = main(["classify", str(root / "real"), "--out", str(root / "o"), "--weights", str(weights), "--table2",
+                 "--runs", "1", "--size", "32", "--steps", "1", "--batch-size", "4", "--estimate-only"])
+    assert code == 1 and "--synthetic" in capsys.readouterr().err  # the Table 2 rows need a synthetic set
     assert not (root / "o" / "report.json").exists()
     code = main(["classify", str(root / "real"), "--out", str(root / "q"), "--weights", str(weights),
                  "--mix", "4:0", "--mix", "4:4", "--synthetic", str(root / "gen"), "--size", "32", "--quick"])

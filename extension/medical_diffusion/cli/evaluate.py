@@ -54,7 +54,10 @@ def _fid(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     from medical_diffusion.evaluation.classifier import ClassifierConfig, parse_mix, run_experiments
 
-    mixes = [parse_mix(m, args.synthetic) for m in (args.mix or ["all:0"])]
+    from medical_diffusion.evaluation.classifier import TABLE2_MIXES
+
+    texts = (list(TABLE2_MIXES) if args.table2 else []) + (args.mix or [])
+    mixes = [parse_mix(m, args.synthetic) for m in (texts or ["all:0"])]
     if args.quick:
         from medical_diffusion.evaluation.quick_probe import quick_probe
 
@@ -116,6 +119,8 @@ def register(subparsers) -> None:
     c.add_argument("--synthetic", help="folder with generated neg/ and pos/ (default for every mix)")
     c.add_argument("--mix", action="append", metavar="[NAME=]REAL:SYNTH[:DIR]",
                    help="a training mix; repeat for several (e.g. 200:0 200:2000 0:2000); REAL may be 'all'")
+    c.add_argument("--table2", action="store_true",
+                   help="add the Table 2 rows 200:0 200:2000 0:200 0:2000 200:200 (needs --synthetic)")
     c.add_argument("--weights", help="resnet18-f37072fd.pth (default: $TORCH_HOME/hub/checkpoints)")
     c.add_argument("--steps", type=int, default=6250, help="training batches per run (paper: 6250)")
     c.add_argument("--batch-size", type=int, default=32)

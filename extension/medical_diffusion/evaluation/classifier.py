@@ -44,6 +44,11 @@ class MixSpec:
     synthetic_dir: Optional[str] = None
 
 
+#: The prostate MRI rows of Table 2 that use one synthetic set (the * rows need a second set:
+#: add them as ``NAME=0:2000:DIR``).
+TABLE2_MIXES = ("200:0", "200:2000", "0:200", "0:2000", "200:200")
+
+
 def parse_mix(text: str, default_synthetic: Optional[str] = None) -> MixSpec:
     """``[NAME=]REAL:SYNTH[:DIR]``; REAL may be ``all``. E.g. ``200:2000``, ``star=0:2000:/data/gen10``."""
     name = None
