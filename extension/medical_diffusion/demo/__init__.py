@@ -1,0 +1,1 @@
+"""``meddiff demo``: the whole workflow headless on an embedded default (tiny model, phantom data)."""
