@@ -13,15 +13,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and synthetic phantom scans. Writes OUT/report.html. Resumable.")
     p.add_argument("--out", default="meddiff-demo", help="output folder (default: ./meddiff-demo)")
     p.add_argument("--steps", type=int, default=60, help="training steps per embedding (default: 60)")
-    p.add_argument("--cases", type=int, default=6, help="phantom cases per class (default: 6)")
+    p.add_argument("--cases", type=int, default=12, help="phantom cases per class, split 1:1:1 into train/val/test (default: 12)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from medical_diffusion.demo.pipeline import DemoOptions, run_demo
+    from medical_diffusion.errors import MedDiffError
 
+    if args.cases < 3:
+        raise MedDiffError(f"--cases must be at least 3 (one per train/val/test split), got {args.cases}")
     report = run_demo(DemoOptions(out=Path(args.out), train_steps=args.steps, cases_per_class=args.cases,
-                                  seed=args.seed))
+                                  split_per_class=args.cases // 3, seed=args.seed))
     print(f"report: {report}")
     return 0
