@@ -49,6 +49,13 @@ def _set_number(page, tab: str, label: str, value: str) -> None:
     box.press("Enter")
 
 
+def _wait_for(page, condition: str, timeout: float) -> None:
+    """Wait for a JS condition, failing at once (with its text) if gradio shows an error instead."""
+    page.wait_for_function(f"({condition}) || document.querySelector('.toast-body.error')", timeout=timeout)
+    errors = page.locator(".toast-body.error")
+    assert errors.count() == 0, errors.first.inner_text()
+
+
 def _open_tab(page, title: str) -> None:
     page.click(f"#md_tabs button:has-text('{title}')")
 
@@ -181,3 +188,66 @@ def test_inpaint_click_to_place_keyboard_nudge_and_run(ui):
     page.wait_for_selector("#md_inp_result img", timeout=240_000)
     assert "Inpainted with prostate_pos" in page.inner_text("#md_inp_status")
     page.screenshot(path=str(shots / "inpaint_result.png"), full_page=True)
+
+
+def test_evaluate_fid_and_classifier(ui):
+    import numpy as np
+    from PIL import Image
+    from torchvision.models import resnet18
+
+    from medical_diffusion.errors import MedDiffError
+    from medical_diffusion.evaluation.weights import find_inception_weights
+
+    page, work, shots = ui
+    rng = np.random.default_rng(0)
+
+    def picture(positive: bool) -> Image.Image:
+        a = rng.integers(0, 60, (64, 64, 3)).astype(np.uint8)
+        if positive:
+            a[20:40, 20:40] = 230
+        return Image.fromarray(a)
+
+    for split in ("train", "val", "test"):
+        for label in ("neg", "pos"):
+            folder = work / "eval_real" / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                picture(label == "pos").save(folder / f"{i}.png")
+    for label in ("neg", "pos"):
+        (work / "eval_gen" / label).mkdir(parents=True)
+        for i in range(3):
+            picture(label == "pos").save(work / "eval_gen" / label / f"{i}.png")
+    weights = work / "resnet18-random-init.pth"
+    torch.manual_seed(0)
+    torch.save(resnet18(weights=None).state_dict(), weights)
+
+    _open_tab(page, "Evaluate")
+    _fill(page, "md_eval_real", str(work / "eval_real" / "train" / "pos"))
+    _fill(page, "md_eval_generated", str(work / "eval_gen" / "pos"))
+    _fill(page, "md_eval_reps", "20")
+    page.click("#md_eval_fid_run")
+    try:
+        find_inception_weights(None)
+    except MedDiffError:  # no weights on this machine: the error names the file expected
+        page.wait_for_selector("text=pt_inception", timeout=120_000)
+    else:
+        _wait_for(page, "document.querySelector('#md_eval_fid_result').innerText.includes('FID =')",
+                  timeout=240_000)
+        assert "20 bootstrap reps" in page.inner_text("#md_eval_fid_result")
+    page.screenshot(path=str(shots / "evaluate_fid.png"), full_page=True)
+
+    page.click("#md_tab_evaluate button:has-text('Classifier experiments')")
+    _fill(page, "md_eval_cls_real", str(work / "eval_real"))
+    _fill(page, "md_eval_cls_syn", str(work / "eval_gen"))
+    _fill(page, "md_eval_cls_out", str(work / "eval_cls"))
+    _fill(page, "md_eval_cls_mixes", "real=all:0\nmixed=all:6")
+    _fill(page, "md_eval_cls_weights", str(weights))
+    for elem_id, value in [("md_eval_cls_steps", "4"), ("md_eval_cls_batch", "4"), ("md_eval_cls_size", "64"),
+                           ("md_eval_cls_runs", "1")]:
+        _fill(page, elem_id, value)
+    page.click("#md_eval_cls_run")
+    _wait_for(page, "document.querySelector('#md_eval_cls_roc img')", timeout=300_000)
+    table = page.inner_text("#md_eval_cls_table")
+    assert "real" in table and "mixed" in table
+    assert (work / "eval_cls" / "report.json").is_file()
+    page.screenshot(path=str(shots / "evaluate_classifier.png"), full_page=True)

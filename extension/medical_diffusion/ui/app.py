@@ -12,9 +12,10 @@ from medical_diffusion.ui.context import UIContext
 TABS = [
     ("Prepare data", "tab_prepare"),
     ("Train embedding", "tab_train"),
-    ("Embeddings", "tab_embeddings"),
     ("Interpolate & compose", "tab_generate"),
     ("Inpaint", "tab_inpaint"),
+    ("Evaluate", "tab_evaluate"),
+    ("Embeddings", "tab_embeddings"),
 ]
 
 
