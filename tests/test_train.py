@@ -256,3 +256,15 @@ def test_gradient_checkpointing_same_result_and_autocast_runs(backend, data_dir,
     bf16 = train(_config(data_dir, steps=2, autocast="bf16"), backend, tmp_path / "bf16")
     vec = _vectors(bf16.embedding_path)
     assert torch.isfinite(vec).all() and not torch.equal(vec, _vectors(plain.embedding_path))
+
+
+def test_preview_images_at_fixed_seed(backend, data_dir, tmp_path):
+    events = []
+    kw = dict(steps=2, preview_every=2, preview_steps=2, learning_rate="1e-9")
+    train(_config(data_dir, **kw), backend, tmp_path / "a", progress=events.append)
+    train(_config(data_dir, **kw), backend, tmp_path / "b")
+    preview = tmp_path / "a" / "previews" / "blob-2.png"
+    assert events[-1].preview == preview and preview.is_file()
+    a = np.asarray(Image.open(preview))
+    assert a.shape == (64, 64, 3)
+    assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / "previews" / "blob-2.png")))
