@@ -28,7 +28,8 @@ def free_port() -> int:
 
 def start_ui(work_dir: Path, timeout: float = 120) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "extension"))
+    # the app may only touch files under its work folder (the API tests check the refusal)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "extension"), MEDDIFF_ALLOWED_ROOTS=str(work_dir))
     log = open(work_dir / "ui.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "medical_diffusion", "ui", "--model", "tiny", "--work-dir", str(work_dir),

@@ -31,6 +31,7 @@ def ui(tmp_path_factory):
     page = br.new_page(viewport={"width": 1400, "height": 1600})
     page.goto(url)
     page.wait_for_selector("#md_tabs")
+    page.api_url = url.rstrip("/") + "/medical-diffusion/v1"
     yield page, work, shots
     br.close()
     pw.stop()
@@ -113,7 +114,7 @@ def test_train_five_steps_with_live_loss_plot(ui):
     page.click("#md_train_start")
     page.wait_for_function("document.querySelector('#md_train_status').innerText.includes('step ')",
                            timeout=120_000)
-    page.wait_for_function("document.querySelector('#md_train_status').innerText.includes('Finished at step 5')",
+    _wait_for(page, "document.querySelector('#md_train_status').innerText.includes('finished at step 5')",
                            timeout=240_000)
     assert page.locator("#md_train_loss canvas, #md_train_loss svg").count() > 0  # the plot was drawn
     page.wait_for_selector("#md_train_preview img", timeout=60_000)
@@ -251,3 +252,58 @@ def test_evaluate_fid_and_classifier(ui):
     assert "real" in table and "mixed" in table
     assert (work / "eval_cls" / "report.json").is_file()
     page.screenshot(path=str(shots / "evaluate_classifier.png"), full_page=True)
+
+
+def _api(page, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(page.api_url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_api_train_status_interpolate_and_path_policy(ui):
+    import base64
+    import io
+    import time
+
+    from PIL import Image
+
+    page, work, shots = ui
+    data = work / "api_images"
+    data.mkdir()
+    for i in range(2):
+        Image.radial_gradient("L").resize((64, 64)).rotate(45 * i).convert("RGB").save(data / f"{i}.png")
+    config = {"name": "api_phantom", "data_dir": str(data), "n_vectors": 4, "steps": 3, "resolution": 64,
+              "save_every": 0, "preview_every": 0}
+    status, state = _api(page, "POST", "/train", {"config": config})
+    assert status == 200, state
+    deadline = time.monotonic() + 240
+    while state["running"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status, state = _api(page, "GET", "/train/status?losses=true")
+    assert not state["running"] and state["error"] is None, state
+    assert state["step"] == 3 and len(state["losses"]) == 3
+    assert (work / "embeddings" / "api_phantom.pt").is_file()
+
+    status, body = _api(page, "POST", "/interpolate", {"healthy": "prostate_neg", "diseased": "api_phantom",
+                                                       "k": 2, "steps": 2, "width": 64, "height": 64})
+    assert status == 200, body
+    assert body["prompts"] == ["prostate_neg :1 AND api_phantom :0", "prostate_neg :0 AND api_phantom :1"]
+    assert Image.open(io.BytesIO(base64.b64decode(body["grid_png_base64"]))).width > 64
+
+    # paths outside the allowed roots (here: the work folder) are refused, ".." tricks included
+    for bad in ("/etc", str(work / ".." / "elsewhere")):
+        status, body = _api(page, "POST", "/train", {"config": {**config, "data_dir": bad}})
+        assert status == 400 and "outside" in body["detail"], body
+    status, body = _api(page, "POST", "/fid", {"real": "/etc", "generated": str(data)})
+    assert status == 400 and "outside" in body["detail"]
+    status, body = _api(page, "POST", "/interpolate", {"healthy": "prostate_neg"})
+    assert status == 400 and "diseased" in body["detail"]

@@ -127,3 +127,51 @@ def test_name_only_template_for_a1111_train_tab(tmp_path):
     install_name_only_template(tmp_path)
     assert path.read_text() == "[name], edited by the user\n"  # never overwritten
     assert install_name_only_template(tmp_path / "missing") is None
+
+
+def test_api_registers_once_and_honours_webui_api_auth(monkeypatch, tmp_path):
+    import base64
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from medical_diffusion.ui.context import UIContext
+    from medical_diffusion.webui import api, tabs
+
+    ctx = UIContext(backend_factory=lambda: None, work_dir=tmp_path, embeddings_dir=tmp_path / "emb")
+    monkeypatch.setattr(tabs, "shared_context", lambda: ctx)
+    cmd_opts = types.SimpleNamespace(api_auth="alice:secret,bob:pw")
+    monkeypatch.setitem(sys.modules, "modules", types.ModuleType("modules"))
+    monkeypatch.setitem(sys.modules, "modules.shared", types.SimpleNamespace(cmd_opts=cmd_opts))
+    sys.modules["modules"].shared = sys.modules["modules.shared"]
+
+    app = FastAPI()
+    api.on_app_started(None, app)
+    api.on_app_started(None, app)  # a UI reload calls it again
+    paths = [r.path for r in app.routes if r.path.startswith("/medical-diffusion/v1")]
+    assert len(paths) == len(set(paths)) == 5
+
+    client = TestClient(app)
+    assert client.get("/medical-diffusion/v1/train/status").status_code == 401
+    wrong = base64.b64encode(b"alice:nope").decode()
+    assert client.get("/medical-diffusion/v1/train/status", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+    good = base64.b64encode(b"bob:pw").decode()
+    resp = client.get("/medical-diffusion/v1/train/status", headers={"Authorization": f"Basic {good}"})
+    assert resp.status_code == 200 and resp.json()["running"] is False
+
+
+def test_api_open_without_webui_api_auth(monkeypatch, tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from medical_diffusion.ui.context import UIContext
+    from medical_diffusion.webui import api, tabs
+
+    ctx = UIContext(backend_factory=lambda: None, work_dir=tmp_path, embeddings_dir=tmp_path / "emb")
+    monkeypatch.setattr(tabs, "shared_context", lambda: ctx)
+    monkeypatch.setitem(sys.modules, "modules", types.ModuleType("modules"))
+    monkeypatch.setitem(sys.modules, "modules.shared", types.SimpleNamespace(cmd_opts=types.SimpleNamespace(api_auth=None)))
+    sys.modules["modules"].shared = sys.modules["modules.shared"]
+    app = FastAPI()
+    api.on_app_started(None, app)
+    assert TestClient(app).post("/medical-diffusion/v1/train/stop").json()["running"] is False

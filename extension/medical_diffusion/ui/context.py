@@ -37,6 +37,7 @@ class UIContext:
     #: extra stop flag (the webui: undo cross-attention optimisations, drive ``shared.state``)
     training_session: Callable[[str, int], ContextManager[Callable[[], bool]]] = field(default=None)  # type: ignore[assignment]
     _backend: ModelBackend | None = field(default=None, init=False, repr=False)
+    _trainer: object = field(default=None, init=False, repr=False)
     _backend_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +56,16 @@ class UIContext:
             if self._backend is None:
                 self._backend = self.backend_factory()
             return self._backend
+
+    @property
+    def trainer(self):
+        """The one :class:`~medical_diffusion.ui.training_runner.TrainingRunner` of this host."""
+        from medical_diffusion.ui.training_runner import TrainingRunner
+
+        with self._backend_lock:
+            if self._trainer is None:
+                self._trainer = TrainingRunner(self)
+            return self._trainer
 
     def path(self, value: str | os.PathLike, *, must_exist: bool = False) -> Path:
         """A user-typed path, checked against the allowed roots (relative paths: under work_dir)."""

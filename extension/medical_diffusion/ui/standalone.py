@@ -45,6 +45,12 @@ def launch(ctx: UIContext, host: str = "127.0.0.1", port: int = 7861, block: boo
             blocks.load(None, None, None, _js=f"() => {{ {script} }}")
     blocks.queue(concurrency_count=1)
     log.info("Medical Diffusion UI on http://%s:%d (work folder %s)", host, port, ctx.work_dir)
-    blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_api=False,
+    blocks.launch(server_name=host, server_port=port, prevent_thread_lock=True, show_api=False,
                   inbrowser=False, quiet=True)
+    from medical_diffusion.ui.api_routes import has_routes, make_router
+
+    if not has_routes(blocks.server_app):
+        blocks.server_app.include_router(make_router(ctx))
+    if block:
+        blocks.block_thread()
     return blocks

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from pathlib import Path
 
 import gradio as gr
 
@@ -13,27 +10,8 @@ from medical_diffusion.ui.context import UIContext
 from medical_diffusion.ui.feedback import shows_errors
 
 
-class TrainingJob:
-    """One training run in a background thread; the tab polls its events."""
-
-    def __init__(self):
-        self.events: queue.Queue = queue.Queue()
-        self.stop_requested = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.result = None
-        self.error: BaseException | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-
 def build(ctx: UIContext) -> None:
-    from medical_diffusion.embeddings import load_embedding, save_embedding
     from medical_diffusion.training.config import TrainConfig
-    from medical_diffusion.training.loop import train
-
-    job_holder: dict[str, TrainingJob] = {}
 
     with gr.Row():
         name = gr.Textbox(label="Embedding name (lowercase; the prompt is this name alone)",
@@ -85,74 +63,28 @@ def build(ctx: UIContext) -> None:
 
     @shows_errors
     def start(n, d, r, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, res_flag):
-        old = job_holder.get("job")
-        if old is not None and old.running:
-            raise ValueError("a training run is already going; stop it first")
         if not (d or "").strip() and not res_flag:
             raise ValueError("give the training images folder")
-        config = config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip).validate()
-        folder = ctx.path(r) if (r or "").strip() else ctx.path(ctx.work_dir / "runs" / config.name)
-        job = TrainingJob()
-        job_holder["job"] = job
-
-        def work():
-            try:
-                with ctx.training_session(f"train {config.name}", config.steps) as host_stop:
-                    with ctx.model_work() as backend:
-                        job.result = train(config, backend, folder, resume=bool(res_flag), force=False,
-                                           progress=job.events.put,
-                                           stop=lambda: job.stop_requested.is_set() or host_stop())
-                final = load_embedding(job.result.embedding_path, expected_width=ctx.backend().text_width)
-                target = save_embedding(final, ctx.path(ctx.embeddings_dir / f"{config.name}.pt"), force=True)
-                ctx.on_embedding_saved(target)
-                job.events.put(("saved", target))
-            except BaseException as exc:  # reported in the tab, not lost in a thread
-                job.error = exc
-            finally:
-                job.events.put(None)
-
-        job.thread = threading.Thread(target=work, name=f"meddiff-train-{config.name}", daemon=True)
-        job.thread.start()
-
-        points, last_preview, text = [], None, f"Starting `{config.name}` in `{folder}`…"
-        yield text, frame(points), last_preview
-        finished = False
-        while not finished:
+        config = config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip)
+        runner = ctx.trainer
+        state = runner.start(config, (r or "").strip() or None, resume=bool(res_flag))
+        shown = (-1, None)
+        while True:
+            snapshot = (len(state.losses), state.message)
+            if snapshot != shown:
+                shown = snapshot
+                yield state.message, frame(list(state.losses)), state.preview
+            if not state.running:
+                break
             time.sleep(0.5)
-            changed = False
-            while True:
-                try:
-                    event = job.events.get_nowait()
-                except queue.Empty:
-                    break
-                changed = True
-                if event is None:
-                    finished = True
-                    break
-                if isinstance(event, tuple):
-                    text = f"Saved the embedding to `{event[1]}`; it is usable in prompts now."
-                    continue
-                points.append((event.step, event.loss))
-                if event.preview is not None:
-                    last_preview = str(event.preview)
-                eta = f", ETA {event.eta_seconds:.0f} s" if event.eta_seconds is not None else ""
-                text = f"step {event.step}/{event.total}, loss {event.loss:.4f}, lr {event.lr:g}{eta}"
-            if changed:
-                yield text, frame(points), last_preview
-        if job.error is not None:
-            raise job.error if isinstance(job.error, Exception) else RuntimeError(str(job.error))
-        res_ = job.result
-        verb = "Stopped" if res_.interrupted else "Finished"
-        loss_text = f" (loss {res_.last_loss:.4f})" if res_.last_loss is not None else ""
-        yield (f"{verb} at step {res_.steps_done}{loss_text}. Checkpoint: `{res_.embedding_path}`. {text}",
-               frame(points), last_preview)
+        if state.error:
+            raise ValueError(state.error)
+        yield state.message, frame(list(state.losses)), state.preview
 
     def stop():
-        job = job_holder.get("job")
-        if job is None or not job.running:
+        if not ctx.trainer.running:
             return "No training run is going."
-        job.stop_requested.set()
-        return "Stopping after this step; a checkpoint will be saved…"
+        return ctx.trainer.stop().message
 
     start_btn.click(start, [name, data_dir, run_dir, vectors, init_text, lr, steps, batch, accum, seed, resolution,
                             save_every, preview_every, preview_steps, latents, hflip, resume],

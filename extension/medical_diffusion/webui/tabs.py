@@ -71,8 +71,19 @@ def make_context():
     )
 
 
+_CONTEXT = None
+
+
+def shared_context():
+    """One context per webui process, so the tab and the API see the same training run."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = make_context()
+    return _CONTEXT
+
+
 def on_ui_tabs():
     from medical_diffusion.ui.app import build_blocks
 
-    blocks = build_blocks(make_context(), bind_send_to_txt2img=bind_send_to_txt2img)
+    blocks = build_blocks(shared_context(), bind_send_to_txt2img=bind_send_to_txt2img)
     return [(blocks, "Medical Diffusion", "medical_diffusion")]
