@@ -17,3 +17,23 @@ def testdata() -> Path:
     if not TESTDATA.is_dir():
         pytest.skip(f"real sample data not found at {TESTDATA} (set MEDDIFF_TESTDATA)")
     return TESTDATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tests use tiny models: one thread is fastest, and extra threads only spin on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_backend():
+    """The tiny random-weight SD2-shaped model (seed 0), built once per test module."""
+    pytest.importorskip("diffusers")
+    from medical_diffusion.backend.tiny import build_tiny_backend
+
+    return build_tiny_backend(seed=0)

@@ -13,20 +13,11 @@ from medical_diffusion.backend.prompt_chunks import ChunkSpec, parse_prompt_atte
 from medical_diffusion.errors import MedDiffError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model gains nothing from threads; one thread avoids stalls on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
-def backend():
-    from medical_diffusion.backend.tiny import build_tiny_backend
-
-    return build_tiny_backend(seed=0)
+def backend(tiny_backend):
+    return tiny_backend
 
 
 def _ids(backend, text):

@@ -17,20 +17,11 @@ from medical_diffusion.generation.sampling import sample_images  # noqa: E402
 SMALL = ["--steps", "2", "--width", "64", "--height", "64"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; extra threads only spin on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from medical_diffusion.backend.tiny import build_tiny_backend
-
-    return build_tiny_backend(0)
+def tiny(tiny_backend):
+    return tiny_backend
 
 
 @pytest.fixture(scope="module")

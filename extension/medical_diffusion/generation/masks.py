@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from medical_diffusion.datasets.generic_import import is_dicom
 from medical_diffusion.errors import InputFileError, MedDiffError
 
 #: pixels per latent cell for SD (shapes smaller than this barely reach the model)
@@ -179,7 +180,7 @@ def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
         path = Path(files[0])
     if not path.is_file():
         raise InputFileError(path, "no such file")
-    if _is_dicom(path):
+    if is_dicom(path):
         import pydicom
 
         try:
@@ -209,17 +210,6 @@ def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
     return SourceGeometry((int(size[0]), int(size[1])), (float(spacing[0]), float(spacing[1])))
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _to_uint8(array: np.ndarray) -> np.ndarray:
     array = array.astype(np.float64)
     lo, hi = np.percentile(array, [0.5, 99.5]) if array.size else (0, 1)
@@ -233,7 +223,7 @@ def load_source_image(path: str | os.PathLike, slice_index: int | None = None) -
     path = Path(path)
     if not path.is_file():
         raise InputFileError(path, "no such file")
-    if _is_dicom(path) or path.suffix.lower() in (".mha", ".mhd", ".nii", ".gz", ".nrrd"):
+    if is_dicom(path) or path.suffix.lower() in (".mha", ".mhd", ".nii", ".gz", ".nrrd"):
         import SimpleITK as sitk
 
         try:
