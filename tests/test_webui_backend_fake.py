@@ -175,3 +175,35 @@ def test_api_open_without_webui_api_auth(monkeypatch, tmp_path):
     app = FastAPI()
     api.on_app_started(None, app)
     assert TestClient(app).post("/medical-diffusion/v1/train/stop").json()["running"] is False
+
+
+def test_settings_reach_the_tabs_defaults(monkeypatch, tmp_path):
+    from medical_diffusion.webui import callbacks, tabs
+
+    added = {}
+
+    class Opts:
+        def add_option(self, key, info):
+            added[key] = info
+            setattr(self, key, info.default)
+
+    opts = Opts()
+    shared = types.SimpleNamespace(
+        opts=opts, data_path=str(tmp_path), cmd_opts=types.SimpleNamespace(embeddings_dir=str(tmp_path / "emb")),
+        OptionInfo=lambda default, label, section: types.SimpleNamespace(default=default, label=label, section=section))
+    modules = types.ModuleType("modules")
+    modules.shared = shared
+    modules.call_queue = types.SimpleNamespace(queue_lock=contextlib.nullcontext())
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.shared", shared)
+    monkeypatch.setitem(sys.modules, "modules.call_queue", modules.call_queue)
+    monkeypatch.setitem(sys.modules, "modules.devices", types.SimpleNamespace())
+
+    callbacks.on_ui_settings()
+    assert {k for k, _, _ in callbacks.SETTINGS} == set(added)
+    assert all(info.section == callbacks.SECTION for info in added.values())
+    opts.medical_diffusion_default_vectors = 16
+    opts.medical_diffusion_resnet18_weights = "/models/resnet18-f37072fd.pth"
+    ctx = tabs.make_context()
+    assert ctx.defaults["vectors"] == 16 and ctx.defaults["resnet18_weights"].endswith("f37072fd.pth")
+    assert ctx.work_dir == tmp_path / "medical_diffusion" and ctx.embeddings_dir == tmp_path / "emb"

@@ -27,6 +27,9 @@ class UIContext:
     model_label: str = ""
     #: how the model is named in run configs (a path, "tiny", or the webui checkpoint)
     model_id: str = ""
+    #: defaults the host's settings give the tabs: ``vectors``, ``learning_rate``, ``steps``,
+    #: ``inception_weights``, ``radimagenet_weights``, ``resnet18_weights``
+    defaults: dict = field(default_factory=dict)
     #: called after an embedding file is written (the webui reloads its embedding database)
     on_embedding_saved: Callable[[Path], None] = lambda path: None
     #: lock held around model work (the webui's queue lock; a plain lock standalone)

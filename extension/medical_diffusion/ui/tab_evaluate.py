@@ -25,7 +25,8 @@ def build(ctx: UIContext) -> None:
         with gr.Row():
             extractor = gr.Radio(["inception", "radimagenet"], value="inception",
                                  label="Network (inception = FID, radimagenet = MFID)")
-            weights = gr.Textbox(label="Weights file (empty: look in the usual places)", elem_id="md_eval_weights")
+            weights = gr.Textbox(label="Weights file (empty: look in the usual places)", elem_id="md_eval_weights",
+                                 value=ctx.defaults.get("inception_weights", ""))
             mode = gr.Radio(["paper", "clean"], value="paper", label="Preprocessing")
         with gr.Row():
             reps = gr.Number(value=1000, precision=0, label="Bootstrap repetitions (0: none; paper: 1000)",
@@ -44,7 +45,8 @@ def build(ctx: UIContext) -> None:
                            label="Mixes, one per line: [NAME=]REAL:SYNTH[:DIR] (Table 2 rows)", lines=3,
                            elem_id="md_eval_cls_mixes")
         with gr.Row():
-            cls_weights = gr.Textbox(label="ResNet-18 weights (resnet18-f37072fd.pth)", elem_id="md_eval_cls_weights")
+            cls_weights = gr.Textbox(label="ResNet-18 weights (resnet18-f37072fd.pth)", elem_id="md_eval_cls_weights",
+                                     value=ctx.defaults.get("resnet18_weights", ""))
             cls_steps = gr.Number(value=6250, precision=0, label="Steps (paper: 6250)", elem_id="md_eval_cls_steps")
             cls_batch = gr.Number(value=32, precision=0, label="Batch size", elem_id="md_eval_cls_batch")
             cls_size = gr.Number(value=196, precision=0, label="Input size (paper: 196)", elem_id="md_eval_cls_size")
@@ -69,6 +71,11 @@ def build(ctx: UIContext) -> None:
                              cache_dir=ctx.work_dir / "feature_cache", progress=stage_progress(progress))
         return result.summary(), json.loads(json.dumps(result.to_dict(), default=str))
 
+    def default_weights(ext):
+        key = "inception_weights" if ext == "inception" else "radimagenet_weights"
+        return ctx.defaults.get(key, "")
+
+    extractor.change(default_weights, [extractor], [weights])
     fid_btn.click(do_fid, [real, generated, extractor, weights, mode, reps, resample, seed], [fid_text, fid_json])
 
     def classifier_args(r, syn, out, mix_text, w, steps, batch, size, runs, bf16):

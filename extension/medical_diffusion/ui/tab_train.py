@@ -19,11 +19,11 @@ def build(ctx: UIContext) -> None:
         data_dir = gr.Textbox(label="Training images folder", elem_id="md_train_data")
         run_dir = gr.Textbox(label="Run folder (default: WORK/runs/NAME)", elem_id="md_train_run")
     with gr.Row():
-        vectors = gr.Slider(1, 75, value=64, step=1, label="Vectors (paper: 64)", elem_id="md_train_vectors")
+        vectors = gr.Slider(1, 75, value=int(ctx.defaults.get("vectors", 64)), step=1, label="Vectors (paper: 64)", elem_id="md_train_vectors")
         init_text = gr.Textbox(value="*", label="Initialisation text (empty: zeros)")
-        lr = gr.Textbox(value="0.005", label="Learning rate or A1111 schedule (paper: 0.005)")
+        lr = gr.Textbox(value=str(ctx.defaults.get("learning_rate", "0.005")), label="Learning rate or A1111 schedule (paper: 0.005)")
     with gr.Row():
-        steps = gr.Number(value=50000, precision=0, label="Steps (paper: 50,000)", elem_id="md_train_steps")
+        steps = gr.Number(value=int(ctx.defaults.get("steps", 50000)), precision=0, label="Steps (paper: 50,000)", elem_id="md_train_steps")
         batch = gr.Number(value=1, precision=0, label="Batch size")
         accum = gr.Number(value=1, precision=0, label="Gradient accumulation")
         seed = gr.Number(value=0, precision=0, label="Seed")

@@ -34,17 +34,23 @@ def install_name_only_template(templates_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+#: (option key, default, label); ``webui.tabs.make_context`` maps them onto ``UIContext.defaults``
+SETTINGS = [
+    ("medical_diffusion_data_dir", "", "Work folder (prepared data, runs, reports); empty: <webui data>/medical_diffusion"),
+    ("medical_diffusion_default_vectors", 64, "Default vectors per embedding (paper: 64)"),
+    ("medical_diffusion_default_lr", "0.005", "Default learning rate or schedule (paper: 0.005)"),
+    ("medical_diffusion_default_steps", 50000, "Default training steps (paper: 50,000)"),
+    ("medical_diffusion_inception_weights", "", "FID Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth)"),
+    ("medical_diffusion_radimagenet_weights", "", "MFID RadImageNet weights file (RadImageNet-ResNet50_notop.pth)"),
+    ("medical_diffusion_resnet18_weights", "", "Classifier ResNet-18 weights file (resnet18-f37072fd.pth)"),
+]
+
+
 def on_ui_settings() -> None:
     from modules import shared
 
-    shared.opts.add_option(
-        "medical_diffusion_data_dir",
-        shared.OptionInfo("", "Default folder for prepared training data", section=SECTION),
-    )
-    shared.opts.add_option(
-        "medical_diffusion_default_vectors",
-        shared.OptionInfo(64, "Default vectors per embedding", section=SECTION),
-    )
+    for key, default, label in SETTINGS:
+        shared.opts.add_option(key, shared.OptionInfo(default, label, section=SECTION))
 
 
 def register() -> None:

@@ -57,7 +57,10 @@ def make_context():
     from medical_diffusion.ui.context import UIContext
     from medical_diffusion.webui.backend import WebuiBackend
 
-    work_dir = getattr(shared.opts, "medical_diffusion_data_dir", "") or Path(shared.data_path) / "medical_diffusion"
+    def opt(key, default=""):
+        return getattr(shared.opts, f"medical_diffusion_{key}", default)
+
+    work_dir = opt("data_dir") or Path(shared.data_path) / "medical_diffusion"
     return UIContext(
         backend_factory=WebuiBackend,
         work_dir=Path(work_dir),
@@ -68,6 +71,9 @@ def make_context():
         cache_backend=False,
         training_session=training_session,
         model_id="webui",
+        defaults={"vectors": opt("default_vectors", 64), "learning_rate": opt("default_lr", "0.005"),
+                  "steps": opt("default_steps", 50000), "inception_weights": opt("inception_weights"),
+                  "radimagenet_weights": opt("radimagenet_weights"), "resnet18_weights": opt("resnet18_weights")},
     )
 
 
