@@ -207,3 +207,45 @@ def test_settings_reach_the_tabs_defaults(monkeypatch, tmp_path):
     ctx = tabs.make_context()
     assert ctx.defaults["vectors"] == 16 and ctx.defaults["resnet18_weights"].endswith("f37072fd.pth")
     assert ctx.work_dir == tmp_path / "medical_diffusion" and ctx.embeddings_dir == tmp_path / "emb"
+
+
+def test_generation_goes_through_webui_processing(monkeypatch):
+    from PIL import Image
+
+    from medical_diffusion.webui import generation
+
+    made = []
+
+    class Processing:
+        def __init__(self, **kwargs):
+            self.kwargs, self.closed = kwargs, False
+            made.append(self)
+
+        def close(self):
+            self.closed = True
+
+    processing = types.SimpleNamespace(
+        StableDiffusionProcessingTxt2Img=type("T2I", (Processing,), {}),
+        StableDiffusionProcessingImg2Img=type("I2I", (Processing,), {}),
+        process_images=lambda p: types.SimpleNamespace(images=[Image.new("RGB", (8, 8))] * p.kwargs["batch_size"]),
+    )
+    modules = types.ModuleType("modules")
+    modules.processing, modules.shared = processing, types.SimpleNamespace(sd_model="model")
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.processing", processing)
+    monkeypatch.setitem(sys.modules, "modules.shared", modules.shared)
+
+    images = generation.txt2img("a :0.5 AND b :0.5", seed=7, steps=100, cfg_scale=2.0, batch_size=2)
+    t2i = made[-1].kwargs
+    assert len(images) == 2 and made[-1].closed
+    assert t2i["sampler_name"] == "Euler a" and t2i["seed"] == 7 and t2i["cfg_scale"] == 2.0
+    assert t2i["prompt"] == "a :0.5 AND b :0.5" and t2i["do_not_save_samples"] and t2i["sd_model"] == "model"
+
+    generation.inpaint(Image.new("RGB", (16, 16)), Image.new("L", (16, 16)), "tumour", fill="latent noise",
+                       mask_blur=6, only_masked=True, padding=40, denoising_strength=0.9)
+    i2i = made[-1].kwargs
+    assert i2i["inpainting_fill"] == 2 and i2i["mask_blur"] == 6 and i2i["inpaint_full_res"] is True
+    assert i2i["inpaint_full_res_padding"] == 40 and i2i["denoising_strength"] == 0.9
+    assert i2i["mask"].mode == "L" and i2i["init_images"][0].mode == "RGB"
+    with pytest.raises(ValueError, match="fill mode"):
+        generation.inpaint(Image.new("RGB", (4, 4)), Image.new("L", (4, 4)), "x", fill="blur")

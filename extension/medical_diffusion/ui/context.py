@@ -30,6 +30,11 @@ class UIContext:
     #: defaults the host's settings give the tabs: ``vectors``, ``learning_rate``, ``steps``,
     #: ``inception_weights``, ``radimagenet_weights``, ``resnet18_weights``
     defaults: dict = field(default_factory=dict)
+    #: the host's own image generation, when it has one (the webui: ``modules.processing``):
+    #: ``txt2img(prompt, negative_prompt=, seed=, steps=, cfg_scale=, width=, height=) -> [image]`` and
+    #: ``inpaint(image, mask, prompt, ...) -> image``; None: the core sampler on :meth:`backend`
+    txt2img: Callable | None = None
+    inpaint: Callable | None = None
     #: called after an embedding file is written (the webui reloads its embedding database)
     on_embedding_saved: Callable[[Path], None] = lambda path: None
     #: lock held around model work (the webui's queue lock; a plain lock standalone)

@@ -113,10 +113,14 @@ def build(ctx: UIContext, bind_send_to_txt2img=None) -> None:
         if not text.strip():
             raise ValueError("the prompt is empty")
         table, warn = table_and_warnings(text)
-        with ctx.model_work() as backend:
-            (image,) = sample_images(backend, text, embeddings=table, seed=int(seed),
-                                     progress=lambda i, n: progress(i / n),
-                                     **sample_kwargs(steps, cfg, width, height, negative))
+        if ctx.txt2img is not None:  # the webui's own txt2img: the same picture the txt2img tab gives
+            with ctx.work_lock():
+                (image,) = ctx.txt2img(text, seed=int(seed), **sample_kwargs(steps, cfg, width, height, negative))
+        else:
+            with ctx.model_work() as backend:
+                (image,) = sample_images(backend, text, embeddings=table, seed=int(seed),
+                                         progress=lambda i, n: progress(i / n),
+                                         **sample_kwargs(steps, cfg, width, height, negative))
         return image, format_warnings(warn) or f"Generated `{text}` at seed {int(seed)}."
 
     @shows_errors

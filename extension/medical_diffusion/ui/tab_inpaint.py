@@ -163,15 +163,20 @@ def build(ctx: UIContext) -> None:
         _, info, res, spec = render(img, src, extra, *geo)
         mask = Image.fromarray(res.mask).resize(img.size, Image.NEAREST)
         the_prompt = (text or "").strip() or name
+        settings = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), cfg_scale=float(cfg),
+                        denoising_strength=float(s), fill=fm, mask_blur=int(b), only_masked=bool(om),
+                        padding=int(pad), width=int(width), height=int(height))
         with ctx.model_work() as backend:
             table = vectors_of(load_embedding_table(backend, str(ctx.embeddings_dir)))
             warn = prompt_warnings(backend, the_prompt, table)
-            out = inpaint(backend, img, mask, the_prompt, embeddings=table, negative_prompt=negative or "",
-                          seed=int(seed), steps=int(steps), cfg_scale=float(cfg), denoising_strength=float(s),
-                          fill=fm, mask_blur=int(b), only_masked=bool(om), padding=int(pad),
-                          width=int(width), height=int(height), progress=lambda i, n: progress(i / n))
+            if ctx.inpaint is not None:  # the webui's own img2img inpainting
+                picture, used_seed = ctx.inpaint(img, mask, the_prompt, **settings), int(seed)
+            else:
+                out = inpaint(backend, img, mask, the_prompt, embeddings=table,
+                              progress=lambda i, n: progress(i / n), **settings)
+                picture, used_seed = out.image, out.seed
         notes = "\n\n".join(f"⚠ {w}" for w in warn)
-        return out.image, f"Inpainted with `{the_prompt}` at seed {out.seed}.\n\n{notes}"
+        return picture, f"Inpainted with `{the_prompt}` at seed {used_seed}.\n\n{notes}"
 
     redraw = dict(fn=on_geometry, inputs=[image, source, shapes, *geometry], outputs=[overlay, mask_info])
     image.upload(on_upload, [image], [source, shapes, mask_info, spacing_x, spacing_y]).then(**redraw)

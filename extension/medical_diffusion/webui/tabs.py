@@ -55,6 +55,7 @@ def make_context():
     from modules import call_queue, shared
 
     from medical_diffusion.ui.context import UIContext
+    from medical_diffusion.webui import generation
     from medical_diffusion.webui.backend import WebuiBackend
 
     def opt(key, default=""):
@@ -71,6 +72,8 @@ def make_context():
         cache_backend=False,
         training_session=training_session,
         model_id="webui",
+        txt2img=generation.txt2img,
+        inpaint=generation.inpaint,
         defaults={"vectors": opt("default_vectors", 64), "learning_rate": opt("default_lr", "0.005"),
                   "steps": opt("default_steps", 50000), "inception_weights": opt("inception_weights"),
                   "radimagenet_weights": opt("radimagenet_weights"), "resnet18_weights": opt("resnet18_weights")},
