@@ -257,3 +257,6 @@ def test_inspect_model_tiny_uses_the_backend_token_scale(tmp_path, capsys):
     assert main(["embedding", "inspect", str(path), "--model", "tiny", "--expected-width", str(backend.text_width), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert math.isclose(report["token_scale"], scale, rel_tol=1e-5) and report["warnings"] == []
+    # --model tiny alone knows the tiny model's width
+    assert main(["embedding", "inspect", str(path), "--model", "tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["width"] == backend.text_width
