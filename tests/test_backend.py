@@ -159,6 +159,7 @@ def test_vae_roundtrip_shapes_and_scaling(backend):
 
 
 def test_tiny_seeded_and_prediction_types():
+    pytest.importorskip("diffusers")
     from medical_diffusion.backend.tiny import build_tiny_backend
 
     a, b = build_tiny_backend(seed=3), build_tiny_backend(seed=3, prediction_type="v_prediction")
@@ -178,6 +179,7 @@ def test_save_and_load_tiny_folder(tmp_path, backend):
 
 
 def test_load_backend_errors(tmp_path):
+    pytest.importorskip("diffusers")
     from medical_diffusion.backend.diffusers_backend import load_backend
 
     with pytest.raises(MedDiffError, match="not found"):
@@ -205,6 +207,7 @@ def test_embedding_that_does_not_fit_starts_a_new_chunk(backend):
 def test_single_file_uses_shipped_configs_offline(tmp_path, monkeypatch):
     """An SD2-keyed file missing most weights fails inside component loading (configs found
     locally, nothing fetched) with a one-line error naming the file."""
+    pytest.importorskip("diffusers")
     from safetensors.torch import save_file
 
     from medical_diffusion.backend.diffusers_backend import load_backend

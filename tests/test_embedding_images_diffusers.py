@@ -97,6 +97,7 @@ def _tiny_tokenizer(folder):
 @pytest.fixture(scope="module")
 def tiny_pipeline_factory(tmp_path_factory):
     """Build a fresh tiny StableDiffusionPipeline (text width 1024, random weights) per call."""
+    pytest.importorskip("diffusers")
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -206,6 +206,7 @@ def test_resume_with_other_width_is_refused(backend, data_dir, tmp_path):
 
 
 def test_cli_end_to_end(data_dir, tmp_path, capsys):
+    pytest.importorskip("diffusers")
     from medical_diffusion.backend.tiny import save_tiny_model
     from medical_diffusion.cli import main
 
