@@ -20,6 +20,18 @@ attention is the library default (PyTorch SDPA) like the script on torch 2; the 
 
 Memory is the peak resident set size sampled during the timed steps (CPU) or
 ``torch.cuda.max_memory_allocated`` (CUDA). Step time is the median of the steps after a warm-up.
+
+With ``--diffusers-script PATH`` (a copy of diffusers' ``examples/textual_inversion/
+textual_inversion.py``, e.g. from the diffusers release you have installed; it is not vendored)
+the benchmark also runs that script itself, as a subprocess, on the same model (the random-weight
+model saved as a diffusers folder), the same images, resolution, batch size 1, vector count,
+learning rate 0.005, fp32 (``--mixed_precision no``), no validation and no checkpoints during the
+run. Its per-step time is (wall time with N2 steps - wall time with N1 steps) / (N2 - N1), so the
+start-up cost cancels; its memory is the peak RSS of the whole subprocess (``wait4`` max RSS). The
+script needs ``accelerate`` (and ``tensorboard`` for its default ``--report_to``) in the
+interpreter given by ``--diffusers-python``; it runs with ``HF_HUB_OFFLINE=1`` and downloads
+nothing. When it is given, the speed-up and memory ratios are relative to that script, and every
+row also shows its whole-process peak RSS so the memory ratio compares like with like.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -220,6 +233,9 @@ def worker(args) -> None:
 
     torch.manual_seed(0)
     backend = build_backend(args.config)
+    if args.variant == "save-model":  # the same random-weight model, as a diffusers folder for the script
+        backend.save_pretrained(args.json_out)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "data"
@@ -240,17 +256,76 @@ LABELS = {
 }
 
 
+def run_child(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[float, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS in bytes of that process). Raises on failure."""
+    out = open(log, "w") if log else None
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child only (ru_maxrss in KiB on Linux)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if out:
+            out.close()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-25:]) if log else ""
+        raise RuntimeError(f"command failed with exit code {proc.returncode}: {shlex.join(cmd)}\n{tail}")
+    return wall, usage.ru_maxrss * 1024
+
+
 def run_variant(config: str, variant: str, steps: int, resolution: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = fh.name
     cmd = [sys.executable, __file__, "--worker", "--config", config, "--variant", variant, "--steps", str(steps),
            "--resolution", str(resolution), "--json-out", out]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    wall, process_peak = run_child(cmd)
     res = json.loads(Path(out).read_text())
     os.unlink(out)
-    res["wall"] = time.perf_counter() - t0
+    res["wall"] = wall
+    res["process_peak"] = process_peak
     return res
+
+
+class DiffusersScript:
+    """Runs a copy of diffusers' examples/textual_inversion/textual_inversion.py on the benchmark's model."""
+
+    def __init__(self, script: Path, python: str, extra_args: list[str], workdir: Path):
+        self.script, self.python, self.extra_args, self.workdir = script, python, extra_args, workdir
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                        DIFFUSERS_OFFLINE="1", WANDB_MODE="disabled", HF_HUB_DISABLE_TELEMETRY="1")
+        self.count = 0
+
+    def prepare(self, config: str, resolution: int) -> tuple[Path, Path]:
+        """Save the model (in a subprocess, so this process stays small) and the images."""
+        model = self.workdir / f"model-{config}"
+        if not model.exists():
+            print(f"[{config}] saving the random-weight model for the diffusers script ...", file=sys.stderr,
+                  flush=True)
+            run_child([sys.executable, __file__, "--worker", "--config", config, "--variant", "save-model",
+                       "--json-out", str(model)])
+        data = self.workdir / f"data-{config}-{resolution}"
+        if not data.exists():
+            data.mkdir()
+            make_images(data, 4, resolution)
+        return model, data
+
+    def run(self, model: Path, data: Path, steps: int, resolution: int) -> dict:
+        self.count += 1
+        out = self.workdir / f"run-{self.count}"
+        never = str(10**9)
+        cmd = [self.python, str(self.script),
+               "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+               "--placeholder_token", "<bench>", "--initializer_token", "*", "--num_vectors", str(N_VECTORS),
+               "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps", str(steps),
+               "--learning_rate", "0.005", "--save_steps", never, "--checkpointing_steps", never,
+               "--validation_steps", never, "--mixed_precision", "no", "--dataloader_num_workers", "0",
+               "--seed", "0", "--output_dir", str(out), *self.extra_args]
+        log = self.workdir / f"run-{self.count}.log"
+        wall, peak = run_child(cmd, env=self.env, log=log)
+        if not (out / "learned_embeds.safetensors").exists() and not (out / "learned_embeds.bin").exists():
+            raise RuntimeError(f"the diffusers script wrote no learned_embeds file in {out}; log: {log}")
+        return {"wall": wall, "process_peak": peak, "steps": steps}
 
 
 def main() -> int:
@@ -262,6 +337,18 @@ def main() -> int:
     p.add_argument("--sd2-resolution", type=int, default=256, help="512 is the paper's; needs ~20 GB on CPU")
     p.add_argument("--rounds", type=int, default=2, help="alternating repetitions of every trainer")
     p.add_argument("--no-classic", action="store_true", help="skip the classic-attention reference row")
+    p.add_argument("--diffusers-script", type=Path, metavar="PATH",
+                   help="a copy of diffusers' examples/textual_inversion/textual_inversion.py (not vendored): "
+                        "also run that script itself on the same model, images and settings and compare with it "
+                        "(per-step time from two runs of different length, memory = its peak RSS)")
+    p.add_argument("--diffusers-python", default=sys.executable, metavar="PYTHON",
+                   help="interpreter for --diffusers-script; needs diffusers, accelerate, torchvision and "
+                        "tensorboard (default: this interpreter)")
+    p.add_argument("--diffusers-script-steps", metavar="N1,N2",
+                   help="step counts of the two script runs (default: max(1, steps/4) and the steps of the "
+                        "configuration)")
+    p.add_argument("--diffusers-script-args", default="", metavar="ARGS",
+                   help="extra arguments for the script, one shell-quoted string (e.g. \"--report_to all\")")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -272,6 +359,15 @@ def main() -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.diffusers_script is not None and not args.diffusers_script.is_file():
+        p.error(f"--diffusers-script: {args.diffusers_script}: no such file")
+    if args.diffusers_script_steps:
+        try:
+            n1, n2 = (int(v) for v in args.diffusers_script_steps.split(","))
+        except ValueError:
+            p.error(f"--diffusers-script-steps: expected N1,N2 (two integers), got {args.diffusers_script_steps!r}")
+        if not 1 <= n1 < n2:
+            p.error("--diffusers-script-steps: need 1 <= N1 < N2")
     import torch
 
     runs = []
@@ -280,38 +376,96 @@ def main() -> int:
     if args.only in (None, "sd2"):
         runs.append(("sd2", args.sd2_steps, args.sd2_resolution))
     variants = ["meddiff", "diffusers"] + ([] if args.no_classic else ["diffusers-classic"])
+    script = None
+    scratch = None
+    if args.diffusers_script is not None:
+        scratch = tempfile.TemporaryDirectory(prefix="bench-ti-script-")
+        script = DiffusersScript(args.diffusers_script.resolve(), args.diffusers_python,
+                                 shlex.split(args.diffusers_script_args), Path(scratch.name))
+        variants.append("script")
+    labels = dict(LABELS, script=f"diffusers script ({args.diffusers_script})")
     rows = []
-    for config, steps, res in runs:
-        results: dict[str, list[dict]] = {v: [] for v in variants}
-        for rnd in range(args.rounds):  # alternate the trainers so a busy machine hurts both alike
+    script_steps: dict[str, tuple[int, int]] = {}
+    try:
+        for config, steps, res in runs:
+            results: dict[str, list[dict]] = {v: [] for v in variants}
+            if script is not None:
+                model, data = script.prepare(config, res)
+                if args.diffusers_script_steps:
+                    n1, n2 = (int(v) for v in args.diffusers_script_steps.split(","))
+                else:
+                    n1, n2 = max(1, steps // 4), steps
+                    if n2 <= n1:
+                        p.error(f"{config}: the diffusers script needs at least 2 steps to time a step")
+                script_steps[config] = (n1, n2)
+            for rnd in range(args.rounds):  # alternate the trainers so a busy machine hurts both alike
+                for variant in variants:
+                    if variant == "script":
+                        pair = []
+                        for n in (n1, n2):
+                            print(f"[{config}] round {rnd + 1}/{args.rounds} {labels[variant]}: {n} steps at "
+                                  f"{res}px ...", file=sys.stderr, flush=True)
+                            pair.append(script.run(model, data, n, res))
+                        per_step = (pair[1]["wall"] - pair[0]["wall"]) / (n2 - n1)
+                        results[variant].append({
+                            "times": [per_step], "n": n2 - n1, "peak": max(r["process_peak"] for r in pair),
+                            "process_peak": max(r["process_peak"] for r in pair),
+                            "setup": pair[0]["wall"] - n1 * per_step})
+                        continue
+                    print(f"[{config}] round {rnd + 1}/{args.rounds} {labels[variant]}: {steps} steps at "
+                          f"{res}px ...", file=sys.stderr, flush=True)
+                    results[variant].append(run_variant(config, variant, steps, res))
+
+            def summary(variant):
+                if variant == "script":
+                    timed = [r["times"][0] for r in results[variant]]
+                    n = sum(r["n"] for r in results[variant])
+                    means = timed
+                else:
+                    steps_of = [r["times"][1:] if len(r["times"]) > 1 else r["times"] for r in results[variant]]
+                    timed = [t for ts in steps_of for t in ts]
+                    n = len(timed)
+                    means = [statistics.fmean(ts) for ts in steps_of]
+                peak = max(r["peak"] for r in results[variant])
+                process_peak = max(r["process_peak"] for r in results[variant])
+                setup = statistics.median(r["setup"] for r in results[variant])
+                return (n, statistics.median(timed), min(timed), statistics.median(means), peak, process_peak,
+                        setup)
+
+            base_variant = "script" if script is not None else "diffusers"
+            base = summary(base_variant)
             for variant in variants:
-                print(f"[{config}] round {rnd + 1}/{args.rounds} {LABELS[variant]}: {steps} steps at {res}px ...",
-                      file=sys.stderr, flush=True)
-                results[variant].append(run_variant(config, variant, steps, res))
-
-        def summary(variant):
-            timed = [t for r in results[variant] for t in (r["times"][1:] if len(r["times"]) > 1 else r["times"])]
-            peak = max(r["peak"] for r in results[variant])
-            setup = statistics.median(r["setup"] for r in results[variant])
-            return len(timed), statistics.median(timed), min(timed), peak, setup
-
-        base = summary("diffusers")
-        for variant in variants:
-            n, med, best, peak, setup = summary(variant)
-            rows.append((config, res, LABELS[variant], n, med, base[1] / med, best, base[2] / best,
-                         peak / 2**30, peak / base[3], setup))
+                n, med, best, mean, peak, process_peak, setup = summary(variant)
+                mem_ratio = process_peak / base[5] if script is not None else peak / base[4]
+                rows.append((config, res, labels[variant], n, mean, base[3] / mean, med, base[1] / med, best,
+                             base[2] / best, "-" if variant == "script" else f"{peak / 2**30:.2f}",
+                             process_peak / 2**30, mem_ratio, setup))
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, fp32, batch 1, "
           f"{N_VECTORS} vectors, {args.rounds} alternating rounds\n")
-    head = ("model", "px", "trainer", "steps", "median s/step", "speed-up", "min s/step", "speed-up (min)",
-            "peak GB", "mem ratio", "setup s")
+    head = ("model", "px", "trainer", "steps", "mean s/step", "speed-up (mean)", "median s/step", "speed-up",
+            "min s/step", "speed-up (min)", "peak GB (steps)", "process peak GB", "mem ratio", "setup s")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for c, res, label, n, med, speed, best, speed_min, peak, mem_ratio, setup in rows:
-        print(f"| {c} | {res} | {label} | {n} | {med:.3f} | {speed:.2f}x | {best:.3f} | {speed_min:.2f}x | "
-              f"{peak:.2f} | {mem_ratio:.2f} | {setup:.1f} |")
-    print("\nspeed-up and mem ratio are relative to the diffusers example approach (higher speed-up is better, "
-          "lower mem ratio is better); min s/step is the least disturbed step on a shared machine; "
-          "setup = one-time latent caching of the 4 images (this trainer only).")
+    for c, res, label, n, mean, speed_mean, med, speed, best, speed_min, peak, process_peak, mem_ratio, setup in rows:
+        print(f"| {c} | {res} | {label} | {n} | {mean:.3f} | {speed_mean:.2f}x | {med:.3f} | {speed:.2f}x | "
+              f"{best:.3f} | {speed_min:.2f}x | {peak} | {process_peak:.2f} | {mem_ratio:.2f} | {setup:.1f} |")
+    if script is not None:
+        print("\nspeed-up and mem ratio are relative to the diffusers script itself (higher speed-up is better, "
+              "lower mem ratio is better); mem ratio compares whole-process peak RSS. The script's s/step is "
+              "(wall time of an N2-step run - wall time of an N1-step run) / (N2 - N1) per round "
+              f"({', '.join(f'{c}: N1={a}, N2={b}' for c, (a, b) in script_steps.items())}), a mean "
+              "over steps: compare it with the mean s/step of the other rows (speed-up (mean)); its median and "
+              "min are over rounds, not single steps; its setup s is its start-up (model loading etc.). "
+              "peak GB (steps) is sampled during the training steps (in-script rows only); setup of this "
+              "trainer = one-time latent caching of the 4 images.")
+    else:
+        print("\nspeed-up and mem ratio are relative to the diffusers example approach (higher speed-up is "
+              "better, lower mem ratio is better; mem ratio compares peak GB during the steps); min s/step is "
+              "the least disturbed step on a shared machine; setup = one-time latent caching of the 4 images "
+              "(this trainer only). Pass --diffusers-script PATH to also run the real diffusers script.")
     return 0
 
 
