@@ -79,33 +79,28 @@ def get_crop_region(mask: Image.Image, pad: int = 0) -> tuple[int, int, int, int
     return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, mask.size[0]), min(y2 + pad, mask.size[1])
 
 
+def _grow_span(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
+    """Widen ``[lo, hi)`` by ``diff`` around its centre, shifted back inside ``[0, limit]``."""
+    lo -= diff // 2
+    hi += diff - diff // 2
+    if hi >= limit:
+        lo -= hi - limit
+        hi = limit
+    if lo < 0:
+        hi -= lo
+        lo = 0
+    return lo, min(hi, limit)
+
+
 def expand_crop_region(crop, width: int, height: int, image_width: int, image_height: int) -> tuple[int, int, int, int]:
     """Grow the crop to the processing aspect ratio (A1111 ``expand_crop_region``)."""
     x1, y1, x2, y2 = crop
     ratio_crop = (x2 - x1) / (y2 - y1)
     ratio_proc = width / height
     if ratio_crop > ratio_proc:
-        diff = int((x2 - x1) / ratio_proc - (y2 - y1))
-        y1 -= diff // 2
-        y2 += diff - diff // 2
-        if y2 >= image_height:
-            y1 -= y2 - image_height
-            y2 = image_height
-        if y1 < 0:
-            y2 -= y1
-            y1 = 0
-        y2 = min(y2, image_height)
+        y1, y2 = _grow_span(y1, y2, int((x2 - x1) / ratio_proc - (y2 - y1)), image_height)
     else:
-        diff = int((y2 - y1) * ratio_proc - (x2 - x1))
-        x1 -= diff // 2
-        x2 += diff - diff // 2
-        if x2 >= image_width:
-            x1 -= x2 - image_width
-            x2 = image_width
-        if x1 < 0:
-            x2 -= x1
-            x1 = 0
-        x2 = min(x2, image_width)
+        x1, x2 = _grow_span(x1, x2, int((y2 - y1) * ratio_proc - (x2 - x1)), image_width)
     return x1, y1, x2, y2
 
 
