@@ -124,17 +124,12 @@ def build_resnet18(weights: str | os.PathLike | None) -> nn.Module:
     """torchvision ResNet-18 with ImageNet weights from a local file and a fresh 1-logit head."""
     from torchvision.models import resnet18
 
-    from medical_diffusion.evaluation.weights import find_resnet18_weights
+    from medical_diffusion.evaluation.weights import find_resnet18_weights, read_state_dict
 
     path = find_resnet18_weights(weights)
     with torch.device("meta"):  # no random init: every tensor but the new head comes from the file
         model = resnet18(weights=None)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputFileError(path, f"cannot read ResNet-18 weights ({exc.__class__.__name__}: {exc})") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    state = read_state_dict(path, "ResNet-18")
     body = {k: v for k, v in state.items() if not k.startswith("fc.")} if isinstance(state, dict) else {}
     wanted = {k for k in model.state_dict() if not k.startswith("fc.")}
     for k in wanted:  # older files have no BatchNorm step counters

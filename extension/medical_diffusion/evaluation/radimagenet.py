@@ -175,12 +175,9 @@ def load_radimagenet_state(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     p = Path(path)
     if p.suffix.lower() in (".h5", ".hdf5", ".keras"):
         return convert_keras_h5(p)
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputFileError(p, f"cannot read RadImageNet weights ({exc.__class__.__name__}: {exc})") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    from medical_diffusion.evaluation.weights import read_state_dict
+
+    state = read_state_dict(p, "RadImageNet")
     if not isinstance(state, dict):
         raise InputFileError(p, "not a state dict")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

@@ -113,3 +113,16 @@ def find_radimagenet_weights(path: str | os.PathLike | None = None) -> Path:
         f"put it in {hub_checkpoints()} or pass --radimagenet-weights FILE; the official Keras file "
         f"{RADIMAGENET_H5} can be converted with 'meddiff convert-radimagenet'",
     )
+
+
+def read_state_dict(path: str | os.PathLike, what: str):
+    """A weights file loaded safely (``weights_only``), unwrapping a ``{"state_dict": ...}`` envelope."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputFileError(path, f"cannot read {what} weights ({exc.__class__.__name__}: {exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
