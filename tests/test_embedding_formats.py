@@ -210,6 +210,24 @@ def test_writes_a1111_pt_exactly(tmp_path):
     assert path.stat().st_size < 1_000_000
 
 
+#: AUTOMATIC1111 v1.10 ``modules/safe.py`` ``allowed_zip_names_re``: any other zip entry -> "may be malicious"
+A1111_ALLOWED_ZIP_NAMES = r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$"
+
+
+@pytest.mark.parametrize("target", ["case.pt", "learned_embeds.bin"])
+def test_pickled_files_pass_the_webui_safe_unpickle_check(tmp_path, target):
+    """A plain torch.save from torch >= 2.x adds .format_version/.storage_alignment, which the webui refuses."""
+    import re
+    import zipfile
+
+    emb = Embedding("case", torch.randn(3, 1024))
+    path = save_embedding(emb, tmp_path / target, fmt="a1111" if target.endswith(".pt") else "diffusers")
+    names = zipfile.ZipFile(path).namelist()
+    assert names and all(re.match(A1111_ALLOWED_ZIP_NAMES, n) for n in names), names
+    assert len({n.split("/")[0] for n in names}) == 1
+    assert torch.equal(load_embedding(path).vectors, emb.vectors)
+
+
 def test_writes_safetensors_that_a1111_and_comfyui_accept(tmp_path):
     emb = Embedding("e", _vectors(3), step=12, sd_checkpoint="ffff")
     path = save_embedding(emb, tmp_path / "adc.safetensors", fmt="safetensors")

@@ -9,6 +9,7 @@ import torch
 
 from medical_diffusion.atomic_io import atomic_path, check_writable
 from medical_diffusion.embeddings.model import Embedding, check_name, validate
+from medical_diffusion.embeddings.webui_pt import save_webui_pt
 from medical_diffusion.errors import MedDiffError
 
 FORMATS = ("a1111", "safetensors", "diffusers")
@@ -83,12 +84,12 @@ def save_embedding(emb: Embedding, path: str | os.PathLike, fmt: str = "a1111", 
             raise MedDiffError(f"{target}: SDXL pair embeddings can be written only as 'safetensors' (clip_l + clip_g)")
         check_writable(target, force)
         tensors = {name: emb.vectors.clone()}
-        with atomic_path(target) as tmp:
-            if target.suffix.lower() == ".bin":
-                torch.save(tensors, tmp)
-            else:
-                from safetensors.torch import save_file
+        if target.suffix.lower() == ".bin":  # the webui reads .bin too: keep it to what its check accepts
+            save_webui_pt(tensors, target)
+        else:
+            from safetensors.torch import save_file
 
+            with atomic_path(target) as tmp:
                 save_file(tensors, str(tmp))
         return target
 
@@ -98,8 +99,7 @@ def save_embedding(emb: Embedding, path: str | os.PathLike, fmt: str = "a1111", 
         if emb.is_sdxl:
             raise MedDiffError(f"{path}: SDXL pair embeddings can be written only as 'safetensors' (clip_l + clip_g)")
         check_writable(path, force)
-        with atomic_path(path) as tmp:
-            torch.save(a1111_dict(emb, name), tmp)
+        save_webui_pt(a1111_dict(emb, name), path)
         return path
 
     _require_suffix(path, (".safetensors",), fmt)
