@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from medical_diffusion import cli
 from medical_diffusion.allowed_roots import ENV_VAR, check_allowed, parse_roots
@@ -104,6 +104,20 @@ def test_make_grid_layout():
     assert grid.getpixel((10, grid.height - 20 - 32)) != (255, 255, 255)
     with pytest.raises(ValueError):
         make_grid(images, labels=["a"])
+
+
+def test_grid_titles_with_arrows_draw_with_the_old_bitmap_font(monkeypatch):
+    """The webui pins Pillow 9.5, whose default font is a Latin-1 bitmap font ('→' raised there)."""
+    from PIL import ImageFont
+
+    from medical_diffusion import image_grid
+
+    bitmap = ImageFont.load_default_imagefont()
+    monkeypatch.setattr(image_grid, "_font", lambda size: bitmap)
+    with pytest.raises(UnicodeEncodeError):  # what Pillow 9.5 did with the title
+        ImageDraw.Draw(Image.new("RGB", (64, 16))).text((0, 0), "neg \u2192 pos", font=bitmap)
+    grid = make_grid([Image.new("RGB", (32, 32))] * 2, labels=["a", "b \u26a0"], title="neg \u2192 pos")
+    assert grid.getbbox() is not None
 
 
 def test_cli_has_a_subcommand_per_capability(capsys):

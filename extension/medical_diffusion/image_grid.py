@@ -15,6 +15,17 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def draw_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill="black",
+               font: ImageFont.ImageFont | None = None) -> None:
+    """``draw.text`` that also works with the bitmap default font of Pillow < 10.1 (the webui's 9.5),
+    which can draw only Latin-1: other characters become ASCII look-alikes or ``?``."""
+    font = font or _font(11)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        text = text.replace("\u2192", "->").replace("\u2190", "<-").replace("\u26a0", "!")
+        text = text.encode("latin-1", "replace").decode("latin-1")
+    draw.text(xy, text, fill=fill, font=font)
+
+
 def make_grid(
     images: Sequence[Image.Image],
     labels: Sequence[str] | None = None,
@@ -42,7 +53,7 @@ def make_grid(
     sheet = Image.new("RGB", (cols * (w + pad) + pad, title_h + rows * (h + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     if title:
-        draw.text((pad, pad), title, fill="black", font=font)
+        draw_label(draw, (pad, pad), title, font=font)
     for i, image in enumerate(images):
         r, c = divmod(i, cols)
         x = pad + c * (w + pad)
@@ -52,5 +63,5 @@ def make_grid(
             tile = tile.resize((w, h), Image.LANCZOS)
         sheet.paste(tile, (x, y))
         if labels:
-            draw.text((x + 2, y + h + pad // 2), str(labels[i]), fill="black", font=font)
+            draw_label(draw, (x + 2, y + h + pad // 2), str(labels[i]), font=font)
     return sheet
