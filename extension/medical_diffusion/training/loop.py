@@ -193,7 +193,8 @@ def train(
 
     def checkpoint(step: int, final: bool = False) -> Path:
         ck = run.save_checkpoint(param, step, {"optimizer": optimizer.state_dict()},
-                                 checkpoint_name=getattr(backend, "label", None) or config.model)
+                                 checkpoint_name=getattr(backend, "label", None) or config.model,
+                                 checkpoint_hash=getattr(backend, "checkpoint_hash", None))
         if final or time.monotonic() - last_plot[0] > 60:  # the curve costs ~0.5 s: at most once a minute
             run.plot_losses()
             last_plot[0] = time.monotonic()

@@ -82,9 +82,11 @@ class RunFolder:
         return Checkpoint(step, pt, pt.with_name(pt.name + ".optim"))
 
     def save_checkpoint(
-        self, vectors: torch.Tensor, step: int, state: dict[str, Any], checkpoint_name: str | None = None
+        self, vectors: torch.Tensor, step: int, state: dict[str, Any], checkpoint_name: str | None = None,
+        checkpoint_hash: str | None = None,
     ) -> Checkpoint:
-        """Write optimizer/RNG state, then the A1111 ``.pt``, then refresh ``<name>.pt``."""
+        """Write optimizer/RNG state, then the A1111 ``.pt``, then refresh ``<name>.pt``; the model's
+        name and short hash go into the ``.pt`` as A1111 writes them."""
         from medical_diffusion.embeddings import Embedding, save_embedding
 
         ck = self.checkpoint_paths(step)
@@ -92,9 +94,10 @@ class RunFolder:
         vec = vectors.detach().to("cpu", torch.float32).clone()
         with atomic_path(ck.state_path) as tmp:
             torch.save(dict(state, step=step, vectors=vec), tmp)
-        emb = Embedding(name=ck.embedding_path.stem, vectors=vec, step=step, sd_checkpoint_name=checkpoint_name)
-        save_embedding(emb, ck.embedding_path, fmt="a1111", force=True)
-        latest = Embedding(name=self.name, vectors=vec, step=step, sd_checkpoint_name=checkpoint_name)
+        model = dict(step=step, sd_checkpoint=checkpoint_hash, sd_checkpoint_name=checkpoint_name)
+        save_embedding(Embedding(name=ck.embedding_path.stem, vectors=vec, **model), ck.embedding_path,
+                       fmt="a1111", force=True)
+        latest = Embedding(name=self.name, vectors=vec, **model)
         save_embedding(latest, self.latest_path, fmt="a1111", force=True)
         return ck
 

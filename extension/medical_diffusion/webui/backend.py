@@ -27,6 +27,10 @@ class WebuiBackend(ModelBackend):
         self.model = sd_model if sd_model is not None else shared.sd_model
         if self.model is None:
             raise RuntimeError("no Stable Diffusion checkpoint is loaded in the webui")
+        info = getattr(self.model, "sd_checkpoint_info", None)
+        #: what A1111 itself writes into an embedding it trained: the checkpoint's name and short hash
+        self.label = getattr(info, "model_name", None) or "webui"
+        self.checkpoint_hash = getattr(info, "shorthash", None)
         self.hijack = sd_hijack.model_hijack
         self.device = devices.device
         self.dtype = devices.dtype
