@@ -35,6 +35,11 @@ def interpolation_steps(k: int) -> list[float]:
     return [i / (k - 1) for i in range(k)]
 
 
+def interpolation_prompts(healthy: str, diseased: str, k: int) -> list[tuple[float, str]]:
+    """``(t, "healthy :(1-t) AND diseased :t")`` for ``k`` evenly spaced ``t`` (A1111 composable syntax)."""
+    return [(t, build_prompt([(healthy, 1 - t), (diseased, t)])) for t in interpolation_steps(k)]
+
+
 def frame_label(t: float) -> str:
     return f"{round(100 * (1 - t))}% healthy, {round(100 * t)}% dis."
 
@@ -58,9 +63,7 @@ def interpolate_prompts(
 ) -> list[Frame]:
     """One image per weight ``t``: prompt ``healthy :(1-t) AND diseased :t``, same seed throughout."""
     frames = []
-    steps = interpolation_steps(k)
-    for j, t in enumerate(steps):
-        prompt = build_prompt([(healthy, 1 - t), (diseased, t)])
+    for j, (t, prompt) in enumerate(interpolation_prompts(healthy, diseased, k)):
         (image,) = sample_images(backend, prompt, embeddings=embeddings, seed=seed, batch_size=1,
                                  progress=_progress_for(progress, j, k), **sample_kwargs)
         frames.append(Frame(t, prompt, frame_label(t), image))

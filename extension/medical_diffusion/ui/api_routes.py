@@ -50,23 +50,22 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
     @router.post("/interpolate")
     def interpolate(body: Dict[str, Any] = Body(...)):
         """Healthy -> diseased grid: ``{"healthy", "diseased", "k", "seed", "steps", "cfg_scale", "width", "height"}``."""
-        from medical_diffusion.generation.interpolation import frames_grid, interpolate_prompts
-        from medical_diffusion.generation.loading import load_embedding_table, vectors_of
+        from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
+        from medical_diffusion.ui.rendering import render_prompts
 
         try:
             healthy, diseased = str(body["healthy"]), str(body["diseased"])
             sample = {k: body[k] for k in ("steps", "cfg_scale", "width", "height", "negative_prompt") if k in body}
-            with ctx.model_work() as backend:
-                table = vectors_of(load_embedding_table(backend, str(ctx.embeddings_dir)))
-                frames = interpolate_prompts(backend, healthy, diseased, int(body.get("k", 5)), embeddings=table,
-                                             seed=int(body.get("seed", 0)), **sample)
+            items = interpolation_prompts(healthy, diseased, int(body.get("k", 5)))
+            images, seed = render_prompts(ctx, [(p, None) for _, p in items], seed=int(body.get("seed", 0)), **sample)
+            frames = [Frame(t, p, frame_label(t), image) for (t, p), image in zip(items, images)]
         except KeyError as exc:
             raise HTTPException(status_code=400, detail=f"missing field {exc.args[0]!r}") from exc
         except (MedDiffError, ValueError, TypeError) as exc:
             raise _user_error(exc) from exc
         buffer = io.BytesIO()
         frames_grid(frames, title=f"{healthy} -> {diseased}").save(buffer, format="PNG")
-        return {"prompts": [f.prompt for f in frames], "labels": [f.label for f in frames],
+        return {"prompts": [f.prompt for f in frames], "labels": [f.label for f in frames], "seed": seed,
                 "grid_png_base64": base64.b64encode(buffer.getvalue()).decode("ascii")}
 
     @router.post("/fid")

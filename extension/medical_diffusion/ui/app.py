@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import gradio as gr
 
 from medical_diffusion.ui.context import UIContext
@@ -19,7 +17,7 @@ TABS = [
 ]
 
 
-def build_blocks(ctx: UIContext, bind_send_to_txt2img: Callable | None = None) -> gr.Blocks:
+def build_blocks(ctx: UIContext) -> gr.Blocks:
     """All tabs inside one ``gr.Blocks``; the webui shows it as a top-level tab."""
     import importlib
 
@@ -30,8 +28,5 @@ def build_blocks(ctx: UIContext, bind_send_to_txt2img: Callable | None = None) -
             for title, module_name in TABS:
                 module = importlib.import_module(f"medical_diffusion.ui.{module_name}")
                 with gr.Tab(title, elem_id=f"md_tab_{module_name[4:]}"):
-                    if module_name == "tab_generate":
-                        module.build(ctx, bind_send_to_txt2img=bind_send_to_txt2img)
-                    else:
-                        module.build(ctx)
+                    module.build(ctx)
     return blocks

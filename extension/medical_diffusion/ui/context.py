@@ -35,6 +35,11 @@ class UIContext:
     #: ``inpaint(image, mask, prompt, ...) -> image``; None: the core sampler on :meth:`backend`
     txt2img: Callable | None = None
     inpaint: Callable | None = None
+    #: ``send_to_txt2img(button, prompt_box)``: wire a button that puts the prompt into the host's txt2img
+    send_to_txt2img: Callable | None = None
+    #: ``send_to_inpaint(button, fn, inputs)``: wire a button whose ``fn(*inputs) -> (image, mask)`` fills the
+    #: host's img2img "Inpaint upload" tab (the webui); None: the tab only inpaints locally
+    send_to_inpaint: Callable | None = None
     #: called after an embedding file is written (the webui reloads its embedding database)
     on_embedding_saved: Callable[[Path], None] = lambda path: None
     #: lock held around model work (the webui's queue lock; a plain lock standalone)

@@ -32,13 +32,13 @@ def sampling_controls() -> dict:
     return dict(steps=steps, cfg=cfg, seed=seed, width=width, height=height, negative=negative)
 
 
-def build(ctx: UIContext, bind_send_to_txt2img=None) -> None:
-    """Add the tab's widgets. ``bind_send_to_txt2img(button, prompt_box)`` is the webui's hook."""
-    from medical_diffusion.generation.composition import compose, composition_stages
-    from medical_diffusion.generation.interpolation import frames_grid, interpolate_prompts
+def build(ctx: UIContext) -> None:
+    """Add the tab's widgets (images come from :func:`~medical_diffusion.ui.rendering.render_prompts`)."""
+    from medical_diffusion.generation.composition import composition_stages
+    from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
     from medical_diffusion.generation.prompts import build_prompt
-    from medical_diffusion.generation.sampling import sample_images
+    from medical_diffusion.ui.rendering import render_prompts
 
     names = embedding_names(ctx)
     with gr.Row():
@@ -46,10 +46,10 @@ def build(ctx: UIContext, bind_send_to_txt2img=None) -> None:
         diseased = gr.Dropdown(names, label="Diseased embedding", elem_id="md_gen_diseased")
         t = gr.Slider(0, 1, value=0.5, step=0.05, label="Healthy → diseased", elem_id="md_gen_t")
     slot_names, slot_weights = [], []
-    with gr.Accordion("Weights per embedding (composable diffusion)", open=False):
+    with gr.Accordion("Weights per embedding (composable diffusion)", open=False, elem_id="md_gen_weights"):
         for i in range(SLOTS):
             with gr.Row():
-                slot_names.append(gr.Dropdown(names, label=f"Embedding {i + 1}"))
+                slot_names.append(gr.Dropdown(names, label=f"Embedding {i + 1}", elem_id=f"md_gen_slot_{i + 1}"))
                 slot_weights.append(gr.Slider(-1, 2, value=1.0, step=0.05, label=f"Weight {i + 1}"))
     refresh_btn = gr.Button("Refresh embeddings")
     prompt = gr.Textbox(label="Prompt (A1111 composable syntax)", lines=2, elem_id="md_gen_prompt")
@@ -57,7 +57,7 @@ def build(ctx: UIContext, bind_send_to_txt2img=None) -> None:
     with gr.Row():
         from_slider_btn = gr.Button("Build prompt from healthy → diseased", elem_id="md_gen_build_t")
         from_slots_btn = gr.Button("Build prompt from weights")
-        send_btn = gr.Button("Send to txt2img", visible=bind_send_to_txt2img is not None)
+        send_btn = gr.Button("Send to txt2img", visible=ctx.send_to_txt2img is not None, elem_id="md_gen_send")
     params = sampling_controls()
     with gr.Row():
         generate_btn = gr.Button("Generate image", variant="primary", elem_id="md_gen_generate")
@@ -67,8 +67,8 @@ def build(ctx: UIContext, bind_send_to_txt2img=None) -> None:
     result = gr.Image(label="Result", type="pil", interactive=False, elem_id="md_gen_result")
     status = gr.Markdown(elem_id="md_gen_status")
 
-    if bind_send_to_txt2img is not None:
-        bind_send_to_txt2img(send_btn, prompt)
+    if ctx.send_to_txt2img is not None:
+        ctx.send_to_txt2img(send_btn, prompt)
 
     def refresh():
         new = embedding_names(ctx)
@@ -112,41 +112,37 @@ def build(ctx: UIContext, bind_send_to_txt2img=None) -> None:
     def do_generate(text, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
         if not text.strip():
             raise ValueError("the prompt is empty")
-        table, warn = table_and_warnings(text)
-        if ctx.txt2img is not None:  # the webui's own txt2img: the same picture the txt2img tab gives
-            with ctx.work_lock():
-                (image,) = ctx.txt2img(text, seed=int(seed), **sample_kwargs(steps, cfg, width, height, negative))
-        else:
-            with ctx.model_work() as backend:
-                (image,) = sample_images(backend, text, embeddings=table, seed=int(seed),
-                                         progress=lambda i, n: progress(i / n),
-                                         **sample_kwargs(steps, cfg, width, height, negative))
-        return image, format_warnings(warn) or f"Generated `{text}` at seed {int(seed)}."
+        _, warn = table_and_warnings(text)
+        (image,), used = render_prompts(ctx, [(text, None)], seed=int(seed), progress=progress,
+                                        **sample_kwargs(steps, cfg, width, height, negative))
+        return image, format_warnings(warn) or f"Generated `{text}` at seed {used}."
 
     @shows_errors
     def do_grid(h, d, kk, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
         if not h or not d:
             raise ValueError("choose a healthy and a diseased embedding")
-        table, _ = table_and_warnings(h)
-        with ctx.model_work() as backend:
-            frames = interpolate_prompts(backend, h, d, int(kk), embeddings=table, seed=int(seed),
-                                         progress=lambda i, n: progress(i / n),
-                                         **sample_kwargs(steps, cfg, width, height, negative))
-        return frames_grid(frames, title=f"{h} → {d}, seed {int(seed)}"), f"{len(frames)} frames."
+        table_and_warnings(h)  # unknown names fail here, before any sampling
+        items = interpolation_prompts(h, d, int(kk))
+        images, used = render_prompts(ctx, [(p, None) for _, p in items], seed=int(seed),
+                                      progress=progress,
+                                      **sample_kwargs(steps, cfg, width, height, negative))
+        frames = [Frame(t, p, frame_label(t), image) for (t, p), image in zip(items, images)]
+        return frames_grid(frames, title=f"{h} → {d}, seed {used}"), f"{len(frames)} frames at seed {used}."
 
     @shows_errors
-    def do_compose(h, *values):
+    def do_compose(h, *values, progress=gr.Progress()):
         slots, (steps, cfg, seed, width, height, negative) = values[: 2 * SLOTS], values[2 * SLOTS:]
         additions = [(n, float(w)) for n, w in zip(slots[:SLOTS], slots[SLOTS:]) if n]
         if not h:
             raise ValueError("choose the healthy embedding (the base of the strip)")
-        table, _ = table_and_warnings(h)
+        table_and_warnings(h)
         stages = composition_stages(h, additions, cfg_scale=float(cfg))
-        with ctx.model_work() as backend:
-            frames = compose(backend, stages, embeddings=table, seed=int(seed),
-                             **{k: v for k, v in sample_kwargs(steps, cfg, width, height, negative).items()
-                                if k != "cfg_scale"})
-        return frames_grid(frames, title=f"composition, seed {int(seed)}"), "\n".join(f.prompt for f in frames)
+        kwargs = {k: v for k, v in sample_kwargs(steps, cfg, width, height, negative).items() if k != "cfg_scale"}
+        images, used = render_prompts(ctx, [(st.prompt, st.cfg_scale) for st in stages], seed=int(seed),
+                                      progress=progress, **kwargs)
+        frames = [Frame(float(j), st.prompt, f"{st.label}, cfg {st.cfg_scale:g}", image)
+                  for j, (st, image) in enumerate(zip(stages, images))]
+        return frames_grid(frames, title=f"composition, seed {used}"), "\n".join(f.prompt for f in frames)
 
     generate_btn.click(do_generate, [prompt, *param_inputs], [result, status])
     grid_btn.click(do_grid, [healthy, diseased, k, *param_inputs], [result, status])

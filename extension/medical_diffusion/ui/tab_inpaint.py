@@ -77,7 +77,10 @@ def build(ctx: UIContext) -> None:
         blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur (px)")
         only_masked = gr.Checkbox(True, label="Only masked (crop, paint, paste back)")
         padding = gr.Slider(0, 256, value=32, step=4, label="Only-masked padding (px)")
-    inpaint_btn = gr.Button("Inpaint", variant="primary", elem_id="md_inp_run")
+    with gr.Row():
+        inpaint_btn = gr.Button("Inpaint", variant="primary", elem_id="md_inp_run")
+        send_btn = gr.Button("Send image + mask to img2img (Inpaint upload)", elem_id="md_inp_send",
+                             visible=ctx.send_to_inpaint is not None)
     result = gr.Image(label="Inpainted", type="pil", interactive=False, elem_id="md_inp_result")
     status = gr.Markdown(elem_id="md_inp_status")
 
@@ -100,6 +103,13 @@ def build(ctx: UIContext) -> None:
         lines = [f"shape {i + 1}: {w:.1f} x {h:.1f} {unit_name}" for i, (w, h) in enumerate(sizes)]
         lines += [f"⚠ {w}" for w in res.warnings]
         return overlay_preview(img, res, spec), "\n\n".join(lines), res, spec
+
+    def image_and_mask(img, src, extra, *geo):
+        """The picture and its mask at the picture's own size (white = repaint)."""
+        if img is None:
+            raise ValueError("load or upload an image first")
+        res = render(img, src, extra, *geo)[2]
+        return img, Image.fromarray(res.mask).resize(img.size, Image.NEAREST)
 
     @shows_errors
     def on_upload(img):
@@ -156,12 +166,9 @@ def build(ctx: UIContext) -> None:
     def on_inpaint(img, src, extra, *values, progress=gr.Progress()):
         geo, rest = values[: len(geometry)], values[len(geometry):]
         name, text, steps, cfg, seed, width, height, negative, s, fm, b, om, pad = rest
-        if img is None:
-            raise ValueError("load or upload an image first")
         if not name and not (text or "").strip():
             raise ValueError("choose an embedding or type a prompt")
-        _, info, res, spec = render(img, src, extra, *geo)
-        mask = Image.fromarray(res.mask).resize(img.size, Image.NEAREST)
+        img, mask = image_and_mask(img, src, extra, *geo)
         the_prompt = (text or "").strip() or name
         settings = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), cfg_scale=float(cfg),
                         denoising_strength=float(s), fill=fm, mask_blur=int(b), only_masked=bool(om),
@@ -188,6 +195,8 @@ def build(ctx: UIContext) -> None:
     add_btn.click(on_add, [source, shapes, *geometry], [shapes]).then(**redraw)
     clear_btn.click(lambda: [], None, [shapes]).then(**redraw)
     save_btn.click(on_save, [image, source, shapes, *geometry], [mask_info])
+    if ctx.send_to_inpaint is not None:
+        ctx.send_to_inpaint(send_btn, shows_errors(image_and_mask), [image, source, shapes, *geometry])
     sample_inputs = [params[k] for k in ("steps", "cfg", "seed", "width", "height", "negative")]
     inpaint_btn.click(on_inpaint, [image, source, shapes, *geometry, emb, prompt, *sample_inputs,
                                    strength, fill, blur, only_masked, padding], [result, status])

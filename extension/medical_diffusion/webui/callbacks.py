@@ -56,6 +56,7 @@ def on_ui_settings() -> None:
 def register() -> None:
     from modules import script_callbacks
 
+    from medical_diffusion.webui import inpaint_upload
     from medical_diffusion.webui.api import on_app_started
     from medical_diffusion.webui.tabs import on_ui_tabs
 
@@ -64,5 +65,6 @@ def register() -> None:
     _apply_cmd_opts()
     install_name_only_template(shared.cmd_opts.textual_inversion_templates_dir)
     script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_after_component(inpaint_upload.capture)
     script_callbacks.on_ui_tabs(on_ui_tabs)
     script_callbacks.on_app_started(on_app_started)

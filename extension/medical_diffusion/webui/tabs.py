@@ -55,7 +55,7 @@ def make_context():
     from modules import call_queue, shared
 
     from medical_diffusion.ui.context import UIContext
-    from medical_diffusion.webui import generation
+    from medical_diffusion.webui import generation, inpaint_upload
     from medical_diffusion.webui.backend import WebuiBackend
 
     def opt(key, default=""):
@@ -74,6 +74,8 @@ def make_context():
         model_id="webui",
         txt2img=generation.txt2img,
         inpaint=generation.inpaint,
+        send_to_txt2img=bind_send_to_txt2img,
+        send_to_inpaint=inpaint_upload.bind,
         defaults={"vectors": opt("default_vectors", 64), "learning_rate": opt("default_lr", "0.005"),
                   "steps": opt("default_steps", 50000), "inception_weights": opt("inception_weights"),
                   "radimagenet_weights": opt("radimagenet_weights"), "resnet18_weights": opt("resnet18_weights")},
@@ -94,5 +96,5 @@ def shared_context():
 def on_ui_tabs():
     from medical_diffusion.ui.app import build_blocks
 
-    blocks = build_blocks(shared_context(), bind_send_to_txt2img=bind_send_to_txt2img)
+    blocks = build_blocks(shared_context())
     return [(blocks, "Medical Diffusion", "medical_diffusion")]
