@@ -1,0 +1,365 @@
+"""The extension inside a real AUTOMATIC1111 webui (v1.10.x), driven through Chromium and its API.
+
+Runs only when ``MEDDIFF_A1111_DIR`` points at a webui checkout (with its ``repositories/``) whose
+Python (``MEDDIFF_A1111_PYTHON``, default ``<dir>/venv/bin/python``) has the webui's requirements;
+skipped otherwise (CI has no webui). Everything the run writes goes to a temporary ``--data-dir``:
+a tiny random-weight SD2-v checkpoint built by the webui's own ldm code from
+``tests/a1111/tiny-sd2-v.yaml``, the extension (a link to this checkout), embeddings, outputs.
+Screenshots go to ``$MEDDIFF_SCREENSHOTS`` (default: the test's tmp folder).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from browser_support import ROOT, browser, free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.webui]
+
+WEBUI = Path(os.environ.get("MEDDIFF_A1111_DIR", "")) if os.environ.get("MEDDIFF_A1111_DIR") else None
+AUTH = ("tester", "secret")
+EXTENSION_NAME = "sd-webui-medical-diffusion"
+
+
+def _webui_python() -> str:
+    return os.environ.get("MEDDIFF_A1111_PYTHON") or str(WEBUI / "venv" / "bin" / "python")
+
+
+if WEBUI is None or not (WEBUI / "launch.py").is_file():
+    pytest.skip("set MEDDIFF_A1111_DIR to an AUTOMATIC1111 v1.10 checkout to run these tests",
+                allow_module_level=True)
+
+
+class Webui:
+    """A running webui: its URL, data folder and API helpers."""
+
+    def __init__(self, url: str, data: Path, log: Path):
+        self.url, self.data, self.log = url, data, log
+
+    def api(self, method: str, path: str, body: dict | None = None, auth: bool = True) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(AUTH).encode()).decode()
+        request = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
+                                         method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=600) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def txt2img(self, prompt: str, seed: int, **extra) -> tuple:
+        """The webui's own txt2img (its API): (RGB array, infotext)."""
+        import numpy as np
+        from PIL import Image
+
+        body = dict(prompt=prompt, seed=seed, steps=3, cfg_scale=2.0, width=64, height=64,
+                    sampler_name="Euler a", **extra)
+        status, result = self.api("POST", "/sdapi/v1/txt2img", body)
+        assert status == 200, result
+        image = Image.open(io.BytesIO(base64.b64decode(result["images"][0]))).convert("RGB")
+        return np.asarray(image), json.loads(result["info"])["infotexts"][0]
+
+    def train(self, name: str, run_dir: Path, steps: int, data_dir: Path) -> dict:
+        config = {"name": name, "data_dir": str(data_dir), "n_vectors": 4, "steps": steps, "resolution": 64,
+                  "save_every": 0, "preview_every": 0}
+        status, state = self.api("POST", "/medical-diffusion/v1/train", {"config": config, "run_dir": str(run_dir)})
+        assert status == 200, state
+        deadline = time.monotonic() + 300
+        while state["running"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status, state = self.api("GET", "/medical-diffusion/v1/train/status")
+        assert not state["running"] and state["error"] is None, state
+        return state
+
+
+def _wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = log.read_text(errors="replace") if log.exists() else ""
+        if text in content:
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"the webui exited:\n{content[-4000:]}")
+        time.sleep(1)
+    raise RuntimeError(f"no {text!r} in the webui log within {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def _random_embedding(path: Path, seed: int) -> None:
+    from medical_diffusion.embeddings import Embedding, save_embedding
+
+    vectors = torch.randn(4, 512, generator=torch.Generator().manual_seed(seed)) * 0.02
+    save_embedding(Embedding(path.stem, vectors), path)
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("a1111")
+    data = tmp / "data"
+    checkpoint = data / "models" / "Stable-diffusion" / "tiny-sd2-v.safetensors"
+    subprocess.run([_webui_python(), str(ROOT / "tests" / "a1111" / "make_checkpoint.py"), str(WEBUI), str(checkpoint)],
+                   check=True, cwd=tmp, capture_output=True)
+    (data / "extensions").mkdir(parents=True)
+    (data / "extensions" / EXTENSION_NAME).symlink_to(ROOT, target_is_directory=True)
+    templates = tmp / "templates"  # a copy, so the webui's own folder is not written to
+    shutil.copytree(WEBUI / "textual_inversion_templates", templates)
+    for seed, name in enumerate(["prostate_neg", "prostate_pos"]):
+        _random_embedding(data / "embeddings" / f"{name}.pt", seed)
+    images = data / "train_images"
+    images.mkdir()
+    for i in range(3):
+        Image.radial_gradient("L").resize((64, 64)).rotate(30 * i).convert("RGB").save(images / f"img_{i}.png")
+
+    port = free_port()
+    log = tmp / "webui.log"
+    args = [_webui_python(), "launch.py", "--data-dir", str(data), "--skip-prepare-environment", "--skip-install",
+            "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model", "--use-cpu", "all",
+            "--no-half", "--precision", "full", "--api", "--api-auth", ":".join(AUTH), "--port", str(port),
+            "--ckpt", str(checkpoint), "--textual-inversion-templates-dir", str(templates),
+            "--medical-diffusion-roots", str(tmp)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_for_log(log, "Model loaded in", proc, timeout=300)
+        yield Webui(f"http://127.0.0.1:{port}", data, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(webui):
+    shots = Path(os.environ.get("MEDDIFF_SCREENSHOTS", webui.data.parent / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    pw, br = browser()
+    pg = br.new_page(viewport={"width": 1400, "height": 1800})
+    pg.goto(webui.url)
+    pg.wait_for_selector("#tabs", timeout=120_000)
+    pg.shots = shots
+    yield pg
+    br.close()
+    pw.stop()
+
+
+def _open_main_tab(page, title: str) -> None:
+    page.click(f"#tabs > .tab-nav button:has-text('{title}')")
+
+
+def _open_md_tab(page, title: str) -> None:
+    _open_main_tab(page, "Medical Diffusion")
+    page.click(f"#md_tabs button:has-text('{title}')")
+
+
+def _choose(page, dropdown_id: str, option: str) -> None:
+    page.click(f"#{dropdown_id} input")
+    page.click(f"ul.options li:has-text('{option}')")
+
+
+def _fill(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def _set_number(page, tab: str, label: str, value: str) -> None:
+    box = page.locator(f"#md_tab_{tab} div.block:has(span:has-text('{label}')) input[type=number]").first
+    box.fill(value)
+    box.press("Enter")
+
+
+def _wait_for(page, condition: str, timeout: float) -> None:
+    """Wait for a JS condition, failing at once (with its text) if gradio shows an error instead."""
+    page.wait_for_function(f"({condition}) || document.querySelector('.toast-body.error')", timeout=timeout)
+    errors = page.locator(".toast-body.error")
+    assert errors.count() == 0, errors.first.inner_text()
+
+
+def _image_of(page, selector: str):
+    """The picture a gradio Image component shows, as an RGB array."""
+    import numpy as np
+    from PIL import Image
+
+    src = page.get_attribute(f"{selector} img", "src")
+    if src.startswith("data:"):
+        raw = base64.b64decode(src.split(",", 1)[1])
+    else:
+        raw = page.request.get(src).body()
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+
+
+def test_extension_installer_runs_under_the_webui_launcher(webui):
+    code = ("from modules import launch_utils; "
+            f"launch_utils.run_extension_installer({str(webui.data / 'extensions' / EXTENSION_NAME)!r})")
+    done = subprocess.run([_webui_python(), "-c", code], cwd=WEBUI, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Error running install.py" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_tab_settings_template_and_flags(webui, page):
+    _open_main_tab(page, "Medical Diffusion")
+    page.wait_for_selector("#md_tabs", state="visible")
+    titles = page.locator("#md_tabs > .tab-nav button").all_inner_texts()
+    assert [t.strip() for t in titles] == ["Prepare data", "Train embedding", "Interpolate & compose", "Inpaint",
+                                           "Evaluate", "Embeddings"]
+    page.screenshot(path=str(page.shots / "webui_tab.png"), full_page=True)
+
+    status, options = webui.api("GET", "/sdapi/v1/options")
+    assert status == 200
+    assert options["medical_diffusion_default_vectors"] == 64
+    assert options["medical_diffusion_default_lr"] == "0.005"
+    assert (webui.data.parent / "templates" / "medical_name_only.txt").read_text() == "[name]\n"
+    assert "Failed to load script" not in webui.log.read_text() and "medical_diffusion" not in "".join(
+        line for line in webui.log.read_text().splitlines() if "Traceback" in line)
+
+
+def test_api_is_behind_the_webui_api_auth(webui):
+    status, _ = webui.api("GET", "/medical-diffusion/v1/train/status", auth=False)
+    assert status == 401
+    status, state = webui.api("GET", "/medical-diffusion/v1/train/status")
+    assert status == 200 and state["running"] is False
+    # a path outside --medical-diffusion-roots is refused
+    status, body = webui.api("POST", "/medical-diffusion/v1/fid", {"real": "/etc", "generated": "/etc"})
+    assert status == 400 and "outside" in body["detail"], body
+
+
+def test_train_in_the_tab_then_txt2img_uses_it_and_the_model_is_untouched(webui, page):
+    before, _ = webui.txt2img("a plain prompt", seed=3)
+
+    _open_md_tab(page, "Train embedding")
+    _fill(page, "md_train_name", "webui_phantom")
+    _fill(page, "md_train_data", str(webui.data / "train_images"))
+    for elem_id, value in [("md_train_steps", "5"), ("md_train_resolution", "64"),
+                           ("md_train_preview_every", "5"), ("md_train_preview_steps", "2")]:
+        _fill(page, elem_id, value)
+    _set_number(page, "train", "Vectors", "4")
+    page.click("#md_train_start")
+    _wait_for(page, "document.querySelector('#md_train_status').innerText.includes('finished at step 5')",
+              timeout=300_000)
+    assert page.locator("#md_train_loss canvas, #md_train_loss svg").count() > 0
+    page.wait_for_selector("#md_train_preview img", timeout=60_000)
+    page.screenshot(path=str(page.shots / "webui_train.png"), full_page=True)
+
+    # saved into the webui's embeddings folder and known to its embedding database at once
+    status, listing = webui.api("GET", "/sdapi/v1/embeddings")
+    assert status == 200
+    loaded = listing["loaded"]["webui_phantom"]
+    assert loaded["shape"] == 512 and loaded["vectors"] == 4 and loaded["step"] == 5
+    assert loaded["sd_checkpoint_name"] == "tiny-sd2-v" and loaded["sd_checkpoint"]
+    _, infotext = webui.txt2img("webui_phantom", seed=1)
+    assert "TI hashes" in infotext and "webui_phantom" in infotext, infotext
+
+    # training left the model's weights and attention optimisation as they were
+    after, _ = webui.txt2img("a plain prompt", seed=3)
+    assert (before == after).all()
+
+
+def test_a_retrained_embedding_takes_effect_at_once(webui):
+    """A1111 keeps prompt conditioning cached by prompt text (its issue 11993); a retrain must not
+    leave the old vectors in use."""
+    webui.train("retrained_case", webui.data.parent / "run_a", 2, webui.data / "train_images")
+    first, _ = webui.txt2img("retrained_case", seed=7)
+    again, _ = webui.txt2img("retrained_case", seed=7)
+    assert (first == again).all()  # same embedding, same seed: same picture
+    webui.train("retrained_case", webui.data.parent / "run_b", 6, webui.data / "train_images")
+    retrained, _ = webui.txt2img("retrained_case", seed=7)
+    assert not (first == retrained).all()
+
+
+def test_generate_equals_webui_txt2img_and_send_to_txt2img(webui, page):
+    _open_md_tab(page, "Interpolate & compose")
+    page.click("#md_tab_generate button:has-text('Refresh embeddings')")
+    _choose(page, "md_gen_healthy", "prostate_neg")
+    _choose(page, "md_gen_diseased", "prostate_pos")
+    _set_number(page, "generate", "Healthy → diseased", "0.25")
+    page.click("#md_gen_build_t")
+    page.wait_for_function("document.querySelector('#md_gen_prompt textarea').value.includes(' AND ')",
+                           timeout=60_000)
+    prompt = page.input_value("#md_gen_prompt textarea")
+    assert prompt == "prostate_neg :0.75 AND prostate_pos :0.25"
+    for label, value in [("Sampling steps", "3"), ("Width", "64"), ("Height", "64"), ("Seed", "11")]:
+        _set_number(page, "generate", label, value)
+    expected, infotext = webui.txt2img(prompt, seed=11)
+    assert "TI hashes: " in infotext and "prostate_neg" in infotext and "prostate_pos" in infotext, infotext
+    page.click("#md_gen_generate")
+    _wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('seed 11')", timeout=120_000)
+    assert (_image_of(page, "#md_gen_result") == expected).all()  # the tab's image is the webui's txt2img
+
+    page.click("#md_gen_send")
+    page.wait_for_selector("#txt2img_prompt textarea", state="visible", timeout=30_000)
+    page.wait_for_function(f"document.querySelector('#txt2img_prompt textarea').value === {json.dumps(prompt)}",
+                           timeout=30_000)
+    page.screenshot(path=str(page.shots / "webui_sent_to_txt2img.png"), full_page=True)
+
+
+def test_interpolation_grid_and_composition_strip(webui, page):
+    _open_md_tab(page, "Interpolate & compose")
+    for label, value in [("Sampling steps", "3"), ("Width", "64"), ("Height", "64"), ("Interpolation steps K", "3")]:
+        _set_number(page, "generate", label, value)
+    page.click("#md_gen_grid")
+    _wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('3 frames')", timeout=240_000)
+    page.screenshot(path=str(page.shots / "webui_interpolation_grid.png"), full_page=True)
+
+    page.click("#md_gen_weights .label-wrap")
+    _choose(page, "md_gen_slot_1", "prostate_pos")
+    page.click("#md_tab_generate button:has-text('Composition strip')")
+    _wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('prostate_pos')", timeout=240_000)
+    assert "prostate_neg :1 AND prostate_pos :1" in page.inner_text("#md_gen_status")
+
+
+def test_inpaint_send_to_img2img_and_run_through_the_webui(webui, page):
+    import numpy as np
+    from PIL import Image
+
+    picture = webui.data.parent / "phantom.png"
+    Image.radial_gradient("L").resize((128, 128)).convert("RGB").save(picture)
+    _open_md_tab(page, "Inpaint")
+    page.set_input_files("#md_inp_image input[type=file]", str(picture))
+    page.wait_for_selector("#md_inp_overlay img", timeout=60_000)
+    box = page.locator("#md_inp_overlay img").bounding_box()
+    page.mouse.click(box["x"] + 256 * box["width"] / 512, box["y"] + 128 * box["height"] / 512)
+    page.wait_for_function("Math.abs(parseFloat(document.querySelector('#md_inp_cy input').value) - 31.625) < 1",
+                           timeout=30_000)
+    _fill(page, "md_inp_rx", "10")
+    _fill(page, "md_inp_ry", "10")
+
+    page.click("#md_inp_send")
+    page.wait_for_selector("#img_inpaint_base img", state="visible", timeout=60_000)
+    page.wait_for_selector("#img_inpaint_mask img", state="visible", timeout=60_000)
+    page.screenshot(path=str(page.shots / "webui_sent_to_inpaint_upload.png"), full_page=True)
+    base = _image_of(page, "#img_inpaint_base")
+    mask = _image_of(page, "#img_inpaint_mask")
+    assert base.shape[:2] == (128, 128) and mask.shape[:2] == (128, 128)
+    assert (base == np.asarray(Image.open(picture).convert("RGB"))).all()
+    white = np.argwhere(mask[..., 0] > 127)
+    assert 200 < len(white) < 500  # a disc of radius 10 px
+    assert abs(white[:, 0].mean() - 31.75) < 1.5 and abs(white[:, 1].mean() - 63.75) < 1.5
+
+    _open_md_tab(page, "Inpaint")
+    _choose(page, "md_inp_embedding", "prostate_pos")
+    for label, value in [("Sampling steps", "3"), ("Width", "128"), ("Height", "128")]:
+        _set_number(page, "inpaint", label, value)
+    page.click("#md_inp_run")
+    _wait_for(page, "document.querySelector('#md_inp_status').innerText.includes('Inpainted with')",
+              timeout=240_000)
+    result = _image_of(page, "#md_inp_result")
+    assert result.shape[:2] == (128, 128)
+    page.screenshot(path=str(page.shots / "webui_inpaint_result.png"), full_page=True)
