@@ -206,6 +206,8 @@ def test_settings_reach_the_tabs_defaults(monkeypatch, tmp_path):
     opts.medical_diffusion_resnet18_weights = "/models/resnet18-f37072fd.pth"
     ctx = tabs.make_context()
     assert ctx.defaults["vectors"] == 16 and ctx.defaults["resnet18_weights"].endswith("f37072fd.pth")
+    opts.medical_diffusion_default_vectors = 8  # a changed setting applies without a UI reload
+    assert ctx.defaults["vectors"] == 8 and dict(ctx.defaults)["learning_rate"] == "0.005"
     assert ctx.work_dir == tmp_path / "medical_diffusion" and ctx.embeddings_dir == tmp_path / "emb"
 
 

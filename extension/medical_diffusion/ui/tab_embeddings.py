@@ -81,12 +81,12 @@ def build(ctx: UIContext) -> None:
     inspect_btn.click(do_inspect, [upload_a, choice_a], [report_text, report_json])
     compare_btn.click(do_compare, [upload_a, choice_a, upload_b, choice_b], [report_text, report_json])
 
-    with gr.Accordion("Blend A and B in embedding space", open=False):
+    with gr.Accordion("Blend A and B in embedding space", open=False, elem_id="md_emb_blend_box"):
         with gr.Row():
             weight = gr.Slider(0, 1, value=0.5, step=0.05, label="Weight of B")
             mode = gr.Radio(["linear", "slerp"], value="slerp", label="Interpolation")
-            blend_name = gr.Textbox(label="New name (lowercase)", value="blend")
-        blend_btn = gr.Button("Blend and save to the embeddings folder")
+            blend_name = gr.Textbox(label="New name (lowercase)", value="blend", elem_id="md_emb_blend_name")
+        blend_btn = gr.Button("Blend and save to the embeddings folder", elem_id="md_emb_blend")
 
     @shows_errors
     def do_blend(ua, ca, ub, cb, w, m, name):
@@ -102,10 +102,10 @@ def build(ctx: UIContext) -> None:
     blend_btn.click(do_blend, [upload_a, choice_a, upload_b, choice_b, weight, mode, blend_name],
                     [report_text, choice_a, choice_b])
 
-    with gr.Accordion("Convert / download A", open=False):
+    with gr.Accordion("Convert / download A", open=False, elem_id="md_emb_convert_box"):
         fmt = gr.Radio(["a1111", "safetensors", "diffusers"], value="a1111", label="Format")
-        convert_btn = gr.Button("Convert")
-        converted = gr.File(label="Download", interactive=False)
+        convert_btn = gr.Button("Convert", elem_id="md_emb_convert")
+        converted = gr.File(label="Download", interactive=False, elem_id="md_emb_download")
 
     @shows_errors
     def do_convert(ua, ca, f):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -51,6 +52,32 @@ def training_session(job: str, steps: int):
         forget_cached_conditioning()
 
 
+class SettingsDefaults(Mapping):
+    """The tabs' defaults read from the webui's settings at each use, so a changed setting applies
+    without a UI reload (an empty weights box uses the current setting)."""
+
+    #: UIContext.defaults key -> webui option (declared with its default in ``callbacks.SETTINGS``)
+    KEYS = {"vectors": "medical_diffusion_default_vectors", "learning_rate": "medical_diffusion_default_lr",
+            "steps": "medical_diffusion_default_steps", "inception_weights": "medical_diffusion_inception_weights",
+            "radimagenet_weights": "medical_diffusion_radimagenet_weights",
+            "resnet18_weights": "medical_diffusion_resnet18_weights"}
+
+    def __getitem__(self, key: str):
+        from modules import shared
+
+        from medical_diffusion.webui.callbacks import SETTINGS
+
+        option = self.KEYS[key]
+        fallback = next(default for name, default, _ in SETTINGS if name == option)
+        return getattr(shared.opts, option, fallback)
+
+    def __iter__(self):
+        return iter(self.KEYS)
+
+    def __len__(self) -> int:
+        return len(self.KEYS)
+
+
 def make_context():
     from modules import call_queue, shared
 
@@ -76,9 +103,7 @@ def make_context():
         inpaint=generation.inpaint,
         send_to_txt2img=bind_send_to_txt2img,
         send_to_inpaint=inpaint_upload.bind,
-        defaults={"vectors": opt("default_vectors", 64), "learning_rate": opt("default_lr", "0.005"),
-                  "steps": opt("default_steps", 50000), "inception_weights": opt("inception_weights"),
-                  "radimagenet_weights": opt("radimagenet_weights"), "resnet18_weights": opt("resnet18_weights")},
+        defaults=SettingsDefaults(),
     )
 
 
