@@ -460,3 +460,38 @@ def test_a1111_own_training_uses_the_name_only_template(webui):
     assert status == 200 and "error: None" in result["info"], result
     settings = [json.loads(p.read_text()) for p in logs.rglob("settings-*.json")]
     assert settings and Path(settings[0]["template_file"]).name == "medical_name_only.txt"
+
+
+def test_webui_progress_interrupt_stops_training_and_resume_finishes_it(webui):
+    run_dir = webui.data.parent / "run_interrupted"
+    config = {"name": "interrupted_case", "data_dir": str(webui.data / "train_images"), "n_vectors": 2,
+              "steps": 40, "resolution": 64, "save_every": 0, "preview_every": 0}
+    status, state = webui.api("POST", "/medical-diffusion/v1/train", {"config": config, "run_dir": str(run_dir)})
+    assert status == 200, state
+    deadline = time.monotonic() + 120
+    while state["step"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        _, state = webui.api("GET", "/medical-diffusion/v1/train/status")
+    _, progress = webui.api("GET", "/sdapi/v1/progress?skip_current_image=true")
+    assert progress["state"]["job"] == "medical-diffusion-train" and progress["state"]["job_count"] == 40
+    assert progress["state"]["job_no"] >= 3 and "Medical Diffusion: step" in progress["textinfo"]
+
+    status, _ = webui.api("POST", "/sdapi/v1/interrupt")  # the webui's own Interrupt button
+    assert status == 200
+    while state["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        _, state = webui.api("GET", "/medical-diffusion/v1/train/status")
+    assert state["interrupted"] and state["error"] is None and 3 <= state["step"] < 40, state
+    stopped_at = state["step"]
+    _, listing = webui.api("GET", "/sdapi/v1/embeddings")
+    assert listing["loaded"]["interrupted_case"]["step"] == stopped_at  # the stop saved a checkpoint
+
+    status, state = webui.api("POST", "/medical-diffusion/v1/train",
+                              {"config": config, "run_dir": str(run_dir), "resume": True})
+    assert status == 200, state
+    while state["running"] and time.monotonic() < deadline + 120:
+        time.sleep(0.5)
+        _, state = webui.api("GET", "/medical-diffusion/v1/train/status")
+    assert not state["interrupted"] and state["error"] is None and state["step"] == 40, state
+    _, listing = webui.api("GET", "/sdapi/v1/embeddings")
+    assert listing["loaded"]["interrupted_case"]["step"] == 40

@@ -49,6 +49,8 @@ class UIContext:
     #: ``training_session(job_name, steps)``: a context manager around a training run that yields an
     #: extra stop flag (the webui: undo cross-attention optimisations, drive ``shared.state``)
     training_session: Callable[[str, int], ContextManager[Callable[[], bool]]] = field(default=None)  # type: ignore[assignment]
+    #: called with each training step's event (the webui: its progress bar and status text)
+    on_training_step: Callable[[object], None] = lambda event: None
     _backend: ModelBackend | None = field(default=None, init=False, repr=False)
     _trainer: object = field(default=None, init=False, repr=False)
     _backend_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)

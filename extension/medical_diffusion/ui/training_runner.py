@@ -90,6 +90,7 @@ class TrainingRunner:
             s.preview = str(event.preview)
         eta = f", ETA {event.eta_seconds:.0f} s" if event.eta_seconds is not None else ""
         s.message = f"step {event.step}/{event.total}, loss {event.loss:.4f}, lr {event.lr:g}{eta}"
+        self.ctx.on_training_step(event)
 
     def _work(self, config, folder: Path, resume: bool) -> None:
         from medical_diffusion.embeddings import load_embedding, save_embedding

@@ -78,6 +78,14 @@ class SettingsDefaults(Mapping):
         return len(self.KEYS)
 
 
+def report_training_step(event) -> None:
+    """The webui's progress bar and status line follow a training run (as its own TI training does)."""
+    from modules import shared
+
+    shared.state.job_no = event.step
+    shared.state.textinfo = f"Medical Diffusion: step {event.step}/{event.total}, loss {event.loss:.4f}"
+
+
 def make_context():
     from modules import call_queue, shared
 
@@ -98,6 +106,7 @@ def make_context():
         work_lock=lambda: call_queue.queue_lock,
         cache_backend=False,
         training_session=training_session,
+        on_training_step=report_training_step,
         model_id="webui",
         txt2img=generation.txt2img,
         inpaint=generation.inpaint,
