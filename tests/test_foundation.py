@@ -112,7 +112,7 @@ def test_grid_titles_with_arrows_draw_with_the_old_bitmap_font(monkeypatch):
 
     from medical_diffusion import image_grid
 
-    bitmap = ImageFont.load_default_imagefont()
+    bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()  # Pillow < 10.1: the bitmap one
     monkeypatch.setattr(image_grid, "_font", lambda size: bitmap)
     with pytest.raises(UnicodeEncodeError):  # what Pillow 9.5 did with the title
         ImageDraw.Draw(Image.new("RGB", (64, 16))).text((0, 0), "neg \u2192 pos", font=bitmap)
