@@ -58,3 +58,60 @@ def browser():
         pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
     pw = sync_api.sync_playwright().start()
     return pw, pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+# -- actions on the Medical Diffusion tabs (gradio 3.41 markup) ----------------------------------------------
+def choose(page, dropdown_id: str, option: str) -> None:
+    page.click(f"#{dropdown_id} input")
+    page.click(f"ul.options li:has-text('{option}')")
+
+
+def set_number(page, tab: str, label: str, value: str) -> None:
+    """Type into the number box of the widget labelled ``label`` in tab ``md_tab_<tab>``."""
+    box = page.locator(f"#md_tab_{tab} div.block:has(span:has-text('{label}')) input[type=number]").first
+    box.fill(value)
+    box.press("Enter")
+
+
+def fill(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def wait_for(page, condition: str, timeout: float) -> None:
+    """Wait for a JS condition, failing at once (with its text) if gradio shows an error instead."""
+    page.wait_for_function(f"({condition}) || document.querySelector('.toast-body.error')", timeout=timeout)
+    errors = page.locator(".toast-body.error")
+    assert errors.count() == 0, errors.first.inner_text()
+
+
+def prepare_pngs_with_a_bad_file(page, work: Path) -> None:
+    """On the open Prepare data tab: import 3 PNGs and a broken file from ``work/raw_pngs`` into
+    ``work/prepared``; the broken file is reported and the batch goes on."""
+    from PIL import Image
+
+    src = work / "raw_pngs"
+    src.mkdir()
+    for i in range(3):
+        Image.radial_gradient("L").resize((300, 200)).save(src / f"scan_{i}.png")
+    (src / "broken.png").write_bytes(b"not an image")
+    page.click("#md_tab_prepare button:has-text('DICOM / NIfTI / PNG')")
+    fill(page, "md_prep_out", str(work / "prepared"))
+    fill(page, "md_prep_n", "0")
+    fill(page, "md_prep_gen_inputs", str(src))
+    fill(page, "md_prep_gen_label", "phantom")
+    page.click("#md_prep_gen_run")
+    wait_for(page, "document.querySelector('#md_prep_status').innerText.includes('Made')", timeout=120_000)
+    status = page.inner_text("#md_prep_status")
+    assert "Made 3" in status and "failed 1" in status
+    assert "broken.png" in page.inner_text("#md_tab_prepare")
+    assert len(list((work / "prepared").rglob("*.png"))) >= 3
+
+
+def upload_and_click_overlay(page, picture: Path, x: float, y: float) -> None:
+    """On the open Inpaint tab: upload ``picture`` and click the 512-px mask overlay at ``(x, y)``."""
+    page.set_input_files("#md_inp_image input[type=file]", str(picture))
+    page.wait_for_selector("#md_inp_overlay img", timeout=60_000)
+    box = page.locator("#md_inp_overlay img").bounding_box()
+    page.mouse.click(box["x"] + x * box["width"] / 512, box["y"] + y * box["height"] / 512)

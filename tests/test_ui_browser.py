@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from browser_support import browser, start_ui
+from browser_support import (browser, choose, fill, prepare_pngs_with_a_bad_file, set_number, start_ui,
+                             upload_and_click_overlay, wait_for)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -39,24 +40,6 @@ def ui(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def _choose(page, dropdown_id: str, option: str) -> None:
-    page.click(f"#{dropdown_id} input")
-    page.click(f"ul.options li:has-text('{option}')")
-
-
-def _set_number(page, tab: str, label: str, value: str) -> None:
-    box = page.locator(f"#md_tab_{tab} div.block:has(span:has-text('{label}')) input[type=number]").first
-    box.fill(value)
-    box.press("Enter")
-
-
-def _wait_for(page, condition: str, timeout: float) -> None:
-    """Wait for a JS condition, failing at once (with its text) if gradio shows an error instead."""
-    page.wait_for_function(f"({condition}) || document.querySelector('.toast-body.error')", timeout=timeout)
-    errors = page.locator(".toast-body.error")
-    assert errors.count() == 0, errors.first.inner_text()
-
-
 def _open_tab(page, title: str) -> None:
     page.click(f"#md_tabs button:has-text('{title}')")
 
@@ -66,33 +49,10 @@ def test_model_label_says_demo(ui):
     assert "workflow demo" in page.inner_text("#md_model_label")
 
 
-def _fill(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
-    box.fill(value)
-    box.press("Tab")
-
-
 def test_prepare_generic_import_with_a_bad_file(ui):
-    from PIL import Image
-
     page, work, shots = ui
-    src = work / "raw_pngs"
-    src.mkdir()
-    for i in range(3):
-        Image.radial_gradient("L").resize((300, 200)).save(src / f"scan_{i}.png")
-    (src / "broken.png").write_bytes(b"not an image")
     _open_tab(page, "Prepare data")
-    page.click("#md_tab_prepare button:has-text('DICOM / NIfTI / PNG')")
-    _fill(page, "md_prep_out", str(work / "prepared"))
-    _fill(page, "md_prep_n", "0")
-    _fill(page, "md_prep_gen_inputs", str(src))
-    _fill(page, "md_prep_gen_label", "phantom")
-    page.click("#md_prep_gen_run")
-    page.wait_for_function("document.querySelector('#md_prep_status').innerText.includes('Made')", timeout=120_000)
-    status = page.inner_text("#md_prep_status")
-    assert "Made 3" in status and "failed 1" in status
-    assert "broken.png" in page.inner_text("#md_tab_prepare")  # the failure is listed, the batch went on
-    assert len(list((work / "prepared").rglob("*.png"))) >= 3
+    prepare_pngs_with_a_bad_file(page, work)
     page.screenshot(path=str(shots / "prepare.png"), full_page=True)
 
 
@@ -105,16 +65,16 @@ def test_train_five_steps_with_live_loss_plot(ui):
     for i in range(3):
         Image.radial_gradient("L").resize((64, 64)).rotate(30 * i).convert("RGB").save(data / f"img_{i}.png")
     _open_tab(page, "Train embedding")
-    _fill(page, "md_train_name", "phantom_ui")
-    _fill(page, "md_train_data", str(data))
+    fill(page, "md_train_name", "phantom_ui")
+    fill(page, "md_train_data", str(data))
     for elem_id, value in [("md_train_steps", "5"), ("md_train_resolution", "64"),
                            ("md_train_preview_every", "5"), ("md_train_preview_steps", "2")]:
-        _fill(page, elem_id, value)
-    _set_number(page, "train", "Vectors", "4")
+        fill(page, elem_id, value)
+    set_number(page, "train", "Vectors", "4")
     page.click("#md_train_start")
     page.wait_for_function("document.querySelector('#md_train_status').innerText.includes('step ')",
                            timeout=120_000)
-    _wait_for(page, "document.querySelector('#md_train_status').innerText.includes('finished at step 5')",
+    wait_for(page, "document.querySelector('#md_train_status').innerText.includes('finished at step 5')",
                            timeout=240_000)
     assert page.locator("#md_train_loss canvas, #md_train_loss svg").count() > 0  # the plot was drawn
     page.wait_for_selector("#md_train_preview img", timeout=60_000)
@@ -125,7 +85,7 @@ def test_train_five_steps_with_live_loss_plot(ui):
 def test_embeddings_tab_inspect_and_blend(ui):
     page, work, shots = ui
     _open_tab(page, "Embeddings")
-    _choose(page, "md_emb_a", "prostate_neg.pt")
+    choose(page, "md_emb_a", "prostate_neg.pt")
     page.click("#md_emb_inspect")
     page.wait_for_function("document.querySelector('#md_emb_report textarea').value.includes('4 x 32')",
                            timeout=60_000)
@@ -133,7 +93,7 @@ def test_embeddings_tab_inspect_and_blend(ui):
     assert "prostate_neg" in report and "< 1 MB" in report
     page.screenshot(path=str(shots / "embeddings_inspect.png"), full_page=True)
 
-    _choose(page, "md_emb_b", "prostate_pos.pt")
+    choose(page, "md_emb_b", "prostate_pos.pt")
     page.click("#md_emb_compare")
     page.wait_for_function("document.querySelector('#md_emb_report textarea').value.includes('cosine')",
                            timeout=60_000)
@@ -142,15 +102,15 @@ def test_embeddings_tab_inspect_and_blend(ui):
 def test_interpolation_grid(ui):
     page, work, shots = ui
     _open_tab(page, "Interpolate & compose")
-    _choose(page, "md_gen_healthy", "prostate_neg")
-    _choose(page, "md_gen_diseased", "prostate_pos")
+    choose(page, "md_gen_healthy", "prostate_neg")
+    choose(page, "md_gen_diseased", "prostate_pos")
     page.click("#md_gen_build_t")
     page.wait_for_function("document.querySelector('#md_gen_prompt textarea').value.includes(' AND ')",
                            timeout=60_000)
     assert page.input_value("#md_gen_prompt textarea") == "prostate_neg :0.5 AND prostate_pos :0.5"
     for label, value in [("Sampling steps", "3"), ("Width", "128"), ("Height", "128"),
                          ("Interpolation steps K", "3")]:
-        _set_number(page, "generate", label, value)
+        set_number(page, "generate", label, value)
     page.click("#md_gen_grid")
     page.wait_for_selector("#md_gen_result img", timeout=240_000)
     assert "3 frames" in page.inner_text("#md_gen_status")
@@ -164,12 +124,7 @@ def test_inpaint_click_to_place_keyboard_nudge_and_run(ui):
     picture = work / "phantom.png"
     Image.radial_gradient("L").resize((256, 256)).convert("RGB").save(picture)
     _open_tab(page, "Inpaint")
-    page.set_input_files("#md_inp_image input[type=file]", str(picture))
-    page.wait_for_selector("#md_inp_overlay img", timeout=60_000)
-
-    # a click on the 512-px overlay at (128, 384) is (63.75, 191.75) in the 256-px source
-    box = page.locator("#md_inp_overlay img").bounding_box()
-    page.mouse.click(box["x"] + 128 * box["width"] / 512, box["y"] + 384 * box["height"] / 512)
+    upload_and_click_overlay(page, picture, 128, 384)  # (63.75, 191.75) in the 256-px source
     page.wait_for_function("Math.abs(parseFloat(document.querySelector('#md_inp_cx input').value) - 63.75) < 1",
                            timeout=30_000)
     x0 = float(page.input_value("#md_inp_cx input"))
@@ -182,9 +137,9 @@ def test_inpaint_click_to_place_keyboard_nudge_and_run(ui):
     page.wait_for_function("document.querySelector('#md_inp_info').innerText.includes('px')", timeout=30_000)
     page.screenshot(path=str(shots / "inpaint_mask.png"), full_page=True)
 
-    _choose(page, "md_inp_embedding", "prostate_pos")
+    choose(page, "md_inp_embedding", "prostate_pos")
     for label, value in [("Sampling steps", "3"), ("Width", "128"), ("Height", "128")]:
-        _set_number(page, "inpaint", label, value)
+        set_number(page, "inpaint", label, value)
     page.click("#md_inp_run")
     page.wait_for_selector("#md_inp_result img", timeout=240_000)
     assert "Inpainted with prostate_pos" in page.inner_text("#md_inp_status")
@@ -223,31 +178,31 @@ def test_evaluate_fid_and_classifier(ui):
     torch.save(resnet18(weights=None).state_dict(), weights)
 
     _open_tab(page, "Evaluate")
-    _fill(page, "md_eval_real", str(work / "eval_real" / "train" / "pos"))
-    _fill(page, "md_eval_generated", str(work / "eval_gen" / "pos"))
-    _fill(page, "md_eval_reps", "20")
+    fill(page, "md_eval_real", str(work / "eval_real" / "train" / "pos"))
+    fill(page, "md_eval_generated", str(work / "eval_gen" / "pos"))
+    fill(page, "md_eval_reps", "20")
     page.click("#md_eval_fid_run")
     try:
         find_inception_weights(None)
     except MedDiffError:  # no weights on this machine: the error names the file expected
         page.wait_for_selector("text=pt_inception", timeout=120_000)
     else:
-        _wait_for(page, "document.querySelector('#md_eval_fid_result').innerText.includes('FID =')",
+        wait_for(page, "document.querySelector('#md_eval_fid_result').innerText.includes('FID =')",
                   timeout=240_000)
         assert "20 bootstrap reps" in page.inner_text("#md_eval_fid_result")
     page.screenshot(path=str(shots / "evaluate_fid.png"), full_page=True)
 
     page.click("#md_tab_evaluate button:has-text('Classifier experiments')")
-    _fill(page, "md_eval_cls_real", str(work / "eval_real"))
-    _fill(page, "md_eval_cls_syn", str(work / "eval_gen"))
-    _fill(page, "md_eval_cls_out", str(work / "eval_cls"))
-    _fill(page, "md_eval_cls_mixes", "real=all:0\nmixed=all:6")
-    _fill(page, "md_eval_cls_weights", str(weights))
+    fill(page, "md_eval_cls_real", str(work / "eval_real"))
+    fill(page, "md_eval_cls_syn", str(work / "eval_gen"))
+    fill(page, "md_eval_cls_out", str(work / "eval_cls"))
+    fill(page, "md_eval_cls_mixes", "real=all:0\nmixed=all:6")
+    fill(page, "md_eval_cls_weights", str(weights))
     for elem_id, value in [("md_eval_cls_steps", "4"), ("md_eval_cls_batch", "4"), ("md_eval_cls_size", "64"),
                            ("md_eval_cls_runs", "1")]:
-        _fill(page, elem_id, value)
+        fill(page, elem_id, value)
     page.click("#md_eval_cls_run")
-    _wait_for(page, "document.querySelector('#md_eval_cls_roc img')", timeout=300_000)
+    wait_for(page, "document.querySelector('#md_eval_cls_roc img')", timeout=300_000)
     table = page.inner_text("#md_eval_cls_table")
     assert "real" in table and "mixed" in table
     assert (work / "eval_cls" / "report.json").is_file()

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from browser_support import ROOT, browser, free_port
+from browser_support import (ROOT, browser, choose, fill, free_port, prepare_pngs_with_a_bad_file, set_number,
+                             upload_and_click_overlay, wait_for)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.webui]
 
@@ -169,30 +170,6 @@ def _open_md_tab(page, title: str) -> None:
     page.click(f"#md_tabs button:has-text('{title}')")
 
 
-def _choose(page, dropdown_id: str, option: str) -> None:
-    page.click(f"#{dropdown_id} input")
-    page.click(f"ul.options li:has-text('{option}')")
-
-
-def _fill(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
-    box.fill(value)
-    box.press("Tab")
-
-
-def _set_number(page, tab: str, label: str, value: str) -> None:
-    box = page.locator(f"#md_tab_{tab} div.block:has(span:has-text('{label}')) input[type=number]").first
-    box.fill(value)
-    box.press("Enter")
-
-
-def _wait_for(page, condition: str, timeout: float) -> None:
-    """Wait for a JS condition, failing at once (with its text) if gradio shows an error instead."""
-    page.wait_for_function(f"({condition}) || document.querySelector('.toast-body.error')", timeout=timeout)
-    errors = page.locator(".toast-body.error")
-    assert errors.count() == 0, errors.first.inner_text()
-
-
 def _image_of(page, selector: str):
     """The picture a gradio Image component shows, as an RGB array."""
     import numpy as np
@@ -245,14 +222,14 @@ def test_train_in_the_tab_then_txt2img_uses_it_and_the_model_is_untouched(webui,
     before, _ = webui.txt2img("a plain prompt", seed=3)
 
     _open_md_tab(page, "Train embedding")
-    _fill(page, "md_train_name", "webui_phantom")
-    _fill(page, "md_train_data", str(webui.data / "train_images"))
+    fill(page, "md_train_name", "webui_phantom")
+    fill(page, "md_train_data", str(webui.data / "train_images"))
     for elem_id, value in [("md_train_steps", "5"), ("md_train_resolution", "64"),
                            ("md_train_preview_every", "5"), ("md_train_preview_steps", "2")]:
-        _fill(page, elem_id, value)
-    _set_number(page, "train", "Vectors", "4")
+        fill(page, elem_id, value)
+    set_number(page, "train", "Vectors", "4")
     page.click("#md_train_start")
-    _wait_for(page, "document.querySelector('#md_train_status').innerText.includes('finished at step 5')",
+    wait_for(page, "document.querySelector('#md_train_status').innerText.includes('finished at step 5')",
               timeout=300_000)
     assert page.locator("#md_train_loss canvas, #md_train_loss svg").count() > 0
     page.wait_for_selector("#md_train_preview img", timeout=60_000)
@@ -287,20 +264,20 @@ def test_a_retrained_embedding_takes_effect_at_once(webui):
 def test_generate_equals_webui_txt2img_and_send_to_txt2img(webui, page):
     _open_md_tab(page, "Interpolate & compose")
     page.click("#md_tab_generate button:has-text('Refresh embeddings')")
-    _choose(page, "md_gen_healthy", "prostate_neg")
-    _choose(page, "md_gen_diseased", "prostate_pos")
-    _set_number(page, "generate", "Healthy → diseased", "0.25")
+    choose(page, "md_gen_healthy", "prostate_neg")
+    choose(page, "md_gen_diseased", "prostate_pos")
+    set_number(page, "generate", "Healthy → diseased", "0.25")
     page.click("#md_gen_build_t")
     page.wait_for_function("document.querySelector('#md_gen_prompt textarea').value.includes(' AND ')",
                            timeout=60_000)
     prompt = page.input_value("#md_gen_prompt textarea")
     assert prompt == "prostate_neg :0.75 AND prostate_pos :0.25"
     for label, value in [("Sampling steps", "3"), ("Width", "64"), ("Height", "64"), ("Seed", "11")]:
-        _set_number(page, "generate", label, value)
+        set_number(page, "generate", label, value)
     expected, infotext = webui.txt2img(prompt, seed=11)
     assert "TI hashes: " in infotext and "prostate_neg" in infotext and "prostate_pos" in infotext, infotext
     page.click("#md_gen_generate")
-    _wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('seed 11')", timeout=120_000)
+    wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('seed 11')", timeout=120_000)
     assert (_image_of(page, "#md_gen_result") == expected).all()  # the tab's image is the webui's txt2img
 
     page.click("#md_gen_send")
@@ -313,15 +290,15 @@ def test_generate_equals_webui_txt2img_and_send_to_txt2img(webui, page):
 def test_interpolation_grid_and_composition_strip(webui, page):
     _open_md_tab(page, "Interpolate & compose")
     for label, value in [("Sampling steps", "3"), ("Width", "64"), ("Height", "64"), ("Interpolation steps K", "3")]:
-        _set_number(page, "generate", label, value)
+        set_number(page, "generate", label, value)
     page.click("#md_gen_grid")
-    _wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('3 frames')", timeout=240_000)
+    wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('3 frames')", timeout=240_000)
     page.screenshot(path=str(page.shots / "webui_interpolation_grid.png"), full_page=True)
 
     page.click("#md_gen_weights .label-wrap")
-    _choose(page, "md_gen_slot_1", "prostate_pos")
+    choose(page, "md_gen_slot_1", "prostate_pos")
     page.click("#md_tab_generate button:has-text('Composition strip')")
-    _wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('prostate_pos')", timeout=240_000)
+    wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('prostate_pos')", timeout=240_000)
     assert "prostate_neg :1 AND prostate_pos :1" in page.inner_text("#md_gen_status")
 
 
@@ -332,10 +309,7 @@ def test_inpaint_send_to_img2img_and_run_through_the_webui(webui, page):
     picture = webui.data.parent / "phantom.png"
     Image.radial_gradient("L").resize((128, 128)).convert("RGB").save(picture)
     _open_md_tab(page, "Inpaint")
-    page.set_input_files("#md_inp_image input[type=file]", str(picture))
-    page.wait_for_selector("#md_inp_overlay img", timeout=60_000)
-    box = page.locator("#md_inp_overlay img").bounding_box()
-    page.mouse.click(box["x"] + 256 * box["width"] / 512, box["y"] + 128 * box["height"] / 512)
+    upload_and_click_overlay(page, picture, 256, 128)  # (63.625, 31.625) in the 128-px picture
     page.wait_for_function("Math.abs(parseFloat(document.querySelector('#md_inp_cy input').value) - 31.625) < 1",
                            timeout=30_000)
     # javascript/ is loaded by the webui itself: arrow keys nudge the centre (Shift: 10 px)
@@ -347,8 +321,8 @@ def test_inpaint_send_to_img2img_and_run_through_the_webui(webui, page):
     assert float(page.input_value("#md_inp_cx input")) == x0 - 1
     page.wait_for_function("Math.abs(parseFloat(document.querySelector('#md_inp_cy input').value) - 22.625) < 0.01",
                            timeout=10_000)
-    _fill(page, "md_inp_rx", "10")
-    _fill(page, "md_inp_ry", "10")
+    fill(page, "md_inp_rx", "10")
+    fill(page, "md_inp_ry", "10")
 
     page.click("#md_inp_send")
     page.wait_for_selector("#img_inpaint_base img", state="visible", timeout=60_000)
@@ -363,11 +337,11 @@ def test_inpaint_send_to_img2img_and_run_through_the_webui(webui, page):
     assert abs(white[:, 0].mean() - 22.6) < 1.5 and abs(white[:, 1].mean() - 62.6) < 1.5
 
     _open_md_tab(page, "Inpaint")
-    _choose(page, "md_inp_embedding", "prostate_pos")
+    choose(page, "md_inp_embedding", "prostate_pos")
     for label, value in [("Sampling steps", "3"), ("Width", "128"), ("Height", "128")]:
-        _set_number(page, "inpaint", label, value)
+        set_number(page, "inpaint", label, value)
     page.click("#md_inp_run")
-    _wait_for(page, "document.querySelector('#md_inp_status').innerText.includes('Inpainted with')",
+    wait_for(page, "document.querySelector('#md_inp_status').innerText.includes('Inpainted with')",
               timeout=240_000)
     result = _image_of(page, "#md_inp_result")
     assert result.shape[:2] == (128, 128)
@@ -375,37 +349,22 @@ def test_inpaint_send_to_img2img_and_run_through_the_webui(webui, page):
 
 
 def test_prepare_tab_goes_on_past_a_bad_file(webui, page):
-    from PIL import Image
-
-    src = webui.data.parent / "raw_pngs"
-    src.mkdir()
-    for i in range(3):
-        Image.radial_gradient("L").resize((300, 200)).save(src / f"scan_{i}.png")
-    (src / "broken.png").write_bytes(b"not an image")
     _open_md_tab(page, "Prepare data")
-    page.click("#md_tab_prepare button:has-text('DICOM / NIfTI / PNG')")
-    _fill(page, "md_prep_out", str(webui.data.parent / "prepared"))
-    _fill(page, "md_prep_n", "0")
-    _fill(page, "md_prep_gen_inputs", str(src))
-    _fill(page, "md_prep_gen_label", "phantom")
-    page.click("#md_prep_gen_run")
-    _wait_for(page, "document.querySelector('#md_prep_status').innerText.includes('Made')", timeout=120_000)
-    assert "Made 3" in page.inner_text("#md_prep_status") and "failed 1" in page.inner_text("#md_prep_status")
-    assert "broken.png" in page.inner_text("#md_tab_prepare")
+    prepare_pngs_with_a_bad_file(page, webui.data.parent)
     page.screenshot(path=str(page.shots / "webui_prepare.png"), full_page=True)
 
 
 def test_blend_and_export_in_the_embeddings_tab(webui, page):
     _open_md_tab(page, "Embeddings")
     page.click("#md_emb_refresh")
-    _choose(page, "md_emb_a", "prostate_neg.pt")
+    choose(page, "md_emb_a", "prostate_neg.pt")
     page.click("#md_emb_inspect")
-    _wait_for(page, "document.querySelector('#md_emb_report textarea').value.includes('4 x 512')", timeout=60_000)
-    _choose(page, "md_emb_b", "prostate_pos.pt")
+    wait_for(page, "document.querySelector('#md_emb_report textarea').value.includes('4 x 512')", timeout=60_000)
+    choose(page, "md_emb_b", "prostate_pos.pt")
     page.click("#md_emb_blend_box .label-wrap")
-    _fill(page, "md_emb_blend_name", "halfway")
+    fill(page, "md_emb_blend_name", "halfway")
     page.click("#md_emb_blend")
-    _wait_for(page, "document.querySelector('#md_emb_report textarea').value.includes('halfway')", timeout=60_000)
+    wait_for(page, "document.querySelector('#md_emb_report textarea').value.includes('halfway')", timeout=60_000)
     status, listing = webui.api("GET", "/sdapi/v1/embeddings")
     assert listing["loaded"]["halfway"]["vectors"] == 4  # usable in the webui's prompts at once
     _, infotext = webui.txt2img("halfway", seed=2)
@@ -440,12 +399,12 @@ def test_evaluate_fid_takes_weights_from_the_webui_settings(webui, page):
         for i in range(4):
             Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     _open_md_tab(page, "Evaluate")
-    _fill(page, "md_eval_real", str(webui.data.parent / "fid_real"))
-    _fill(page, "md_eval_generated", str(webui.data.parent / "fid_generated"))
-    _fill(page, "md_eval_weights", "")  # empty: the setting applies (no UI reload needed)
-    _fill(page, "md_eval_reps", "10")
+    fill(page, "md_eval_real", str(webui.data.parent / "fid_real"))
+    fill(page, "md_eval_generated", str(webui.data.parent / "fid_generated"))
+    fill(page, "md_eval_weights", "")  # empty: the setting applies (no UI reload needed)
+    fill(page, "md_eval_reps", "10")
     page.click("#md_eval_fid_run")
-    _wait_for(page, "document.querySelector('#md_eval_fid_result').innerText.includes('FID =')", timeout=300_000)
+    wait_for(page, "document.querySelector('#md_eval_fid_result').innerText.includes('FID =')", timeout=300_000)
     assert "inception-weights.pt" in page.inner_text("#md_tab_evaluate")
     page.screenshot(path=str(page.shots / "webui_evaluate.png"), full_page=True)
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
 import gradio as gr
-import numpy as np
 from PIL import Image
 
 from medical_diffusion.ui.context import UIContext
