@@ -23,6 +23,20 @@ from medical_diffusion.png_io import save_png
 ProgressCallback = Callable[[int, int, str], None]
 
 
+@dataclass(kw_only=True)
+class BatchOptions:
+    """What every dataset preparation shares: output folder, image size, sampling, splits, workers."""
+
+    out: str
+    size: int = 512
+    n_per_class: int | None = None  # per class (and per split); None = every eligible item
+    splits: tuple[str, ...] = ()  # e.g. ("train", "val", "test"): patient-disjoint classifier sets
+    seed: int = 0
+    neutral_names: bool = True
+    workers: int = 1
+    contact_sheet: bool = True
+
+
 @dataclass
 class ItemFailure:
     """A failed item: its key, source and a one-line reason."""

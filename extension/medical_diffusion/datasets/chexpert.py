@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medical_diffusion.datasets.batch import BatchResult, ItemFailure, ProgressCallback, options_to_json, run_batch
+from medical_diffusion.datasets.batch import (BatchOptions, BatchResult, ItemFailure, ProgressCallback,
+                                            options_to_json, run_batch)
 from medical_diffusion.datasets.image_fit import crop_to_nonzero, fit_longest_edge_and_pad
 from medical_diffusion.datasets.layout import plan_outputs, slug
 from medical_diffusion.datasets.splits import Candidate, select_items
@@ -36,22 +37,14 @@ PREFIXES = ("CheXpert-v1.0-small/", "CheXpert-v1.0/")
 PIXEL_OPTIONS = ("size",)
 
 @dataclass
-class ChexpertOptions:
+class ChexpertOptions(BatchOptions):
     """Options for :func:`prepare_chexpert` (defaults = the paper)."""
 
     csv: str
     root: str
-    out: str
     classes: tuple[str, ...] = PAPER_CLASSES
     view: str = "AP"  # AP/PA value to keep (frontal images only); "" keeps every frontal image
     uncertain: str = "zeros"
-    size: int = 512
-    n_per_class: int | None = None
-    splits: tuple[str, ...] = ()
-    seed: int = 0
-    neutral_names: bool = True
-    workers: int = 1
-    contact_sheet: bool = True
 
     def validate(self) -> None:
         if self.uncertain not in UNCERTAIN_POLICIES:

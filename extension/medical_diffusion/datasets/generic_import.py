@@ -19,7 +19,8 @@ import SimpleITK as sitk
 from PIL import Image
 
 from medical_diffusion.datasets import volume_ops as vo
-from medical_diffusion.datasets.batch import BatchResult, ItemFailure, ProgressCallback, options_to_json, run_batch
+from medical_diffusion.datasets.batch import (BatchOptions, BatchResult, ItemFailure, ProgressCallback,
+                                            options_to_json, run_batch)
 from medical_diffusion.datasets.image_fit import FITS, crop_to_nonzero, fit_square
 from medical_diffusion.datasets.layout import plan_outputs, slug
 from medical_diffusion.datasets.picai import choose_slice
@@ -37,11 +38,10 @@ MASK_RULES = ("max", "median")
 PIXEL_OPTIONS = ("window", "slice_index", "mask", "mask_rule", "color", "fit", "crop_nonzero", "size")
 
 @dataclass
-class ImportOptions:
+class ImportOptions(BatchOptions):
     """Options for :func:`prepare_images`."""
 
     inputs: tuple[str, ...]
-    out: str
     label: str = "images"  # class folder when class_from == "label"
     class_from: str = "label"  # "label", or "folder": the name of each item's parent folder
     window: str = "auto"  # "auto" (DICOM window tags, else min-max), "minmax", "percentile", "C,W"
@@ -51,13 +51,6 @@ class ImportOptions:
     color: str = "auto"  # "auto", "grey" or "rgb" (2D colour images)
     fit: str = "pad"  # "pad": keep aspect ratio, zero borders; "stretch"
     crop_nonzero: bool = False
-    size: int = 512
-    n_per_class: int | None = None
-    splits: tuple[str, ...] = ()
-    seed: int = 0
-    neutral_names: bool = True
-    workers: int = 1
-    contact_sheet: bool = True
 
     def validate(self) -> None:
         parse_window(self.window)

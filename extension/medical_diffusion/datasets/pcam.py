@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from medical_diffusion.datasets.batch import BatchResult, ProgressCallback, options_to_json, run_batch
+from medical_diffusion.datasets.batch import BatchOptions, BatchResult, ProgressCallback, options_to_json, run_batch
 from medical_diffusion.datasets.layout import plan_outputs
 from medical_diffusion.datasets.splits import Candidate, select_items
 from medical_diffusion.errors import InputFileError, MedDiffError
@@ -19,19 +19,12 @@ from medical_diffusion.errors import InputFileError, MedDiffError
 PIXEL_OPTIONS = ("size",)
 
 @dataclass
-class PcamOptions:
+class PcamOptions(BatchOptions):
     """Options for :func:`prepare_pcam` (defaults = the paper: 100 + 100 from the training file)."""
 
     x: str
     y: str
-    out: str
-    n_per_class: int | None = 100
-    splits: tuple[str, ...] = ()
-    seed: int = 0
-    size: int = 512
-    neutral_names: bool = True
-    workers: int = 1
-    contact_sheet: bool = True
+    n_per_class: int | None = field(default=100, kw_only=True)
 
 
 def _check_h5(path: str | os.PathLike, dataset: str):

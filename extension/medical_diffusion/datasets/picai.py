@@ -19,7 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from medical_diffusion.datasets import volume_ops as vo
-from medical_diffusion.datasets.batch import BatchResult, ItemFailure, ProgressCallback, options_to_json, run_batch
+from medical_diffusion.datasets.batch import (BatchOptions, BatchResult, ItemFailure, ProgressCallback,
+                                            options_to_json, run_batch)
 from medical_diffusion.datasets.layout import plan_outputs
 from medical_diffusion.datasets.splits import Candidate, select_items
 from medical_diffusion.errors import InputFileError, MedDiffError
@@ -38,26 +39,18 @@ _T2W_NAME = re.compile(r"^(?P<pid>[^_]+)_(?P<sid>[^_]+)_t2w\.mha$")
 PIXEL_OPTIONS = ("mode", "channels", "label_source", "spacing", "crop", "size")
 
 @dataclass
-class PicaiOptions:
+class PicaiOptions(BatchOptions):
     """Options for :func:`prepare_picai` (defaults = the paper)."""
 
     images: str
     labels: str
-    out: str
     mode: str = "paper"  # "paper" or "aligned"
     channels: str = "rgb"  # "rgb" (T2W/ADC/HBV) or one modality as grey: "t2w", "adc", "hbv"
     label_source: str = "combined"  # human with AI fallback, "human" only, or "marksheet" case_csPCa
     spacing: tuple[float, float, float] = (3.0, 0.5, 0.5)  # (z, y, x) mm
     crop: tuple[int, int, int] = (30, 300, 300)  # (z, y, x) voxels
-    size: int = 512
-    n_per_class: int | None = None  # per class (and per split); None = every eligible case
-    splits: tuple[str, ...] = ()  # e.g. ("train", "val", "test"): patient-disjoint classifier sets
-    seed: int = 0
-    neutral_names: bool = True
     resampler: str = "fast"  # "fast": SimpleITK's exact values, computed only where needed; "sitk": whole volumes
     cases: tuple[str, ...] = ()  # restrict to these "<pid>_<sid>" ids
-    workers: int = 1
-    contact_sheet: bool = True
 
     def validate(self) -> None:
         if self.mode not in MODES:
