@@ -117,6 +117,23 @@ def test_interpolation_grid(ui):
     page.screenshot(path=str(shots / "interpolation_grid.png"), full_page=True)
 
 
+def test_a_generated_image_goes_to_the_inpaint_tab(ui):
+    page, work, shots = ui
+    _open_tab(page, "Interpolate & compose")
+    page.click("#md_gen_to_inpaint")  # nothing generated yet: a clear message
+    page.wait_for_selector(".toast-body.error:has-text('generate an image first')", timeout=30_000)
+    page.click(".toast-body.error .toast-close")
+    fill(page, "md_gen_prompt", "prostate_neg")
+    for label, value in [("Sampling steps", "2"), ("Width", "64"), ("Height", "64")]:
+        set_number(page, "generate", label, value)
+    page.click("#md_gen_generate")
+    wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('Generated')", timeout=120_000)
+    page.click("#md_gen_to_inpaint")
+    page.wait_for_selector("#md_inp_overlay img", state="visible", timeout=60_000)
+    assert page.locator("#md_tab_inpaint").is_visible()
+    page.wait_for_function("document.querySelector('#md_inp_info').innerText.includes('px')", timeout=30_000)
+
+
 def test_inpaint_click_to_place_keyboard_nudge_and_run(ui):
     from PIL import Image
 

@@ -24,9 +24,13 @@ def build_blocks(ctx: UIContext) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False, title="Medical Diffusion") as blocks:
         if ctx.model_label:
             gr.Markdown(f"**Model:** {ctx.model_label}", elem_id="md_model_label")
-        with gr.Tabs(elem_id="md_tabs"):
+        parts = {}
+        with gr.Tabs(elem_id="md_tabs") as tabs:
             for title, module_name in TABS:
                 module = importlib.import_module(f"medical_diffusion.ui.{module_name}")
-                with gr.Tab(title, elem_id=f"md_tab_{module_name[4:]}"):
-                    module.build(ctx)
+                short = module_name[4:]
+                with gr.Tab(title, id=short, elem_id=f"md_tab_{short}"):
+                    parts[short] = module.build(ctx) or {}
+        # a generated case goes to the Inpaint tab (the paper's "generate, then place a tumour")
+        parts["inpaint"]["take_image"](parts["generate"]["to_inpaint"], parts["generate"]["last_image"], tabs)
     return blocks

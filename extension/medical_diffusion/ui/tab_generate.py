@@ -32,8 +32,10 @@ def sampling_controls() -> dict:
     return dict(steps=steps, cfg=cfg, seed=seed, width=width, height=height, negative=negative)
 
 
-def build(ctx: UIContext) -> None:
-    """Add the tab's widgets (images come from :func:`~medical_diffusion.ui.rendering.render_prompts`)."""
+def build(ctx: UIContext) -> dict:
+    """Add the tab's widgets (images come from :func:`~medical_diffusion.ui.rendering.render_prompts`).
+    Returns the parts other tabs link to: ``last_image`` (state: the last single image) and
+    ``to_inpaint`` (a button)."""
     from medical_diffusion.generation.composition import composition_stages
     from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
@@ -66,6 +68,8 @@ def build(ctx: UIContext) -> None:
         compose_btn = gr.Button("Composition strip (adds embeddings 1..n to the healthy one)")
     result = gr.Image(label="Result", type="pil", interactive=False, elem_id="md_gen_result")
     status = gr.Markdown(elem_id="md_gen_status")
+    last_image = gr.State(None)  # the last single generated image (not a grid), for the Inpaint tab
+    to_inpaint = gr.Button("Inpaint the last generated image", elem_id="md_gen_to_inpaint")
 
     if ctx.send_to_txt2img is not None:
         ctx.send_to_txt2img(send_btn, prompt)
@@ -115,7 +119,7 @@ def build(ctx: UIContext) -> None:
         _, warn = table_and_warnings(text)
         (image,), used = render_prompts(ctx, [(text, None)], seed=int(seed), progress=progress,
                                         **sample_kwargs(steps, cfg, width, height, negative))
-        return image, format_warnings(warn) or f"Generated `{text}` at seed {used}."
+        return image, format_warnings(warn) or f"Generated `{text}` at seed {used}.", image
 
     @shows_errors
     def do_grid(h, d, kk, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
@@ -144,6 +148,7 @@ def build(ctx: UIContext) -> None:
                   for j, (st, image) in enumerate(zip(stages, images))]
         return frames_grid(frames, title=f"composition, seed {used}"), "\n".join(f.prompt for f in frames)
 
-    generate_btn.click(do_generate, [prompt, *param_inputs], [result, status])
+    generate_btn.click(do_generate, [prompt, *param_inputs], [result, status, last_image])
     grid_btn.click(do_grid, [healthy, diseased, k, *param_inputs], [result, status])
     compose_btn.click(do_compose, [healthy, *slot_names, *slot_weights, *param_inputs], [result, status])
+    return {"last_image": last_image, "to_inpaint": to_inpaint}

@@ -25,7 +25,9 @@ def click_to_source(x: float, y: float, source_size: tuple[int, int], unit: str,
     return sx, sy
 
 
-def build(ctx: UIContext) -> None:
+def build(ctx: UIContext) -> dict:
+    """Add the tab's widgets; returns ``take_image(button, picture_component, tabs)``, which wires a
+    button elsewhere to bring a picture here (and show this tab)."""
     from medical_diffusion.generation.inpainting import FILL_MODES, inpaint
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
     from medical_diffusion.generation.masks import (MaskShape, MaskSpec, load_source_image, overlay_preview,
@@ -197,3 +199,15 @@ def build(ctx: UIContext) -> None:
     sample_inputs = [params[k] for k in ("steps", "cfg", "seed", "width", "height", "negative")]
     inpaint_btn.click(on_inpaint, [image, source, shapes, *geometry, emb, prompt, *sample_inputs,
                                    strength, fill, blur, only_masked, padding], [result, status])
+
+    def take_image(button, picture, tabs) -> None:
+        @shows_errors
+        def take(img):
+            if img is None:
+                raise ValueError("there is no picture yet: generate an image first")
+            return img, gr.Tabs.update(selected="inpaint")
+
+        button.click(take, [picture], [image, tabs]).success(
+            on_upload, [image], [source, shapes, mask_info, spacing_x, spacing_y]).success(**redraw)
+
+    return {"take_image": take_image}
