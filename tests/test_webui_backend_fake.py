@@ -251,3 +251,30 @@ def test_generation_goes_through_webui_processing(monkeypatch):
     assert i2i["mask"].mode == "L" and i2i["init_images"][0].mode == "RGB"
     with pytest.raises(ValueError, match="fill mode"):
         generation.inpaint(Image.new("RGB", (4, 4)), Image.new("L", (4, 4)), "x", fill="blur")
+
+
+def test_tabs_build_before_the_webui_has_loaded_a_model(monkeypatch, tmp_path):
+    """The webui builds extension tabs while its checkpoint still loads (or when it failed to load):
+    the tabs must neither wait for a model nor fail; embedding lists then skip the width check."""
+    from medical_diffusion.embeddings import Embedding, save_embedding
+    from medical_diffusion.ui.app import build_blocks
+    from medical_diffusion.ui.context import UIContext
+    from medical_diffusion.webui import tabs
+
+    modules = types.ModuleType("modules")
+    modules.sd_models = types.SimpleNamespace(model_data=types.SimpleNamespace(sd_model=None))
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.sd_models", modules.sd_models)
+    assert tabs.loaded_text_width() is None
+
+    save_embedding(Embedding("lesion", torch.zeros(2, 1024)), tmp_path / "emb" / "lesion.pt")
+
+    def no_model():
+        raise AssertionError("the model was asked for while building the tabs")
+
+    ctx = UIContext(backend_factory=no_model, work_dir=tmp_path, embeddings_dir=tmp_path / "emb",
+                    cache_backend=False, loaded_text_width=tabs.loaded_text_width)
+    blocks = build_blocks(ctx)
+    choices = [c for block in blocks.blocks.values() if getattr(block, "elem_id", None) == "md_gen_healthy"
+               for c in block.choices]
+    assert [c[0] if isinstance(c, tuple) else c for c in choices] == ["lesion"]

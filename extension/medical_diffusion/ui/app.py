@@ -29,8 +29,11 @@ def build_blocks(ctx: UIContext) -> gr.Blocks:
             for title, module_name in TABS:
                 module = importlib.import_module(f"medical_diffusion.ui.{module_name}")
                 short = module_name[4:]
-                with gr.Tab(title, id=short, elem_id=f"md_tab_{short}"):
+                with gr.Tab(title, id=short, elem_id=f"md_tab_{short}") as tab:
                     parts[short] = module.build(ctx) or {}
+                if "on_show" in parts[short]:  # embedding lists follow what was trained or loaded meanwhile
+                    fn, outputs = parts[short]["on_show"]
+                    tab.select(fn, None, outputs)
         # a generated case goes to the Inpaint tab (the paper's "generate, then place a tumour")
         parts["inpaint"]["take_image"](parts["generate"]["to_inpaint"], parts["generate"]["last_image"], tabs)
     return blocks

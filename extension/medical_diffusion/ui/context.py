@@ -49,6 +49,9 @@ class UIContext:
     #: ``training_session(job_name, steps)``: a context manager around a training run that yields an
     #: extra stop flag (the webui: undo cross-attention optimisations, drive ``shared.state``)
     training_session: Callable[[str, int], ContextManager[Callable[[], bool]]] = field(default=None)  # type: ignore[assignment]
+    #: the text width of the model when one is loaded, without loading one (None: not loaded yet);
+    #: unset: the width of :meth:`backend` (standalone, where building the model at start is fine)
+    loaded_text_width: Callable[[], int | None] | None = None
     #: called with each training step's event (the webui: its progress bar and status text)
     on_training_step: Callable[[object], None] = lambda event: None
     _backend: ModelBackend | None = field(default=None, init=False, repr=False)
@@ -71,6 +74,13 @@ class UIContext:
             if self._backend is None:
                 self._backend = self.backend_factory()
             return self._backend
+
+    def text_width_if_ready(self) -> int | None:
+        """The model's text width, or None while the host has no model yet (the webui at start-up:
+        the tabs are built before its checkpoint has loaded, and must not wait for it or fail)."""
+        if self.loaded_text_width is not None:
+            return self.loaded_text_width()
+        return self.backend().text_width
 
     @property
     def trainer(self):

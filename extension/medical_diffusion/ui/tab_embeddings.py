@@ -33,8 +33,9 @@ def _resolve(ctx: UIContext, upload, choice: str | None) -> Path:
     raise ValueError("choose an embedding from the list or upload a file")
 
 
-def build(ctx: UIContext) -> None:
-    """Add the Embeddings tab's widgets to the current Blocks context."""
+def build(ctx: UIContext) -> dict:
+    """Add the Embeddings tab's widgets to the current Blocks context; returns ``on_show``
+    (``(fn, outputs)`` refreshing the file lists when the tab is shown)."""
     from medical_diffusion.embeddings import load_embedding, save_embedding
     from medical_diffusion.embeddings.blend import blend_embeddings
     from medical_diffusion.embeddings.inspection import format_report, inspect_embedding
@@ -117,3 +118,4 @@ def build(ctx: UIContext) -> None:
         return str(save_embedding(emb, target, fmt=f, force=True))
 
     convert_btn.click(do_convert, [upload_a, choice_a, fmt], [converted])
+    return {"on_show": (refresh, [choice_a, choice_b])}

@@ -67,7 +67,8 @@ def build(ctx: UIContext) -> None:
     @shows_errors
     def do_fid(r, g, ext, w, m, n, rs, sd, progress=gr.Progress()):
         result = compute_fid(ctx.path(r, must_exist=True), ctx.path(g, must_exist=True), extractor=ext,
-                             weights=_optional(ctx, w or default_weights(ext)), mode=m, bootstrap_reps=int(n), resample=rs, seed=int(sd),
+                             weights=_optional(ctx, w or default_weights(ext)), mode=m, bootstrap_reps=int(n),
+                             resample=rs, seed=int(sd),
                              cache_dir=ctx.work_dir / "feature_cache", progress=stage_progress(progress))
         return result.summary(), json.loads(json.dumps(result.to_dict(), default=str))
 
@@ -80,8 +81,9 @@ def build(ctx: UIContext) -> None:
 
     def classifier_args(r, syn, out, mix_text, w, steps, batch, size, runs, bf16):
         specs = [parse_mix(line.strip(), _optional(ctx, syn)) for line in mix_text.splitlines() if line.strip()]
+        weights = _optional(ctx, w or ctx.defaults.get("resnet18_weights", ""))
         config = ClassifierConfig(steps=int(steps), batch_size=int(batch), size=int(size), runs=int(runs),
-                                  bf16=bool(bf16), weights=_optional(ctx, w or ctx.defaults.get("resnet18_weights", "")))
+                                  bf16=bool(bf16), weights=weights)
         return ctx.path(r, must_exist=True), specs, ctx.path(out), config
 
     cls_inputs = [cls_real, cls_syn, cls_out, mixes, cls_weights, cls_steps, cls_batch, cls_size, cls_runs, cls_bf16]

@@ -16,7 +16,7 @@ def embedding_names(ctx: UIContext) -> list[str]:
 
     if not ctx.embeddings_dir.is_dir():
         return []
-    return sorted(load_embeddings_dir(ctx.embeddings_dir, expected_width=ctx.backend().text_width))
+    return sorted(load_embeddings_dir(ctx.embeddings_dir, expected_width=ctx.text_width_if_ready()))
 
 
 def sampling_controls() -> dict:
@@ -34,8 +34,8 @@ def sampling_controls() -> dict:
 
 def build(ctx: UIContext) -> dict:
     """Add the tab's widgets (images come from :func:`~medical_diffusion.ui.rendering.render_prompts`).
-    Returns the parts other tabs link to: ``last_image`` (state: the last single image) and
-    ``to_inpaint`` (a button)."""
+    Returns the parts the app links: ``last_image`` (state: the last single image), ``to_inpaint``
+    (a button) and ``on_show`` (``(fn, outputs)`` refreshing the embedding lists when the tab is shown)."""
     from medical_diffusion.generation.composition import composition_stages
     from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
@@ -151,4 +151,4 @@ def build(ctx: UIContext) -> dict:
     generate_btn.click(do_generate, [prompt, *param_inputs], [result, status, last_image])
     grid_btn.click(do_grid, [healthy, diseased, k, *param_inputs], [result, status])
     compose_btn.click(do_compose, [healthy, *slot_names, *slot_weights, *param_inputs], [result, status])
-    return {"last_image": last_image, "to_inpaint": to_inpaint}
+    return {"last_image": last_image, "to_inpaint": to_inpaint, "on_show": (refresh, [healthy, diseased, *slot_names])}

@@ -27,7 +27,7 @@ def click_to_source(x: float, y: float, source_size: tuple[int, int], unit: str,
 
 def build(ctx: UIContext) -> dict:
     """Add the tab's widgets; returns ``take_image(button, picture_component, tabs)``, which wires a
-    button elsewhere to bring a picture here (and show this tab)."""
+    button elsewhere to bring a picture here (and show this tab), and ``on_show`` (``(fn, outputs)``)."""
     from medical_diffusion.generation.inpainting import FILL_MODES, inpaint
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
     from medical_diffusion.generation.masks import (MaskShape, MaskSpec, load_source_image, overlay_preview,
@@ -210,4 +210,7 @@ def build(ctx: UIContext) -> dict:
         button.click(take, [picture], [image, tabs]).success(
             on_upload, [image], [source, shapes, mask_info, spacing_x, spacing_y]).success(**redraw)
 
-    return {"take_image": take_image}
+    def refresh_names():
+        return gr.Dropdown.update(choices=embedding_names(ctx))
+
+    return {"take_image": take_image, "on_show": (refresh_names, [emb])}

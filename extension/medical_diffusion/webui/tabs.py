@@ -86,6 +86,16 @@ def report_training_step(event) -> None:
     shared.state.textinfo = f"Medical Diffusion: step {event.step}/{event.total}, loss {event.loss:.4f}"
 
 
+def loaded_text_width() -> int | None:
+    """The loaded checkpoint's text width, or None while none is loaded (never starts a load)."""
+    from modules import sd_models
+
+    model = sd_models.model_data.sd_model
+    if model is None:
+        return None
+    return int(model.cond_stage_model.encode_embedding_init_text(",", 1).shape[-1])
+
+
 def make_context():
     from modules import call_queue, shared
 
@@ -107,6 +117,7 @@ def make_context():
         cache_backend=False,
         training_session=training_session,
         on_training_step=report_training_step,
+        loaded_text_width=loaded_text_width,
         model_id="webui",
         txt2img=generation.txt2img,
         inpaint=generation.inpaint,
