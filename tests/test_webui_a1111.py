@@ -11,6 +11,7 @@ Screenshots go to ``$MEDDIFF_SCREENSHOTS`` (default: the test's tmp folder).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -105,6 +106,34 @@ def _random_embedding(path: Path, seed: int) -> None:
     save_embedding(Embedding(path.stem, vectors), path)
 
 
+@contextlib.contextmanager
+def running_webui(tmp: Path, data: Path, extra_args: list[str], ready: str):
+    """The webui on a free port (offline, CPU, ``--api-auth``, roots = ``tmp``) until the block ends."""
+    (data / "extensions").mkdir(parents=True, exist_ok=True)
+    link = data / "extensions" / EXTENSION_NAME
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    port = free_port()
+    log = tmp / "webui.log"
+    args = [_webui_python(), "launch.py", "--data-dir", str(data), "--skip-prepare-environment", "--skip-install",
+            "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model", "--use-cpu", "all",
+            "--no-half", "--precision", "full", "--api", "--api-auth", ":".join(AUTH), "--port", str(port),
+            "--medical-diffusion-roots", str(tmp), *extra_args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_for_log(log, ready, proc, timeout=300)
+        yield Webui(f"http://127.0.0.1:{port}", data, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
     from PIL import Image
@@ -114,8 +143,6 @@ def webui(tmp_path_factory):
     checkpoint = data / "models" / "Stable-diffusion" / "tiny-sd2-v.safetensors"
     subprocess.run([_webui_python(), str(ROOT / "tests" / "a1111" / "make_checkpoint.py"), str(WEBUI), str(checkpoint)],
                    check=True, cwd=tmp, capture_output=True)
-    (data / "extensions").mkdir(parents=True)
-    (data / "extensions" / EXTENSION_NAME).symlink_to(ROOT, target_is_directory=True)
     templates = tmp / "templates"  # a copy, so the webui's own folder is not written to
     shutil.copytree(WEBUI / "textual_inversion_templates", templates)
     for seed, name in enumerate(["prostate_neg", "prostate_pos"]):
@@ -125,26 +152,9 @@ def webui(tmp_path_factory):
     for i in range(3):
         Image.radial_gradient("L").resize((64, 64)).rotate(30 * i).convert("RGB").save(images / f"img_{i}.png")
 
-    port = free_port()
-    log = tmp / "webui.log"
-    args = [_webui_python(), "launch.py", "--data-dir", str(data), "--skip-prepare-environment", "--skip-install",
-            "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model", "--use-cpu", "all",
-            "--no-half", "--precision", "full", "--api", "--api-auth", ":".join(AUTH), "--port", str(port),
-            "--ckpt", str(checkpoint), "--textual-inversion-templates-dir", str(templates),
-            "--medical-diffusion-roots", str(tmp)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_for_log(log, "Model loaded in", proc, timeout=300)
-        yield Webui(f"http://127.0.0.1:{port}", data, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with running_webui(tmp, data, ["--ckpt", str(checkpoint), "--textual-inversion-templates-dir", str(templates)],
+                       ready="Model loaded in") as ui:
+        yield ui
 
 
 @pytest.fixture(scope="module")
@@ -463,3 +473,33 @@ def test_webui_progress_interrupt_stops_training_and_resume_finishes_it(webui):
     assert not state["interrupted"] and state["error"] is None and state["step"] == 40, state
     _, listing = webui.api("GET", "/sdapi/v1/embeddings")
     assert listing["loaded"]["interrupted_case"]["step"] == 40
+
+
+def test_without_a_model_the_tab_still_shows_and_training_says_why(tmp_path):
+    """No checkpoint at all (or one that failed to load): the webui starts, the tab is there, and a
+    training run fails with a message that says what is missing."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.radial_gradient("L").resize((64, 64)).convert("RGB").save(images / "a.png")
+    with running_webui(tmp_path, data, [], ready="Running on local URL") as ui:
+        pw, br = browser()
+        try:
+            pg = br.new_page(viewport={"width": 1400, "height": 1000})
+            pg.goto(ui.url)
+            pg.wait_for_selector("#tabs", timeout=120_000)
+            _open_main_tab(pg, "Medical Diffusion")
+            pg.wait_for_selector("#md_tabs", state="visible", timeout=30_000)
+        finally:
+            br.close()
+            pw.stop()
+        config = {"name": "no_model", "data_dir": str(images), "n_vectors": 1, "steps": 1, "resolution": 64}
+        status, state = ui.api("POST", "/medical-diffusion/v1/train", {"config": config})
+        assert status == 200, state
+        deadline = time.monotonic() + 120
+        while state["running"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+            _, state = ui.api("GET", "/medical-diffusion/v1/train/status")
+        assert "no Stable Diffusion checkpoint is loaded" in (state["error"] or ""), state
