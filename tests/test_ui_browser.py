@@ -263,6 +263,7 @@ def test_api_train_status_interpolate_and_path_policy(ui):
         status, state = _api(page, "GET", "/train/status?losses=true")
     assert not state["running"] and state["error"] is None, state
     assert state["step"] == 3 and len(state["losses"]) == 3
+    assert state["started_at"] <= state["finished_at"] <= time.time()
     assert (work / "embeddings" / "api_phantom.pt").is_file()
 
     status, body = _api(page, "POST", "/interpolate", {"healthy": "prostate_neg", "diseased": "api_phantom",

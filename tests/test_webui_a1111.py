@@ -11,28 +11,24 @@ Screenshots go to ``$MEDDIFF_SCREENSHOTS`` (default: the test's tmp folder).
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from browser_support import (ROOT, browser, choose, fill, free_port, prepare_pngs_with_a_bad_file, set_number,
+from a1111.harness import EXTENSION_NAME, build_checkpoint, running_webui
+from browser_support import (browser, choose, fill, prepare_pngs_with_a_bad_file, set_number,
                              upload_and_click_overlay, wait_for)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.webui]
 
 WEBUI = Path(os.environ.get("MEDDIFF_A1111_DIR", "")) if os.environ.get("MEDDIFF_A1111_DIR") else None
-AUTH = ("tester", "secret")
-EXTENSION_NAME = "sd-webui-medical-diffusion"
 
 
 def _webui_python() -> str:
@@ -44,94 +40,11 @@ if WEBUI is None or not (WEBUI / "launch.py").is_file():
                 allow_module_level=True)
 
 
-class Webui:
-    """A running webui: its URL, data folder and API helpers."""
-
-    def __init__(self, url: str, data: Path, log: Path):
-        self.url, self.data, self.log = url, data, log
-
-    def api(self, method: str, path: str, body: dict | None = None, auth: bool = True) -> tuple[int, dict]:
-        headers = {"Content-Type": "application/json"}
-        if auth:
-            headers["Authorization"] = "Basic " + base64.b64encode(":".join(AUTH).encode()).decode()
-        request = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
-                                         method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=600) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
-
-    def txt2img(self, prompt: str, seed: int, **extra) -> tuple:
-        """The webui's own txt2img (its API): (RGB array, infotext)."""
-        import numpy as np
-        from PIL import Image
-
-        body = dict(prompt=prompt, seed=seed, steps=3, cfg_scale=2.0, width=64, height=64,
-                    sampler_name="Euler a", **extra)
-        status, result = self.api("POST", "/sdapi/v1/txt2img", body)
-        assert status == 200, result
-        image = Image.open(io.BytesIO(base64.b64decode(result["images"][0]))).convert("RGB")
-        return np.asarray(image), json.loads(result["info"])["infotexts"][0]
-
-    def train(self, name: str, run_dir: Path, steps: int, data_dir: Path) -> dict:
-        config = {"name": name, "data_dir": str(data_dir), "n_vectors": 4, "steps": steps, "resolution": 64,
-                  "save_every": 0, "preview_every": 0}
-        status, state = self.api("POST", "/medical-diffusion/v1/train", {"config": config, "run_dir": str(run_dir)})
-        assert status == 200, state
-        deadline = time.monotonic() + 300
-        while state["running"] and time.monotonic() < deadline:
-            time.sleep(0.5)
-            status, state = self.api("GET", "/medical-diffusion/v1/train/status")
-        assert not state["running"] and state["error"] is None, state
-        return state
-
-
-def _wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = log.read_text(errors="replace") if log.exists() else ""
-        if text in content:
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"the webui exited:\n{content[-4000:]}")
-        time.sleep(1)
-    raise RuntimeError(f"no {text!r} in the webui log within {timeout}s:\n{log.read_text()[-4000:]}")
-
-
 def _random_embedding(path: Path, seed: int) -> None:
     from medical_diffusion.embeddings import Embedding, save_embedding
 
     vectors = torch.randn(4, 512, generator=torch.Generator().manual_seed(seed)) * 0.02
     save_embedding(Embedding(path.stem, vectors), path)
-
-
-@contextlib.contextmanager
-def running_webui(tmp: Path, data: Path, extra_args: list[str], ready: str):
-    """The webui on a free port (offline, CPU, ``--api-auth``, roots = ``tmp``) until the block ends."""
-    (data / "extensions").mkdir(parents=True, exist_ok=True)
-    link = data / "extensions" / EXTENSION_NAME
-    if not link.exists():
-        link.symlink_to(ROOT, target_is_directory=True)
-    port = free_port()
-    log = tmp / "webui.log"
-    args = [_webui_python(), "launch.py", "--data-dir", str(data), "--skip-prepare-environment", "--skip-install",
-            "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model", "--use-cpu", "all",
-            "--no-half", "--precision", "full", "--api", "--api-auth", ":".join(AUTH), "--port", str(port),
-            "--medical-diffusion-roots", str(tmp), *extra_args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_for_log(log, ready, proc, timeout=300)
-        yield Webui(f"http://127.0.0.1:{port}", data, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +54,7 @@ def webui(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("a1111")
     data = tmp / "data"
     checkpoint = data / "models" / "Stable-diffusion" / "tiny-sd2-v.safetensors"
-    subprocess.run([_webui_python(), str(ROOT / "tests" / "a1111" / "make_checkpoint.py"), str(WEBUI), str(checkpoint)],
-                   check=True, cwd=tmp, capture_output=True)
+    build_checkpoint(WEBUI, _webui_python(), checkpoint)
     templates = tmp / "templates"  # a copy, so the webui's own folder is not written to
     shutil.copytree(WEBUI / "textual_inversion_templates", templates)
     for seed, name in enumerate(["prostate_neg", "prostate_pos"]):
@@ -152,7 +64,7 @@ def webui(tmp_path_factory):
     for i in range(3):
         Image.radial_gradient("L").resize((64, 64)).rotate(30 * i).convert("RGB").save(images / f"img_{i}.png")
 
-    with running_webui(tmp, data, ["--ckpt", str(checkpoint), "--textual-inversion-templates-dir", str(templates)],
+    with running_webui(WEBUI, _webui_python(), tmp, data, ["--ckpt", str(checkpoint), "--textual-inversion-templates-dir", str(templates)],
                        ready="Model loaded in") as ui:
         yield ui
 
@@ -484,7 +396,7 @@ def test_without_a_model_the_tab_still_shows_and_training_says_why(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     Image.radial_gradient("L").resize((64, 64)).convert("RGB").save(images / "a.png")
-    with running_webui(tmp_path, data, [], ready="Running on local URL") as ui:
+    with running_webui(WEBUI, _webui_python(), tmp_path, data, [], ready="Running on local URL") as ui:
         pw, br = browser()
         try:
             pg = br.new_page(viewport={"width": 1400, "height": 1000})

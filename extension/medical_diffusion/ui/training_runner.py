@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ class RunState:
     error: str | None = None
     embedding: str | None = None  # the saved embedding, once finished
     interrupted: bool = False
+    started_at: float | None = None  # Unix time the run was accepted
+    finished_at: float | None = None  # Unix time it ended (finished, stopped or failed)
 
     def to_dict(self, with_losses: bool = True) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -65,7 +68,7 @@ class TrainingRunner:
                 raise MedDiffError(f"a training run ({self.state.name}) is already going; stop it first")
             self._stop.clear()
             self.state = RunState(name=config.name, run_dir=str(folder), running=True, total=config.steps,
-                                  message=f"starting {config.name} in {folder}")
+                                  message=f"starting {config.name} in {folder}", started_at=time.time())
             self._thread = threading.Thread(target=self._work, args=(config, folder, resume),
                                             name=f"meddiff-train-{config.name}", daemon=True)
             self._thread.start()
@@ -115,4 +118,5 @@ class TrainingRunner:
             s.error = str(exc) or exc.__class__.__name__
             s.message = f"failed: {s.error}"
         finally:
+            s.finished_at = time.time()
             s.running = False
