@@ -387,7 +387,7 @@ def test_webui_progress_interrupt_stops_training_and_resume_finishes_it(webui):
     assert listing["loaded"]["interrupted_case"]["step"] == 40
 
 
-def test_without_a_model_the_tab_still_shows_and_training_says_why(tmp_path):
+def test_without_a_model_the_tab_still_shows_and_training_says_why(tmp_path, page):
     """No checkpoint at all (or one that failed to load): the webui starts, the tab is there, and a
     training run fails with a message that says what is missing."""
     from PIL import Image
@@ -397,16 +397,14 @@ def test_without_a_model_the_tab_still_shows_and_training_says_why(tmp_path):
     images.mkdir()
     Image.radial_gradient("L").resize((64, 64)).convert("RGB").save(images / "a.png")
     with running_webui(WEBUI, _webui_python(), tmp_path, data, [], ready="Running on local URL") as ui:
-        pw, br = browser()
+        pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})  # one Playwright per module
         try:
-            pg = br.new_page(viewport={"width": 1400, "height": 1000})
             pg.goto(ui.url)
             pg.wait_for_selector("#tabs", timeout=120_000)
             _open_main_tab(pg, "Medical Diffusion")
             pg.wait_for_selector("#md_tabs", state="visible", timeout=30_000)
         finally:
-            br.close()
-            pw.stop()
+            pg.close()
         config = {"name": "no_model", "data_dir": str(images), "n_vectors": 1, "steps": 1, "resolution": 64}
         status, state = ui.api("POST", "/medical-diffusion/v1/train", {"config": config})
         assert status == 200, state
