@@ -123,6 +123,7 @@ def test_a_generated_image_goes_to_the_inpaint_tab(ui):
     page.click("#md_gen_to_inpaint")  # nothing generated yet: a clear message
     page.wait_for_selector(".toast-body.error:has-text('generate an image first')", timeout=30_000)
     page.click(".toast-body.error .toast-close")
+    page.wait_for_selector(".toast-body.error", state="detached", timeout=10_000)
     fill(page, "md_gen_prompt", "prostate_neg")
     for label, value in [("Sampling steps", "2"), ("Width", "64"), ("Height", "64")]:
         set_number(page, "generate", label, value)
