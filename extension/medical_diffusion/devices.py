@@ -1,0 +1,83 @@
+"""Which torch device and weight precision a command runs on (``--device auto``, ``--precision auto``).
+
+``auto`` picks CUDA, then Apple's MPS, then the CPU. Frozen model weights default to fp16 on
+CUDA (the paper's consumer GPU has no fast bf16) and fp32 elsewhere; trained vectors and their
+optimizer state always stay fp32, as A1111 keeps them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from medical_diffusion.errors import MedDiffError
+
+DEVICE_CHOICES_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The device ``name`` stands for; a device that is not there is a one-line error."""
+    text = "auto" if name is None else str(name).strip().lower()
+    if text in ("", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise MedDiffError(f"--device {name}: not a device (use {DEVICE_CHOICES_HELP})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise MedDiffError(f"--device {name}: CUDA is not available ({why}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MedDiffError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not _mps_available():
+        raise MedDiffError(f"--device {name}: Apple MPS is not available on this machine; use --device cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise MedDiffError(f"--device {name}: not supported (use {DEVICE_CHOICES_HELP})")
+    return device
+
+
+def weight_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype of frozen weights: ``auto`` is fp16 on CUDA, fp32 on the CPU and MPS."""
+    key = (precision or "auto").lower()
+    if key == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if key not in _DTYPES:
+        raise MedDiffError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    if device.type == "cpu" and key == "fp16":
+        raise MedDiffError("--precision fp16 on the CPU: half-precision matrix work is not supported well "
+                           "there; use fp32 or bf16")
+    return _DTYPES[key]
+
+
+def describe(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """One line for the log: which device (with the GPU's name) and precision."""
+    text = str(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        text += f" ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    if dtype is not None:
+        text += f", weights {str(dtype).replace('torch.', '')}"
+    return text
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    """``--device`` (default auto) and, unless ``precision`` is False, ``--precision``."""
+    parser.add_argument("--device", default="auto", help=f"torch device: {DEVICE_CHOICES_HELP} (default: auto)")
+    if precision:
+        parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                            help="frozen weights' precision: auto = fp16 on CUDA, fp32 on CPU/MPS "
+                                 "(trained vectors stay fp32)")
