@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                         "marksheet case_csPCa")
     p.add_argument("--resampler", choices=("fast", "sitk"), default="fast",
                    help="fast: separable B-spline, same maths as SimpleITK (default); sitk: SimpleITK itself")
+    p.add_argument("--negative-slice", choices=("slices", "voxels"), default="slices",
+                   help="slice of a negative case: slices = median of the distinct slices holding gland voxels "
+                        "(the authors, default); voxels = median z of all gland voxels (area-weighted)")
     p.add_argument("--cases", default="", help="comma-separated <pid>_<sid> ids to restrict to")
     _common(p)
     p.set_defaults(func=run_picai)
@@ -133,6 +136,7 @@ def run_picai(args) -> int:
 
     options = PicaiOptions(images=args.images, labels=args.labels, mode=args.mode, channels=args.channels,
                            label_source=args.label_source, resampler=args.resampler,
+                           negative_slice=args.negative_slice,
                            cases=_split_list(args.cases), **_common_kwargs(args))
     return _run(prepare_picai, options, args)
 

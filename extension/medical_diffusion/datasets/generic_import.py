@@ -47,7 +47,7 @@ class ImportOptions(BatchOptions):
     window: str = "auto"  # "auto" (DICOM window tags, else min-max), "minmax", "percentile", "C,W"
     slice_index: int | None = None  # volumes/series: axial slice (default: middle)
     mask: str | None = None  # volumes: a mask file, or a folder of masks named like the volumes
-    mask_rule: str = "max"  # "max": slice with the largest mask sum; "median": median z of mask voxels
+    mask_rule: str = "max"  # "max": slice with the largest mask sum; "median": median of the slices holding mask voxels
     color: str = "auto"  # "auto", "grey" or "rgb" (2D colour images)
     fit: str = "pad"  # "pad": keep aspect ratio, zero borders; "stretch"
     crop_nonzero: bool = False

@@ -2,8 +2,8 @@
 
 Paper mode, per volume and independently for T2W, ADC and HBV: resample to (3, 0.5, 0.5) mm (B-spline,
 same origin/direction, default 0, input pixel type), min-max normalise the whole resampled volume,
-centre crop/pad to (30, 300, 300), pick the slice (negative: median z of gland voxels; positive:
-argmax of the per-slice lesion-value sum), stack R=T2W G=ADC B=HBV, ``* 255`` truncated to uint8,
+centre crop/pad to (30, 300, 300), pick the slice (negative: ``int(np.median(np.unique(z)))`` over the z
+indices that hold gland voxels, each slice counted once; positive: argmax of the per-slice lesion-value sum), stack R=T2W G=ADC B=HBV, ``* 255`` truncated to uint8,
 Lanczos to 512x512. Aligned mode resamples ADC/HBV (and the masks) onto the cropped T2W grid.
 """
 
@@ -27,6 +27,9 @@ from medical_diffusion.errors import InputFileError, MedDiffError
 
 MODES = ("paper", "aligned")
 LABEL_SOURCES = ("combined", "human", "marksheet")
+#: negative-case slice: "slices" = the authors' median of the distinct gland slices; "voxels" = median z of
+#: all gland voxels (slices weighted by gland area)
+NEGATIVE_SLICE_RULES = ("slices", "voxels")
 CHANNELS = {"rgb": ("t2w", "adc", "hbv"), "t2w": ("t2w",), "adc": ("adc",), "hbv": ("hbv",)}
 HUMAN_LESIONS = "csPCa_lesion_delineations/human_expert/resampled"
 AI_LESIONS = "csPCa_lesion_delineations/AI/Bosma22a"
@@ -36,7 +39,7 @@ _T2W_NAME = re.compile(r"^(?P<pid>[^_]+)_(?P<sid>[^_]+)_t2w\.mha$")
 
 
 #: options that change the pixels of an item (a change redoes finished items on a re-run)
-PIXEL_OPTIONS = ("mode", "channels", "label_source", "spacing", "crop", "size")
+PIXEL_OPTIONS = ("mode", "channels", "label_source", "spacing", "crop", "size", "negative_slice")
 
 @dataclass
 class PicaiOptions(BatchOptions):
@@ -51,6 +54,7 @@ class PicaiOptions(BatchOptions):
     crop: tuple[int, int, int] = (30, 300, 300)  # (z, y, x) voxels
     resampler: str = "fast"  # "fast": SimpleITK's exact values, computed only where needed; "sitk": whole volumes
     cases: tuple[str, ...] = ()  # restrict to these "<pid>_<sid>" ids
+    negative_slice: str = "slices"  # see NEGATIVE_SLICE_RULES (the paper: "slices")
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -59,6 +63,9 @@ class PicaiOptions(BatchOptions):
             raise MedDiffError(f"unknown label source {self.label_source!r} (choose from {', '.join(LABEL_SOURCES)})")
         if self.channels not in CHANNELS:
             raise MedDiffError(f"unknown channels {self.channels!r} (choose from {', '.join(CHANNELS)})")
+        if self.negative_slice not in NEGATIVE_SLICE_RULES:
+            raise MedDiffError(f"unknown negative-slice rule {self.negative_slice!r} "
+                               f"(choose from {', '.join(NEGATIVE_SLICE_RULES)})")
         if self.resampler not in vo.RESAMPLERS:
             raise MedDiffError(f"unknown resampler {self.resampler!r} (choose from {', '.join(vo.RESAMPLERS)})")
         if self.splits and not self.n_per_class:
@@ -97,6 +104,7 @@ class CaseJob:
     crop: tuple[int, int, int]
     size: int
     resampler: str
+    negative_slice: str = "slices"
 
 
 def discover_cases(images: str | os.PathLike, labels: str | os.PathLike) -> list[PicaiCase]:
@@ -187,7 +195,7 @@ def paper_slices(job: CaseJob) -> tuple[dict[str, np.ndarray], int]:
     label_path = _check_files(job)
     label = vo.center_crop_or_pad(vo.resample_array(vo.read_volume(label_path), job.spacing, is_label=True),
                                   job.crop)
-    z = choose_slice(label, job.positive)
+    z = choose_slice(label, job.positive, job.negative_slice)
     slices = {}
     for mod in job.modalities:
         path = job.case.scans[mod]
@@ -215,8 +223,10 @@ def aligned_volumes(job: CaseJob) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return vols, label
 
 
-def choose_slice(label: np.ndarray, positive: bool) -> int:
-    """Positive: argmax over z of the per-slice lesion-value sum; negative: int(median z of gland voxels)."""
+def choose_slice(label: np.ndarray, positive: bool, negative_rule: str = "slices") -> int:
+    """Positive: argmax over z of the per-slice lesion-value sum. Negative, ``negative_rule`` "slices" (the
+    authors): ``int(median)`` of the distinct z indices holding gland voxels; "voxels": ``int(median)`` of
+    the z of every gland voxel (slices weighted by their gland area)."""
     if positive:
         sums = label.reshape(label.shape[0], -1).astype(np.int64).sum(axis=1)
         if sums.max() <= 0:
@@ -225,7 +235,11 @@ def choose_slice(label: np.ndarray, positive: bool) -> int:
     z = np.nonzero(label == 1)[0]
     if z.size == 0:
         raise MedDiffError("gland mask is empty inside the cropped region")
-    return int(np.median(z))
+    if negative_rule == "slices":
+        return int(np.median(np.unique(z)))
+    if negative_rule == "voxels":
+        return int(np.median(z))
+    raise ValueError(f"unknown negative-slice rule {negative_rule!r} (choose from {', '.join(NEGATIVE_SLICE_RULES)})")
 
 
 def process_case(job: CaseJob) -> tuple[np.ndarray, dict]:
@@ -235,7 +249,7 @@ def process_case(job: CaseJob) -> tuple[np.ndarray, dict]:
             slices, z = paper_slices(job)
         else:
             vols, label = aligned_volumes(job)
-            z = choose_slice(label, job.positive)
+            z = choose_slice(label, job.positive, job.negative_slice)
             slices = {m: v[z] for m, v in vols.items()}
     except MedDiffError as exc:
         if isinstance(exc, InputFileError):
@@ -288,7 +302,7 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
     for item in planned:
         case, positive, lesion = labelled[item.candidate.key]
         job = CaseJob(case, positive, lesion, options.mode, modalities, tuple(options.spacing),
-                      tuple(options.crop), options.size, options.resampler)
+                      tuple(options.crop), options.size, options.resampler, options.negative_slice)
         sources = [case.scans[m] for m in modalities] + [lesion if positive else case.gland]
         payloads[item.candidate.key] = (";".join(sources), job)
     return run_batch(planned, payloads, process_case, options.out, options_to_json(options),
