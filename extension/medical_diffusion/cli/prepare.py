@@ -9,10 +9,12 @@ def _common(p: argparse.ArgumentParser, default_n: int | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder (embedding/<class>/, classifier/<split>/<class>/, "
                                                 "manifest.csv, failures.csv, contact_sheet.png)")
     p.add_argument("--per-class", type=int, default=default_n, metavar="N",
-                   help="N images per class (per split with --splits); default: " +
-                        ("all eligible" if default_n is None else str(default_n)))
+                   help="exactly N images per class, sampled at random (per split with --splits); 0 = every "
+                        "eligible image (not with --splits); a class with fewer than N is an error that says how "
+                        "many it has; default: " + ("0 (all)" if default_n is None else str(default_n)))
     p.add_argument("--splits", default="", metavar="LIST",
-                   help="patient-disjoint classifier splits, e.g. train,val,test (paper: 100 neg + 100 pos each)")
+                   help="patient-disjoint classifier splits, e.g. train,val,test (paper: 100 neg + 100 pos each; "
+                        "needs --per-class N > 0); names: letters, digits, _ - .")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling and splits (default 0)")
     p.add_argument("--source-names", action="store_true",
                    help="name outputs after the source case instead of neutral neg_0001.png names")

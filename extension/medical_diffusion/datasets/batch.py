@@ -29,12 +29,31 @@ class BatchOptions:
 
     out: str
     size: int = 512
-    n_per_class: int | None = None  # per class (and per split); None = every eligible item
+    #: exactly N random items per class (and per split); None or 0 = every eligible item. A class with
+    #: fewer than N eligible items is an error that says how many there are.
+    n_per_class: int | None = None
     splits: tuple[str, ...] = ()  # e.g. ("train", "val", "test"): patient-disjoint classifier sets
     seed: int = 0
     neutral_names: bool = True
     workers: int = 1
     contact_sheet: bool = True
+
+    def check_common(self) -> None:
+        """Check the shared options (images per class, split names, workers); raise a clear error."""
+        from medical_diffusion.datasets.layout import check_plain_name
+
+        n = self.n_per_class
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise MedDiffError(f"images per class must be a whole number >= 0 (0 = all), got {n!r}")
+        for name in self.splits:
+            check_plain_name(name, "split")
+        if len(set(self.splits)) != len(self.splits):
+            raise MedDiffError(f"split names repeat: {', '.join(self.splits)}")
+        if self.splits and not n:
+            raise MedDiffError("patient-disjoint splits need a number of images per class (N > 0; "
+                               "0 = all works only without splits)")
+        if not 1 <= int(self.workers) <= 64:
+            raise MedDiffError(f"workers must be between 1 and 64, got {self.workers}")
 
 
 @dataclass

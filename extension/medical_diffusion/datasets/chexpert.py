@@ -47,6 +47,7 @@ class ChexpertOptions(BatchOptions):
     uncertain: str = "zeros"
 
     def validate(self) -> None:
+        self.check_common()
         if self.uncertain not in UNCERTAIN_POLICIES:
             raise MedDiffError(f"unknown uncertain-label policy {self.uncertain!r} "
                                f"(choose from {', '.join(UNCERTAIN_POLICIES)})")

@@ -53,6 +53,7 @@ class ImportOptions(BatchOptions):
     crop_nonzero: bool = False
 
     def validate(self) -> None:
+        self.check_common()
         parse_window(self.window)
         if self.fit not in FITS:
             raise MedDiffError(f"unknown fit {self.fit!r} (choose from {', '.join(FITS)})")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from medical_diffusion.datasets.splits import Candidate
+from medical_diffusion.errors import MedDiffError
 
 EMBEDDING_DIR = "embedding"
 CLASSIFIER_DIR = "classifier"
@@ -19,6 +20,17 @@ MANIFEST_NAME = "manifest.csv"
 FAILURES_NAME = "failures.csv"
 JOURNAL_NAME = ".prepare_journal.jsonl"
 CONTACT_SHEET_NAME = "contact_sheet.png"
+
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def check_plain_name(name: str, what: str) -> str:
+    """``name`` if it is a plain folder name (letters, digits, ``_``, ``-``, ``.``; not ``.``/``..``), else raise."""
+    if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name in (".", ".."):
+        raise MedDiffError(f"bad {what} name {name!r}: use letters, digits, '_', '-' or '.' only "
+                           "(no path separators, not '.' or '..')")
+    return name
 
 
 def slug(text: str) -> str:
@@ -42,6 +54,10 @@ def plan_outputs(selected: dict[str, list[Candidate]] | list[Candidate], neutral
     planned: list[PlannedItem] = []
     groups = {"": list(selected)} if isinstance(selected, list) else dict(selected)
     for split, cands in groups.items():
+        if split:
+            check_plain_name(split, "split")
+        for label in {c.label for c in cands}:
+            check_plain_name(label, "class")
         counters: dict[str, int] = {}
         for c in sorted(cands, key=lambda c: (c.label, c.key)):
             counters[c.label] = counters.get(c.label, 0) + 1

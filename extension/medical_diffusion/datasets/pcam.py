@@ -72,6 +72,7 @@ def _process(payload: tuple[str, int, int]) -> tuple[np.ndarray, dict]:
 
 def prepare_pcam(options: PcamOptions, progress: ProgressCallback | None = None) -> BatchResult:
     """Sample and upsample PCam patches into ``options.out`` (resumable)."""
+    options.check_common()
     labels = read_labels(options.x, options.y)
     bad = sorted(set(np.unique(labels).tolist()) - {0, 1})
     if bad:
@@ -79,8 +80,6 @@ def prepare_pcam(options: PcamOptions, progress: ProgressCallback | None = None)
     width = len(str(len(labels)))
     candidates = [Candidate(f"pcam_{i:0{width}d}", "pos" if v else "neg", f"pcam_{i:0{width}d}")
                   for i, v in enumerate(labels)]
-    if options.splits and not options.n_per_class:
-        raise MedDiffError("splits need n_per_class")
     selected = select_items(candidates, options.n_per_class, tuple(options.splits), options.seed, ("neg", "pos"))
     planned = plan_outputs(selected, options.neutral_names)
     payloads = {}

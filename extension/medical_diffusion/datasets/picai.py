@@ -68,8 +68,7 @@ class PicaiOptions(BatchOptions):
                                f"(choose from {', '.join(NEGATIVE_SLICE_RULES)})")
         if self.resampler not in vo.RESAMPLERS:
             raise MedDiffError(f"unknown resampler {self.resampler!r} (choose from {', '.join(vo.RESAMPLERS)})")
-        if self.splits and not self.n_per_class:
-            raise MedDiffError("splits need n_per_class (images per class in each split)")
+        self.check_common()
         for p, what in ((self.images, "images folder"), (self.labels, "labels folder")):
             if not Path(p).is_dir():
                 raise InputFileError(p, f"PI-CAI {what} not found")
