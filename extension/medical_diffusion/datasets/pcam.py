@@ -54,7 +54,17 @@ def read_labels(x_path: str | os.PathLike, y_path: str | os.PathLike) -> np.ndar
             raise InputFileError(x_path, f"dataset x should be (N, 96, 96, 3) uint8, found {x.shape} {x.dtype}")
         if y.shape[0] != x.shape[0]:
             raise InputFileError(y_path, f"{y.shape[0]} labels for {x.shape[0]} patches in {x_path}")
-        return np.asarray(y[:]).reshape(y.shape[0], -1)[:, 0].astype(np.int64)
+        raw = np.asarray(y[:]).reshape(y.shape[0], -1)[:, 0]
+        if raw.dtype == np.bool_:
+            raw = raw.astype(np.uint8)
+        if not np.issubdtype(raw.dtype, np.number):
+            raise InputFileError(y_path, f"labels must be numbers 0 or 1, found dtype {raw.dtype}")
+        bad = np.flatnonzero(~np.isin(raw, (0, 1)))  # 0.9, -1, NaN ...: never rounded or truncated
+        if bad.size:
+            i = int(bad[0])
+            raise InputFileError(y_path, f"labels must be 0 or 1: index {i} holds {raw[i]}"
+                                         + (f" ({bad.size} such labels)" if bad.size > 1 else ""))
+        return raw.astype(np.int64)
 
 
 def process_patch(x_path: str, index: int, size: int = 512) -> tuple[np.ndarray, dict]:
@@ -74,9 +84,6 @@ def prepare_pcam(options: PcamOptions, progress: ProgressCallback | None = None)
     """Sample and upsample PCam patches into ``options.out`` (resumable)."""
     options.check_common()
     labels = read_labels(options.x, options.y)
-    bad = sorted(set(np.unique(labels).tolist()) - {0, 1})
-    if bad:
-        raise InputFileError(options.y, f"labels must be 0/1, found {bad}")
     width = len(str(len(labels)))
     candidates = [Candidate(f"pcam_{i:0{width}d}", "pos" if v else "neg", f"pcam_{i:0{width}d}")
                   for i, v in enumerate(labels)]
