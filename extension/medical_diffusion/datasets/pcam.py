@@ -62,7 +62,7 @@ def read_labels(x_path: str | os.PathLike, y_path: str | os.PathLike) -> np.ndar
         bad = np.flatnonzero(~np.isin(raw, (0, 1)))  # 0.9, -1, NaN ...: never rounded or truncated
         if bad.size:
             i = int(bad[0])
-            raise InputFileError(y_path, f"labels must be 0 or 1: index {i} holds {raw[i]}"
+            raise InputFileError(y_path, f"labels must be 0 or 1: index {i} holds {raw[i]!s}"
                                          + (f" ({bad.size} such labels)" if bad.size > 1 else ""))
         return raw.astype(np.int64)
 
