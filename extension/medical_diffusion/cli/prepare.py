@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS
+
 
 def _common(p: argparse.ArgumentParser, default_n: int | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder (embedding/<class>/, classifier/<split>/<class>/, "
@@ -19,6 +21,9 @@ def _common(p: argparse.ArgumentParser, default_n: int | None = None) -> None:
     p.add_argument("--source-names", action="store_true",
                    help="name outputs after the source case instead of neutral neg_0001.png names")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
+                   help="refuse volumes/DICOM items whose header claims more than N voxels, before reading "
+                        f"their pixels (default {DEFAULT_MAX_VOXELS:,} = 512 x 512 x 1024)")
     p.add_argument("--no-contact-sheet", action="store_true", help="do not write contact_sheet.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -82,6 +87,8 @@ def register(subparsers) -> None:
     p.add_argument("--fit", choices=("pad", "stretch"), default="pad",
                    help="pad: keep aspect ratio with zero borders (default); stretch")
     p.add_argument("--crop-nonzero", action="store_true", help="crop to the non-zero bounding box first")
+    p.add_argument("--replace-nonfinite", type=float, default=None, metavar="VALUE",
+                   help="replace NaN/inf pixels by VALUE (default: an item holding any fails)")
     _common(p)
     p.set_defaults(func=run_images)
 
@@ -108,7 +115,7 @@ def _progress(args):
 
 def _common_kwargs(args) -> dict:
     return dict(out=args.out, n_per_class=args.per_class, splits=_split_list(args.splits), seed=args.seed,
-                neutral_names=not args.source_names, workers=max(1, args.workers),
+                neutral_names=not args.source_names, workers=max(1, args.workers), max_voxels=args.max_voxels,
                 contact_sheet=not args.no_contact_sheet)
 
 
@@ -120,6 +127,10 @@ def _report(result) -> int:
             print(f"  failed {f.key}: {f.error}")
         if len(result.failures) > 10:
             print(f"  ... {len(result.failures) - 10} more in {result.failures_path}")
+    for w in result.warnings[:10]:
+        print(f"  warning {w.key}: {w.error}")
+    if len(result.warnings) > 10:
+        print(f"  ... {len(result.warnings) - 10} more warnings")
     return 0 if not result.failures else 3
 
 
@@ -164,5 +175,6 @@ def run_images(args) -> int:
     options = ImportOptions(inputs=tuple(args.inputs), label=args.label,
                             class_from="folder" if args.class_from_folder else "label", window=args.window,
                             slice_index=args.slice, mask=args.mask, mask_rule=args.mask_rule, color=args.color,
-                            fit=args.fit, crop_nonzero=args.crop_nonzero, **_common_kwargs(args))
+                            fit=args.fit, crop_nonzero=args.crop_nonzero, nonfinite=args.replace_nonfinite,
+                            **_common_kwargs(args))
     return _run(prepare_images, options, args)

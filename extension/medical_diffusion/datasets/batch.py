@@ -16,6 +16,7 @@ import numpy as np
 from medical_diffusion.atomic_io import atomic_path, atomic_write_text
 from medical_diffusion.datasets.layout import CONTACT_SHEET_NAME, FAILURES_NAME, JOURNAL_NAME, MANIFEST_NAME, PlannedItem
 from medical_diffusion.datasets.manifest import ManifestRow, write_manifest
+from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.png_io import save_png
 
@@ -37,6 +38,8 @@ class BatchOptions:
     neutral_names: bool = True
     workers: int = 1
     contact_sheet: bool = True
+    #: volumes/DICOM items whose header claims more voxels are refused before any allocation
+    max_voxels: int = DEFAULT_MAX_VOXELS
 
     def check_common(self) -> None:
         """Check the shared options (images per class, split names, workers); raise a clear error."""
@@ -52,6 +55,8 @@ class BatchOptions:
         if self.splits and not n:
             raise MedDiffError("patient-disjoint splits need a number of images per class (N > 0; "
                                "0 = all works only without splits)")
+        if isinstance(self.max_voxels, bool) or not isinstance(self.max_voxels, int) or self.max_voxels < 1:
+            raise MedDiffError(f"max_voxels must be a whole number >= 1, got {self.max_voxels!r}")
         if not 1 <= int(self.workers) <= 64:
             raise MedDiffError(f"workers must be between 1 and 64, got {self.workers}")
 
@@ -72,6 +77,7 @@ class BatchResult:
     out_dir: Path
     rows: list[ManifestRow] = field(default_factory=list)
     failures: list[ItemFailure] = field(default_factory=list)  # rejected before processing + failed
+    warnings: list[ItemFailure] = field(default_factory=list)  # made, but with a problem worth a look
     processed: int = 0
     skipped: int = 0
 
@@ -231,6 +237,8 @@ def run_batch(
         if key not in finished:
             continue
         sha, info = finished[key]
+        for text in info.get("warnings", []):
+            result.warnings.append(ItemFailure(key, payloads[key][0], text))
         result.rows.append(ManifestRow(
             output=item.outputs[0], split=item.split, label=item.candidate.label, case_id=key,
             source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha))

@@ -23,6 +23,7 @@ from medical_diffusion.datasets.batch import (BatchOptions, BatchResult, ItemFai
                                             options_to_json, run_batch)
 from medical_diffusion.datasets.layout import plan_outputs
 from medical_diffusion.datasets.splits import Candidate, select_items
+from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS
 from medical_diffusion.errors import InputFileError, MedDiffError
 
 MODES = ("paper", "aligned")
@@ -104,6 +105,11 @@ class CaseJob:
     size: int
     resampler: str
     negative_slice: str = "slices"
+    max_voxels: int = DEFAULT_MAX_VOXELS
+
+    def read(self, path: str) -> sitk.Image:
+        """A 3D volume of this case (header checked first)."""
+        return vo.read_volume(path, max_voxels=self.max_voxels, ndim=3)
 
 
 def discover_cases(images: str | os.PathLike, labels: str | os.PathLike) -> list[PicaiCase]:
@@ -152,7 +158,8 @@ def lesion_file(case: PicaiCase, label_source: str) -> str:
     raise InputFileError(case.human_lesion, "no human lesion delineation")
 
 
-def case_label(case: PicaiCase, label_source: str, marksheet: dict[str, bool] | None = None) -> tuple[bool, str]:
+def case_label(case: PicaiCase, label_source: str, marksheet: dict[str, bool] | None = None,
+               max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[bool, str]:
     """(positive, lesion map path) for ``case``; raises a per-case error for missing label files."""
     if label_source == "marksheet":
         if marksheet is None or case.case_id not in marksheet:
@@ -160,7 +167,7 @@ def case_label(case: PicaiCase, label_source: str, marksheet: dict[str, bool] | 
         positive = marksheet[case.case_id]
         return positive, (lesion_file(case, label_source) if positive else "")
     path = lesion_file(case, label_source)
-    image = vo.read_volume(path)
+    image = vo.read_volume(path, max_voxels=max_voxels, ndim=3)
     return bool((sitk.GetArrayViewFromImage(image) > 0).any()), path
 
 
@@ -192,14 +199,14 @@ def _normalise(arr: np.ndarray, path: str, where: str = "") -> np.ndarray:
 def paper_slices(job: CaseJob) -> tuple[dict[str, np.ndarray], int]:
     """Paper mode: the chosen cropped slice of every modality (each resampled on its own grid)."""
     label_path = _check_files(job)
-    label = vo.center_crop_or_pad(vo.resample_array(vo.read_volume(label_path), job.spacing, is_label=True),
+    label = vo.center_crop_or_pad(vo.resample_array(job.read(label_path), job.spacing, is_label=True),
                                   job.crop)
     z = choose_slice(label, job.positive, job.negative_slice)
     slices = {}
     for mod in job.modalities:
         path = job.case.scans[mod]
         try:
-            slices[mod] = vo.normalised_crop_slice(vo.read_volume(path), job.spacing, job.crop, z, job.resampler)
+            slices[mod] = vo.normalised_crop_slice(job.read(path), job.spacing, job.crop, z, job.resampler)
         except ValueError as exc:
             raise InputFileError(path, str(exc)) from None
     return slices, z
@@ -209,16 +216,16 @@ def aligned_volumes(job: CaseJob) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Aligned mode: T2W as in paper mode; ADC/HBV and the label resampled onto the cropped T2W grid."""
     label_path = _check_files(job)
     t2w_path = job.case.scans["t2w"]
-    t2w_rs = vo.resample_sitk(vo.read_volume(t2w_path), job.spacing)
+    t2w_rs = vo.resample_sitk(job.read(t2w_path), job.spacing)
     ref = vo.cropped_reference(t2w_rs, job.crop)
     vols: dict[str, np.ndarray] = {}
     for mod in job.modalities:
         if mod == "t2w":
             vols[mod] = vo.center_crop_or_pad(_normalise(sitk.GetArrayFromImage(t2w_rs), t2w_path), job.crop)
         else:
-            arr = vo.resample_onto(vo.read_volume(job.case.scans[mod]), ref)
+            arr = vo.resample_onto(job.read(job.case.scans[mod]), ref)
             vols[mod] = _normalise(arr, job.case.scans[mod], " on the T2W grid")
-    label = vo.resample_onto(vo.read_volume(label_path), ref, is_label=True)
+    label = vo.resample_onto(job.read(label_path), ref, is_label=True)
     return vols, label
 
 
@@ -276,7 +283,7 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
     rejected: list[ItemFailure] = []
     candidates: list[Candidate] = []
     labelled: dict[str, tuple[PicaiCase, bool, str]] = {}
-    jobs = [(case, options.label_source, marksheet) for case in cases]
+    jobs = [(case, options.label_source, marksheet, options.max_voxels) for case in cases]
     if options.workers > 1 and len(cases) > 1 and options.label_source != "marksheet":
         from concurrent.futures import ProcessPoolExecutor
 
@@ -301,7 +308,8 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
     for item in planned:
         case, positive, lesion = labelled[item.candidate.key]
         job = CaseJob(case, positive, lesion, options.mode, modalities, tuple(options.spacing),
-                      tuple(options.crop), options.size, options.resampler, options.negative_slice)
+                      tuple(options.crop), options.size, options.resampler, options.negative_slice,
+                      options.max_voxels)
         sources = [case.scans[m] for m in modalities] + [lesion if positive else case.gland]
         payloads[item.candidate.key] = (";".join(sources), job)
     return run_batch(planned, payloads, process_case, options.out, options_to_json(options),
