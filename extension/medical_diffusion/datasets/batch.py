@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -227,7 +227,9 @@ def run_batch(
             for unit in todo:
                 record(*_execute(process, unit, str(out_dir), worker_init), jfh)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            from medical_diffusion.datasets.worker_lifetime import worker_pool
+
+            with worker_pool(workers) as pool:
                 futures = [pool.submit(_execute, process, u, str(out_dir), worker_init) for u in todo]
                 for fut in as_completed(futures):
                     record(*fut.result(), jfh)

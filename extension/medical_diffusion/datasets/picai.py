@@ -285,9 +285,9 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
     labelled: dict[str, tuple[PicaiCase, bool, str]] = {}
     jobs = [(case, options.label_source, marksheet, options.max_voxels) for case in cases]
     if options.workers > 1 and len(cases) > 1 and options.label_source != "marksheet":
-        from concurrent.futures import ProcessPoolExecutor
+        from medical_diffusion.datasets.worker_lifetime import worker_pool
 
-        with ProcessPoolExecutor(max_workers=options.workers) as pool:
+        with worker_pool(options.workers) as pool:
             outcomes = pool.map(_label_job, jobs, chunksize=8)
             results = list(outcomes)
     else:
