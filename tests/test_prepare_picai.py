@@ -90,6 +90,8 @@ def test_paper_mode_geometry_and_slice_choice(tmp_path):
     assert (tmp_path / "out" / "manifest.csv").is_file() and (tmp_path / "out" / "contact_sheet.png").is_file()
     assert not list((tmp_path / "out" / "embedding").rglob("*.csv"))
     assert read_manifest(tmp_path / "out" / "manifest.csv")[0].sha256 == result.rows[0].sha256
+    full = read_manifest(tmp_path / "out.provenance" / "manifest.csv")
+    assert [r.case_id for r in full] == [r.case_id for r in result.rows]
 
 
 def test_negative_slice_is_the_median_of_distinct_gland_slices(tmp_path):
@@ -153,7 +155,7 @@ def test_label_sources_and_missing_label_is_a_per_case_error(tmp_path):
     assert picai.AI_LESIONS in ai_row.source and ai_row.slice == str(PAD_Z + 7)  # AI map rolled by 3 slices
     assert [f.key for f in combined.failures] == ["1002_2002"]
     assert "no lesion delineation" in combined.failures[0].error
-    assert "1002_2002" in (tmp_path / "c" / "failures.csv").read_text()
+    assert "1002_2002" in (tmp_path / "c.provenance" / "failures.csv").read_text()
 
     human = prepare_picai(options(tmp_path, tmp_path / "h", label_source="human"))
     assert sorted(f.key for f in human.failures) == ["1001_2001", "1002_2002"]

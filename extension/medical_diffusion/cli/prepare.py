@@ -8,8 +8,12 @@ from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS
 
 
 def _common(p: argparse.ArgumentParser, default_n: int | None = None) -> None:
-    p.add_argument("--out", required=True, help="output folder (embedding/<class>/, classifier/<split>/<class>/, "
-                                                "manifest.csv, failures.csv, contact_sheet.png)")
+    p.add_argument("--out", required=True, help="output folder to share: embedding/<class>/, "
+                                                "classifier/<split>/<class>/, manifest.csv (no case IDs or source "
+                                                "paths), contact_sheet.png")
+    p.add_argument("--provenance", default=None, metavar="DIR",
+                   help="folder for what names cases and sources: the full manifest, failures.csv and the resume "
+                        "journal (default: OUT.provenance beside OUT; must be outside OUT); keep it private")
     p.add_argument("--per-class", type=int, default=default_n, metavar="N",
                    help="exactly N images per class, sampled at random (per split with --splits); 0 = every "
                         "eligible image (not with --splits); a class with fewer than N is an error that says how "
@@ -32,7 +36,7 @@ def register(subparsers) -> None:
     prep = subparsers.add_parser("prepare", help="prepare a dataset as 512x512 PNG training folders",
                                  description="Prepare PI-CAI, CheXpert, PatchCamelyon or generic medical images. "
                                              "Re-running with the same options skips finished items. Items that "
-                                             "fail are listed in OUT/failures.csv and the others are still made "
+                                             "fail are listed in OUT.provenance/failures.csv and the others are still made "
                                              "(exit code 3 when any failed).")
     sub = prep.add_subparsers(dest="dataset", metavar="DATASET", required=True)
 
@@ -116,12 +120,15 @@ def _progress(args):
 def _common_kwargs(args) -> dict:
     return dict(out=args.out, n_per_class=args.per_class, splits=_split_list(args.splits), seed=args.seed,
                 neutral_names=not args.source_names, workers=max(1, args.workers), max_voxels=args.max_voxels,
+                provenance=args.provenance,
                 contact_sheet=not args.no_contact_sheet)
 
 
-def _report(result) -> int:
-    print(f"{result.processed} made, {result.skipped} already done, {len(result.failures)} failed; "
-          f"manifest: {result.manifest_path}")
+def _report(result, source_names: bool = False) -> int:
+    print(f"{result.processed} made, {result.skipped} already done, {len(result.failures)} failed")
+    print(f"training folders: {result.out_dir} (shareable: its manifest.csv holds no case IDs or source paths"
+          + ("; but --source-names put case IDs into the file names" if source_names else "") + ")")
+    print(f"provenance: {result.provenance_dir} (case IDs, source paths, failures, resume journal: keep it private)")
     if result.failures:
         for f in result.failures[:10]:
             print(f"  failed {f.key}: {f.error}")
@@ -141,7 +148,7 @@ def _run(fn, options, args) -> int:
     finally:
         if bar is not None:
             bar.close()
-    return _report(result)
+    return _report(result, args.source_names)
 
 
 def run_picai(args) -> int:

@@ -14,8 +14,9 @@ from typing import Any, Callable
 import numpy as np
 
 from medical_diffusion.atomic_io import atomic_path, atomic_write_text
-from medical_diffusion.datasets.layout import CONTACT_SHEET_NAME, FAILURES_NAME, JOURNAL_NAME, MANIFEST_NAME, PlannedItem
-from medical_diffusion.datasets.manifest import ManifestRow, write_manifest
+from medical_diffusion.datasets.layout import (CONTACT_SHEET_NAME, FAILURES_NAME, JOURNAL_NAME, MANIFEST_NAME,
+                                             PlannedItem, provenance_folder)
+from medical_diffusion.datasets.manifest import SHARED_COLUMNS, ManifestRow, write_manifest
 from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.png_io import save_png
@@ -40,6 +41,8 @@ class BatchOptions:
     contact_sheet: bool = True
     #: volumes/DICOM items whose header claims more voxels are refused before any allocation
     max_voxels: int = DEFAULT_MAX_VOXELS
+    #: where case IDs and source paths go (full manifest, failures, resume journal); None = ``OUT.provenance``
+    provenance: str | None = None
 
     def check_common(self) -> None:
         """Check the shared options (images per class, split names, workers); raise a clear error."""
@@ -75,19 +78,31 @@ class BatchResult:
     """What a batch did; ``rows`` are the manifest rows of all finished items (new and resumed)."""
 
     out_dir: Path
+    provenance_dir: Path | None = None  # None: OUT.provenance
     rows: list[ManifestRow] = field(default_factory=list)
     failures: list[ItemFailure] = field(default_factory=list)  # rejected before processing + failed
     warnings: list[ItemFailure] = field(default_factory=list)  # made, but with a problem worth a look
     processed: int = 0
     skipped: int = 0
 
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        if self.provenance_dir is None:
+            self.provenance_dir = provenance_folder(self.out_dir)
+
     @property
     def manifest_path(self) -> Path:
+        """The shareable manifest (no case IDs or source paths) in the output folder."""
         return self.out_dir / MANIFEST_NAME
 
     @property
+    def provenance_manifest_path(self) -> Path:
+        """The full manifest (case IDs, sources, options) in the provenance folder."""
+        return self.provenance_dir / MANIFEST_NAME
+
+    @property
     def failures_path(self) -> Path:
-        return self.out_dir / FAILURES_NAME
+        return self.provenance_dir / FAILURES_NAME
 
 
 @dataclass
@@ -136,6 +151,18 @@ def _execute(process: Callable[[Any], tuple[np.ndarray, dict]], unit: WorkUnit, 
         return unit.key, _describe(exc), "", {}
 
 
+def _move_old_provenance(out_dir: Path, prov_dir: Path) -> None:
+    """Folders made before provenance was kept apart: move the journal out (resume keeps working) and drop
+    the old failure list; the old full manifest is overwritten by the shareable one."""
+    old_journal, new_journal = out_dir / JOURNAL_NAME, prov_dir / JOURNAL_NAME
+    if old_journal.is_file():
+        if new_journal.is_file():
+            old_journal.unlink()
+        else:
+            shutil.move(str(old_journal), str(new_journal))
+    (out_dir / FAILURES_NAME).unlink(missing_ok=True)
+
+
 def _load_journal(path: Path) -> dict[str, dict]:
     done: dict[str, dict] = {}
     if path.is_file():
@@ -171,6 +198,7 @@ def run_batch(
     rejected: list[ItemFailure] | None = None,
     contact_sheet_title: str | None = None,
     pixel_options_json: str | None = None,
+    provenance: str | os.PathLike | None = None,
 ) -> BatchResult:
     """Make every planned item with ``process(payload) -> (uint8 image, info)``.
 
@@ -178,16 +206,21 @@ def run_batch(
     the same pixel-affecting options (``pixel_options_json``, default all options; journal entry, output
     files present with the recorded sha256) are skipped.
     Failures (plus ``rejected`` items, refused before processing) are collected in ``failures.csv``;
-    the manifest is rewritten at the end; with ``contact_sheet_title`` a contact sheet is written.
+    the manifests are rewritten at the end; with ``contact_sheet_title`` a contact sheet is written.
+    The output folder gets only the images, the shareable manifest and the contact sheet; the full
+    manifest, ``failures.csv`` and the journal go to ``provenance`` (default ``OUT.provenance``).
     ``process`` and ``worker_init`` must be module-level functions when ``workers > 1``.
     """
     out_dir = Path(out_dir)
+    prov_dir = provenance_folder(out_dir, provenance)
     out_dir.mkdir(parents=True, exist_ok=True)
+    prov_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = options_fingerprint(pixel_options_json if pixel_options_json is not None else options_json)
-    journal_path = out_dir / JOURNAL_NAME
+    journal_path = prov_dir / JOURNAL_NAME
+    _move_old_provenance(out_dir, prov_dir)
     journal = _load_journal(journal_path)
     by_key = {p.candidate.key: p for p in planned}
-    result = BatchResult(out_dir, failures=list(rejected or []))
+    result = BatchResult(out_dir, prov_dir, failures=list(rejected or []))
     todo: list[WorkUnit] = []
     finished: dict[str, tuple[str, dict]] = {}
     for item in planned:
@@ -248,10 +281,11 @@ def run_batch(
             result.rows.append(ManifestRow(
                 output=extra, split=item.split, label=item.candidate.label, case_id=key,
                 source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha))
-    write_manifest(out_dir / MANIFEST_NAME, result.rows)
+    write_manifest(result.provenance_manifest_path, result.rows)
+    write_manifest(result.manifest_path, result.rows, SHARED_COLUMNS)
     lines = ["key,source,error"] + [
         ",".join('"' + str(v).replace('"', '""') + '"' for v in (f.key, f.source, f.error)) for f in result.failures]
-    atomic_write_text(out_dir / FAILURES_NAME, "\n".join(lines) + "\n")
+    atomic_write_text(result.failures_path, "\n".join(lines) + "\n")
     if contact_sheet_title is not None and result.rows:
         from medical_diffusion.datasets.contact_sheet import write_contact_sheet
 
@@ -264,7 +298,7 @@ def options_to_json(options: Any, only: tuple[str, ...] | None = None) -> str:
     from dataclasses import asdict
 
     d = asdict(options)
-    for k in ("out", "workers", "progress"):
+    for k in ("out", "workers", "progress", "provenance"):
         d.pop(k, None)
     if only is not None:
         d = {k: v for k, v in d.items() if k in only}

@@ -171,4 +171,5 @@ def prepare_chexpert(options: ChexpertOptions, progress: ProgressCallback | None
     return run_batch(planned, payloads, _process, options.out, options_to_json(options), workers=options.workers,
                      progress=progress, rejected=rejected,
                      contact_sheet_title="CheXpert" if options.contact_sheet else None,
-                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS),
+                     provenance=options.provenance)

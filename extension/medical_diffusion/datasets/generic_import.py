@@ -456,4 +456,5 @@ def prepare_images(options: ImportOptions, progress: ProgressCallback | None = N
     return run_batch(planned, {p.candidate.key: jobs[p.candidate.key] for p in planned}, process_item, options.out,
                      options_to_json(options), workers=options.workers, progress=progress, rejected=rejected,
                      contact_sheet_title="Imported images" if options.contact_sheet else None,
-                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS),
+                     provenance=options.provenance)

@@ -1,14 +1,19 @@
 """Output folder layout and file names.
 
 ``OUT/embedding/<class>/`` holds the images for training embeddings (the train split when splits are
-made); ``OUT/classifier/{train,val,test}/<class>/`` holds the classifier experiment sets. The manifest,
-failure report, journal and contact sheet live directly in ``OUT`` (outside the training folders).
+made); ``OUT/classifier/{train,val,test}/<class>/`` holds the classifier experiment sets; ``OUT`` also
+holds ``manifest.csv`` (output, split, class, slice, sha256: no case IDs, no source paths) and the
+contact sheet, so ``OUT`` can be shared. Provenance (the full manifest with case IDs and source paths,
+``failures.csv`` and the resume journal) goes to a separate folder, by default the sibling
+``OUT.provenance/``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from medical_diffusion.datasets.splits import Candidate
@@ -20,6 +25,17 @@ MANIFEST_NAME = "manifest.csv"
 FAILURES_NAME = "failures.csv"
 JOURNAL_NAME = ".prepare_journal.jsonl"
 CONTACT_SHEET_NAME = "contact_sheet.png"
+PROVENANCE_SUFFIX = ".provenance"
+
+
+def provenance_folder(out: str | os.PathLike, provenance: str | os.PathLike | None = None) -> Path:
+    """The provenance folder for ``out``: ``provenance``, or the sibling ``OUT.provenance``; never inside ``out``."""
+    out_p = Path(out).expanduser().resolve()
+    prov = Path(provenance).expanduser().resolve() if provenance else out_p.with_name(out_p.name + PROVENANCE_SUFFIX)
+    if prov == out_p or out_p in prov.parents:
+        raise MedDiffError(f"{prov}: the provenance folder must be outside the output folder {out_p} "
+                           "(it holds case IDs and source paths)")
+    return prov
 
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

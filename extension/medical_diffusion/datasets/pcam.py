@@ -95,4 +95,5 @@ def prepare_pcam(options: PcamOptions, progress: ProgressCallback | None = None)
         payloads[item.candidate.key] = (f"{options.x}[{idx}]", (str(options.x), idx, options.size))
     return run_batch(planned, payloads, _process, options.out, options_to_json(options), workers=options.workers,
                      progress=progress, contact_sheet_title="PatchCamelyon" if options.contact_sheet else None,
-                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS),
+                     provenance=options.provenance)

@@ -316,4 +316,5 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
                      workers=options.workers, progress=progress,
                      worker_init=single_itk_thread if options.workers > 1 else None, rejected=rejected,
                      contact_sheet_title="PI-CAI" if options.contact_sheet else None,
-                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS),
+                     provenance=options.provenance)

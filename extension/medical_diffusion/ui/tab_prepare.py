@@ -144,8 +144,12 @@ def build(ctx: UIContext) -> None:
     sheet = gr.Image(label="Contact sheet", type="filepath", interactive=False, elem_id="md_prep_sheet")
 
     def common(o, n, sp, sd, w):
-        return dict(out=str(ctx.path(o)), n_per_class=_n(n), splits=SPLITS if sp else (), seed=int(sd),
-                    workers=int(w))
+        out_dir = ctx.path(o)
+        from medical_diffusion.datasets.layout import provenance_folder
+
+        provenance = ctx.path(provenance_folder(out_dir))  # beside the output folder, inside the allowed roots
+        return dict(out=str(out_dir), provenance=str(provenance), n_per_class=_n(n), splits=SPLITS if sp else (),
+                    seed=int(sd), workers=int(w))
 
     def progress_cb(progress):
         return lambda done, total, message="": progress(done / max(total, 1), desc=message or None)
