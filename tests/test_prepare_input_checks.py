@@ -192,3 +192,17 @@ def test_real_dicom_series_has_no_warning(testdata):
     files = sorted(str(p) for p in (testdata / "dicom_series" / "ProstateX-0000_adc").glob("*.dcm"))
     _, info = gi.dicom_to_uint8(files, "auto", None)
     assert "warnings" not in info
+
+
+def test_2d_mask_for_a_3d_volume_is_a_clear_error(tmp_path):
+    vol = _volume(tmp_path / "vol.nii.gz", np.arange(3 * 8 * 8, dtype=np.int16).reshape(3, 8, 8))
+    mask = _volume(tmp_path / "mask.nii.gz", np.ones((8, 8), np.uint8))
+    with pytest.raises(InputFileError) as info:
+        gi.volume_to_uint8(str(vol), "minmax", None, str(mask))
+    assert str(info.value) == f"{mask}: is a 2D image (8 x 8); a 3D volume is expected"
+
+
+def test_unexpected_errors_are_reported_on_one_line():
+    from medical_diffusion.datasets.batch import _describe
+
+    assert _describe(RuntimeError("Exception thrown in X\nITK ERROR: Y\nReason: bad thing")) == "RuntimeError: Reason: bad thing"

@@ -129,9 +129,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    """One line: a MedDiffError's own message; for anything else its type and last line (ITK's reason)."""
     if isinstance(exc, MedDiffError):
-        return str(exc)
-    return f"{exc.__class__.__name__}: {exc}"
+        return " ".join(str(exc).split())
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{exc.__class__.__name__}: {lines[-1] if lines else 'no message'}"
 
 
 def _execute(process: Callable[[Any], tuple[np.ndarray, dict]], unit: WorkUnit, out_dir: str,

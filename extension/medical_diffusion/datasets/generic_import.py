@@ -308,7 +308,7 @@ def volume_to_uint8(path: str, window: str, slice_index: int | None, mask: str |
     oriented = sitk.DICOMOrient(img, "LPS")
     values = sitk.GetArrayFromImage(oriented).astype(np.float64)
     if mask:
-        m_img = vo.read_volume(mask, max_voxels=max_voxels)
+        m_img = vo.read_volume(mask, max_voxels=max_voxels, ndim=3)
         m = sitk.GetArrayFromImage(sitk.DICOMOrient(
             sitk.Resample(m_img, img, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0), "LPS"))
         try:
