@@ -103,7 +103,7 @@ def reference_case(case: picai.PicaiCase, positive: bool, out_png: Path) -> int:
     lab = resample_img(sitk.ReadImage(case.human_lesion if positive else case.gland), out_spacing=(3.0, 0.5, 0.5),
                        is_label=True)
     lab = crop_or_pad(sitk.GetArrayFromImage(lab), size=(30, 300, 300))
-    z = int(np.argmax(lab.sum(axis=(1, 2)))) if positive else int(np.median(np.where(lab == 1)[0]))
+    z = int(np.argmax(lab.sum(axis=(1, 2)))) if positive else int(np.median(np.unique(np.where(lab == 1)[0])))
     rgb = (np.stack([c[z] for c in chans], axis=-1) * 255).astype(np.uint8)
     Image.fromarray(rgb).resize((512, 512), Image.LANCZOS).save(out_png)
     return z

@@ -185,3 +185,37 @@ def test_cli_chexpert_and_pcam(tmp_path, capsys):
                    "--per-class", "2", "--quiet"])
     assert rc == 0 and "4 made" in capsys.readouterr().out
     assert (tmp_path / "pc" / "contact_sheet.png").is_file()
+
+
+def test_chexpert_paths_must_stay_inside_the_root(tmp_path):
+    """A CSV row with an absolute path, a '..' escape or a symlink out of the root is a per-row failure."""
+    root = tmp_path / "root"
+    root.mkdir()
+    csv_path = make_chexpert(root)
+    secret = tmp_path / "secret" / "private.png"
+    secret.parent.mkdir()
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).save(secret)
+    link = root / "train" / "patient00099" / "study1" / "view1_frontal.jpg"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(secret)
+    with open(csv_path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=REAL_HEADER)
+        w.writerow(_row(str(secret), No_Finding="1.0"))  # line 12: absolute
+        w.writerow(_row("CheXpert-v1.0-small/../../secret/private.png", No_Finding="1.0"))  # line 13: escapes
+        w.writerow(_row("CheXpert-v1.0-small/train/patient00099/study1/view1_frontal.jpg", No_Finding="1.0"))  # 14
+    result = prepare_chexpert(ChexpertOptions(csv=str(csv_path), root=str(root), out=str(tmp_path / "out")))
+    outside = {f.source: f.error for f in result.failures if "outside the image root" in f.error}
+    assert sorted(outside) == [f"{csv_path}:12", f"{csv_path}:13", f"{csv_path}:14"]
+    assert len(result.rows) == 6  # the other rows are still made
+    assert all(str(secret) not in r.source for r in result.rows)
+
+
+def test_pcam_refuses_non_binary_labels(tmp_path):
+    xp, yp = make_pcam(tmp_path)
+    with h5py.File(yp, "w") as fh:
+        y = (np.arange(12) % 3 == 0).astype(np.float32).reshape(12, 1, 1, 1)
+        y[5] = 0.9  # would have been truncated to 0
+        fh.create_dataset("y", data=y)
+    with pytest.raises(MedDiffError, match=r"_y\.h5: labels must be 0 or 1: index 5 holds 0\.9"):
+        prepare_pcam(PcamOptions(x=str(xp), y=str(yp), out=str(tmp_path / "out"), n_per_class=1))
+    assert not (tmp_path / "out" / "embedding").exists()

@@ -144,11 +144,15 @@ def test_png_folders_privacy_and_failures(tmp_path):
     for p in pngs:
         assert png_chunks(p) == [b"IHDR"] + [b"IDAT"] * (len(png_chunks(p)) - 2) + [b"IEND"]
         assert SECRET.encode() not in p.read_bytes()
-    # the DICOM's PatientName/ID appear nowhere in the output folder (file names only in the manifest)
-    for p in out.rglob("*"):
-        if p.is_file() and p.suffix != ".csv" and p.name != ".prepare_journal.jsonl":
-            assert SECRET.encode() not in p.read_bytes()
-    assert (SECRET + "^X").encode() not in (out / "manifest.csv").read_bytes()
+    # the DICOM's PatientName/ID and the source file names appear nowhere in the output folder (manifest and
+    # journal included); they are kept in the provenance folder beside it
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files if p.suffix != ".png") == ["manifest.csv"]
+    for p in files:
+        assert SECRET.encode() not in p.read_bytes() and str(tmp_path).encode() not in p.read_bytes()
+    prov = tmp_path / "out.provenance"
+    assert SECRET in (prov / "manifest.csv").read_text() and (prov / ".prepare_journal.jsonl").is_file()
+    assert (SECRET + "^X").encode() not in (prov / "manifest.csv").read_bytes()
 
 
 def test_cli_images(tmp_path, capsys):

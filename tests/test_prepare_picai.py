@@ -90,6 +90,30 @@ def test_paper_mode_geometry_and_slice_choice(tmp_path):
     assert (tmp_path / "out" / "manifest.csv").is_file() and (tmp_path / "out" / "contact_sheet.png").is_file()
     assert not list((tmp_path / "out" / "embedding").rglob("*.csv"))
     assert read_manifest(tmp_path / "out" / "manifest.csv")[0].sha256 == result.rows[0].sha256
+    full = read_manifest(tmp_path / "out.provenance" / "manifest.csv")
+    assert [r.case_id for r in full] == [r.case_id for r in result.rows]
+
+
+def test_negative_slice_is_the_median_of_distinct_gland_slices(tmp_path):
+    """The authors: int(median(unique(z))) over the gland's slices; "voxels" weights slices by area."""
+    label = np.zeros((12, 8, 8), np.uint8)
+    label[2:10, 3:5, 3:5] = 1  # gland on slices 2..9 -> distinct-slice median 5.5 -> 5
+    label[8] = 1  # most voxels on slice 8 -> voxel-weighted median 8
+    assert picai.choose_slice(label, False) == 5
+    assert picai.choose_slice(label, False, "voxels") == 8
+    # the same through a whole preparation (phantom gland replaced)
+    make_case(tmp_path, "1001", "2001", positive=False)
+    gland_path = tmp_path / "labels" / picai.GLAND / "1001_2001.nii.gz"
+    ref = sitk.ReadImage(str(gland_path))
+    gland = np.zeros((12, 64, 64), np.uint8)
+    gland[2:10, 30:34, 30:34] = 1
+    gland[8, 10:54, 10:54] = 1
+    img = sitk.GetImageFromArray(gland)
+    img.CopyInformation(ref)
+    sitk.WriteImage(img, str(gland_path))
+    authors = prepare_picai(options(tmp_path, tmp_path / "a", contact_sheet=False))
+    weighted = prepare_picai(options(tmp_path, tmp_path / "w", contact_sheet=False, negative_slice="voxels"))
+    assert authors.rows[0].slice == str(PAD_Z + 5) and weighted.rows[0].slice == str(PAD_Z + 8)
 
 
 def test_volume_steps_match_the_spec(tmp_path):
@@ -131,7 +155,7 @@ def test_label_sources_and_missing_label_is_a_per_case_error(tmp_path):
     assert picai.AI_LESIONS in ai_row.source and ai_row.slice == str(PAD_Z + 7)  # AI map rolled by 3 slices
     assert [f.key for f in combined.failures] == ["1002_2002"]
     assert "no lesion delineation" in combined.failures[0].error
-    assert "1002_2002" in (tmp_path / "c" / "failures.csv").read_text()
+    assert "1002_2002" in (tmp_path / "c.provenance" / "failures.csv").read_text()
 
     human = prepare_picai(options(tmp_path, tmp_path / "h", label_source="human"))
     assert sorted(f.key for f in human.failures) == ["1001_2001", "1002_2002"]
@@ -262,7 +286,7 @@ def literal_paper_slice(scans: dict, gland_path: str, positive: bool, lesion_pat
         a = (a - a.min()) / (a.max() - a.min())
         chans.append(crop(a))
     lab = crop(sitk.GetArrayFromImage(resample(sitk.ReadImage(lesion_path if positive else gland_path), True)))
-    z = int(np.argmax(lab.sum(axis=(1, 2)))) if positive else int(np.median(np.where(lab == 1)[0]))
+    z = int(np.argmax(lab.sum(axis=(1, 2)))) if positive else int(np.median(np.unique(np.where(lab == 1)[0])))
     rgb = (np.stack([c[z] for c in chans], -1) * 255).astype(np.uint8)
     return z, np.asarray(Image.fromarray(rgb).resize((512, 512), Image.LANCZOS))
 
@@ -277,7 +301,7 @@ def test_real_picai_case_paper_mode(testdata, tmp_path):
     assert row.case_id == "10795_1000811" and row.label == "neg"  # human map all zero: csPCa-negative
     case = picai.discover_cases(root / "images", root / "labels")[0]
     z, expected = literal_paper_slice(case.scans, case.gland, False)
-    assert row.slice == str(z)
+    assert row.slice == str(z) == "14"  # the authors' slice (the voxel-weighted median would be 15)
     got = np.asarray(Image.open(out / row.output)).astype(int)
     assert got.shape == (512, 512, 3)
     np.testing.assert_array_equal(got, expected)  # bit-identical to the literal SimpleITK computation

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import argparse
 
+from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS
+
 
 def _common(p: argparse.ArgumentParser, default_n: int | None = None) -> None:
-    p.add_argument("--out", required=True, help="output folder (embedding/<class>/, classifier/<split>/<class>/, "
-                                                "manifest.csv, failures.csv, contact_sheet.png)")
+    p.add_argument("--out", required=True, help="output folder to share: embedding/<class>/, "
+                                                "classifier/<split>/<class>/, manifest.csv (no case IDs or source "
+                                                "paths), contact_sheet.png")
+    p.add_argument("--provenance", default=None, metavar="DIR",
+                   help="folder for what names cases and sources: the full manifest, failures.csv and the resume "
+                        "journal (default: OUT.provenance beside OUT; must be outside OUT); keep it private")
     p.add_argument("--per-class", type=int, default=default_n, metavar="N",
-                   help="N images per class (per split with --splits); default: " +
-                        ("all eligible" if default_n is None else str(default_n)))
+                   help="exactly N images per class, sampled at random (per split with --splits); 0 = every "
+                        "eligible image (not with --splits); a class with fewer than N is an error that says how "
+                        "many it has; default: " + ("0 (all)" if default_n is None else str(default_n)))
     p.add_argument("--splits", default="", metavar="LIST",
-                   help="patient-disjoint classifier splits, e.g. train,val,test (paper: 100 neg + 100 pos each)")
+                   help="patient-disjoint classifier splits, e.g. train,val,test (paper: 100 neg + 100 pos each; "
+                        "needs --per-class N > 0); names: letters, digits, _ - .")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling and splits (default 0)")
     p.add_argument("--source-names", action="store_true",
                    help="name outputs after the source case instead of neutral neg_0001.png names")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
+                   help="refuse volumes/DICOM items whose header claims more than N voxels, before reading "
+                        f"their pixels (default {DEFAULT_MAX_VOXELS:,} = 512 x 512 x 1024)")
     p.add_argument("--no-contact-sheet", action="store_true", help="do not write contact_sheet.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -25,7 +36,7 @@ def register(subparsers) -> None:
     prep = subparsers.add_parser("prepare", help="prepare a dataset as 512x512 PNG training folders",
                                  description="Prepare PI-CAI, CheXpert, PatchCamelyon or generic medical images. "
                                              "Re-running with the same options skips finished items. Items that "
-                                             "fail are listed in OUT/failures.csv and the others are still made "
+                                             "fail are listed in OUT.provenance/failures.csv and the others are still made "
                                              "(exit code 3 when any failed).")
     sub = prep.add_subparsers(dest="dataset", metavar="DATASET", required=True)
 
@@ -42,6 +53,9 @@ def register(subparsers) -> None:
                         "marksheet case_csPCa")
     p.add_argument("--resampler", choices=("fast", "sitk"), default="fast",
                    help="fast: separable B-spline, same maths as SimpleITK (default); sitk: SimpleITK itself")
+    p.add_argument("--negative-slice", choices=("slices", "voxels"), default="slices",
+                   help="slice of a negative case: slices = median of the distinct slices holding gland voxels "
+                        "(the authors, default); voxels = median z of all gland voxels (area-weighted)")
     p.add_argument("--cases", default="", help="comma-separated <pid>_<sid> ids to restrict to")
     _common(p)
     p.set_defaults(func=run_picai)
@@ -77,6 +91,8 @@ def register(subparsers) -> None:
     p.add_argument("--fit", choices=("pad", "stretch"), default="pad",
                    help="pad: keep aspect ratio with zero borders (default); stretch")
     p.add_argument("--crop-nonzero", action="store_true", help="crop to the non-zero bounding box first")
+    p.add_argument("--replace-nonfinite", type=float, default=None, metavar="VALUE",
+                   help="replace NaN/inf pixels by VALUE (default: an item holding any fails)")
     _common(p)
     p.set_defaults(func=run_images)
 
@@ -103,18 +119,25 @@ def _progress(args):
 
 def _common_kwargs(args) -> dict:
     return dict(out=args.out, n_per_class=args.per_class, splits=_split_list(args.splits), seed=args.seed,
-                neutral_names=not args.source_names, workers=max(1, args.workers),
+                neutral_names=not args.source_names, workers=max(1, args.workers), max_voxels=args.max_voxels,
+                provenance=args.provenance,
                 contact_sheet=not args.no_contact_sheet)
 
 
-def _report(result) -> int:
-    print(f"{result.processed} made, {result.skipped} already done, {len(result.failures)} failed; "
-          f"manifest: {result.manifest_path}")
+def _report(result, source_names: bool = False) -> int:
+    print(f"{result.processed} made, {result.skipped} already done, {len(result.failures)} failed")
+    print(f"training folders: {result.out_dir} (shareable: its manifest.csv holds no case IDs or source paths"
+          + ("; but --source-names put case IDs into the file names" if source_names else "") + ")")
+    print(f"provenance: {result.provenance_dir} (case IDs, source paths, failures, resume journal: keep it private)")
     if result.failures:
         for f in result.failures[:10]:
             print(f"  failed {f.key}: {f.error}")
         if len(result.failures) > 10:
             print(f"  ... {len(result.failures) - 10} more in {result.failures_path}")
+    for w in result.warnings[:10]:
+        print(f"  warning {w.key}: {w.error}")
+    if len(result.warnings) > 10:
+        print(f"  ... {len(result.warnings) - 10} more warnings")
     return 0 if not result.failures else 3
 
 
@@ -125,7 +148,7 @@ def _run(fn, options, args) -> int:
     finally:
         if bar is not None:
             bar.close()
-    return _report(result)
+    return _report(result, args.source_names)
 
 
 def run_picai(args) -> int:
@@ -133,6 +156,7 @@ def run_picai(args) -> int:
 
     options = PicaiOptions(images=args.images, labels=args.labels, mode=args.mode, channels=args.channels,
                            label_source=args.label_source, resampler=args.resampler,
+                           negative_slice=args.negative_slice,
                            cases=_split_list(args.cases), **_common_kwargs(args))
     return _run(prepare_picai, options, args)
 
@@ -158,5 +182,6 @@ def run_images(args) -> int:
     options = ImportOptions(inputs=tuple(args.inputs), label=args.label,
                             class_from="folder" if args.class_from_folder else "label", window=args.window,
                             slice_index=args.slice, mask=args.mask, mask_rule=args.mask_rule, color=args.color,
-                            fit=args.fit, crop_nonzero=args.crop_nonzero, **_common_kwargs(args))
+                            fit=args.fit, crop_nonzero=args.crop_nonzero, nonfinite=args.replace_nonfinite,
+                            **_common_kwargs(args))
     return _run(prepare_images, options, args)

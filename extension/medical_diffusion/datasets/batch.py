@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,8 +14,10 @@ from typing import Any, Callable
 import numpy as np
 
 from medical_diffusion.atomic_io import atomic_path, atomic_write_text
-from medical_diffusion.datasets.layout import CONTACT_SHEET_NAME, FAILURES_NAME, JOURNAL_NAME, MANIFEST_NAME, PlannedItem
-from medical_diffusion.datasets.manifest import ManifestRow, write_manifest
+from medical_diffusion.datasets.layout import (CONTACT_SHEET_NAME, FAILURES_NAME, JOURNAL_NAME, MANIFEST_NAME,
+                                             PlannedItem, provenance_folder)
+from medical_diffusion.datasets.manifest import SHARED_COLUMNS, ManifestRow, write_manifest
+from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.png_io import save_png
 
@@ -29,12 +31,37 @@ class BatchOptions:
 
     out: str
     size: int = 512
-    n_per_class: int | None = None  # per class (and per split); None = every eligible item
+    #: exactly N random items per class (and per split); None or 0 = every eligible item. A class with
+    #: fewer than N eligible items is an error that says how many there are.
+    n_per_class: int | None = None
     splits: tuple[str, ...] = ()  # e.g. ("train", "val", "test"): patient-disjoint classifier sets
     seed: int = 0
     neutral_names: bool = True
     workers: int = 1
     contact_sheet: bool = True
+    #: volumes/DICOM items whose header claims more voxels are refused before any allocation
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    #: where case IDs and source paths go (full manifest, failures, resume journal); None = ``OUT.provenance``
+    provenance: str | None = None
+
+    def check_common(self) -> None:
+        """Check the shared options (images per class, split names, workers); raise a clear error."""
+        from medical_diffusion.datasets.layout import check_plain_name
+
+        n = self.n_per_class
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise MedDiffError(f"images per class must be a whole number >= 0 (0 = all), got {n!r}")
+        for name in self.splits:
+            check_plain_name(name, "split")
+        if len(set(self.splits)) != len(self.splits):
+            raise MedDiffError(f"split names repeat: {', '.join(self.splits)}")
+        if self.splits and not n:
+            raise MedDiffError("patient-disjoint splits need a number of images per class (N > 0; "
+                               "0 = all works only without splits)")
+        if isinstance(self.max_voxels, bool) or not isinstance(self.max_voxels, int) or self.max_voxels < 1:
+            raise MedDiffError(f"max_voxels must be a whole number >= 1, got {self.max_voxels!r}")
+        if not 1 <= int(self.workers) <= 64:
+            raise MedDiffError(f"workers must be between 1 and 64, got {self.workers}")
 
 
 @dataclass
@@ -51,18 +78,31 @@ class BatchResult:
     """What a batch did; ``rows`` are the manifest rows of all finished items (new and resumed)."""
 
     out_dir: Path
+    provenance_dir: Path | None = None  # None: OUT.provenance
     rows: list[ManifestRow] = field(default_factory=list)
     failures: list[ItemFailure] = field(default_factory=list)  # rejected before processing + failed
+    warnings: list[ItemFailure] = field(default_factory=list)  # made, but with a problem worth a look
     processed: int = 0
     skipped: int = 0
 
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        if self.provenance_dir is None:
+            self.provenance_dir = provenance_folder(self.out_dir)
+
     @property
     def manifest_path(self) -> Path:
+        """The shareable manifest (no case IDs or source paths) in the output folder."""
         return self.out_dir / MANIFEST_NAME
 
     @property
+    def provenance_manifest_path(self) -> Path:
+        """The full manifest (case IDs, sources, options) in the provenance folder."""
+        return self.provenance_dir / MANIFEST_NAME
+
+    @property
     def failures_path(self) -> Path:
-        return self.out_dir / FAILURES_NAME
+        return self.provenance_dir / FAILURES_NAME
 
 
 @dataclass
@@ -89,9 +129,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    """One line: a MedDiffError's own message; for anything else its type and last line (ITK's reason)."""
     if isinstance(exc, MedDiffError):
-        return str(exc)
-    return f"{exc.__class__.__name__}: {exc}"
+        return " ".join(str(exc).split())
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{exc.__class__.__name__}: {lines[-1] if lines else 'no message'}"
 
 
 def _execute(process: Callable[[Any], tuple[np.ndarray, dict]], unit: WorkUnit, out_dir: str,
@@ -109,6 +151,18 @@ def _execute(process: Callable[[Any], tuple[np.ndarray, dict]], unit: WorkUnit, 
         return unit.key, None, sha, info
     except Exception as exc:  # per-item failure: report and go on
         return unit.key, _describe(exc), "", {}
+
+
+def _move_old_provenance(out_dir: Path, prov_dir: Path) -> None:
+    """Folders made before provenance was kept apart: move the journal out (resume keeps working) and drop
+    the old failure list; the old full manifest is overwritten by the shareable one."""
+    old_journal, new_journal = out_dir / JOURNAL_NAME, prov_dir / JOURNAL_NAME
+    if old_journal.is_file():
+        if new_journal.is_file():
+            old_journal.unlink()
+        else:
+            shutil.move(str(old_journal), str(new_journal))
+    (out_dir / FAILURES_NAME).unlink(missing_ok=True)
 
 
 def _load_journal(path: Path) -> dict[str, dict]:
@@ -146,6 +200,7 @@ def run_batch(
     rejected: list[ItemFailure] | None = None,
     contact_sheet_title: str | None = None,
     pixel_options_json: str | None = None,
+    provenance: str | os.PathLike | None = None,
 ) -> BatchResult:
     """Make every planned item with ``process(payload) -> (uint8 image, info)``.
 
@@ -153,16 +208,21 @@ def run_batch(
     the same pixel-affecting options (``pixel_options_json``, default all options; journal entry, output
     files present with the recorded sha256) are skipped.
     Failures (plus ``rejected`` items, refused before processing) are collected in ``failures.csv``;
-    the manifest is rewritten at the end; with ``contact_sheet_title`` a contact sheet is written.
+    the manifests are rewritten at the end; with ``contact_sheet_title`` a contact sheet is written.
+    The output folder gets only the images, the shareable manifest and the contact sheet; the full
+    manifest, ``failures.csv`` and the journal go to ``provenance`` (default ``OUT.provenance``).
     ``process`` and ``worker_init`` must be module-level functions when ``workers > 1``.
     """
     out_dir = Path(out_dir)
+    prov_dir = provenance_folder(out_dir, provenance)
     out_dir.mkdir(parents=True, exist_ok=True)
+    prov_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = options_fingerprint(pixel_options_json if pixel_options_json is not None else options_json)
-    journal_path = out_dir / JOURNAL_NAME
+    journal_path = prov_dir / JOURNAL_NAME
+    _move_old_provenance(out_dir, prov_dir)
     journal = _load_journal(journal_path)
     by_key = {p.candidate.key: p for p in planned}
-    result = BatchResult(out_dir, failures=list(rejected or []))
+    result = BatchResult(out_dir, prov_dir, failures=list(rejected or []))
     todo: list[WorkUnit] = []
     finished: dict[str, tuple[str, dict]] = {}
     for item in planned:
@@ -202,7 +262,9 @@ def run_batch(
             for unit in todo:
                 record(*_execute(process, unit, str(out_dir), worker_init), jfh)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            from medical_diffusion.datasets.worker_lifetime import worker_pool
+
+            with worker_pool(workers) as pool:
                 futures = [pool.submit(_execute, process, u, str(out_dir), worker_init) for u in todo]
                 for fut in as_completed(futures):
                     record(*fut.result(), jfh)
@@ -212,6 +274,8 @@ def run_batch(
         if key not in finished:
             continue
         sha, info = finished[key]
+        for text in info.get("warnings", []):
+            result.warnings.append(ItemFailure(key, payloads[key][0], text))
         result.rows.append(ManifestRow(
             output=item.outputs[0], split=item.split, label=item.candidate.label, case_id=key,
             source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha))
@@ -219,10 +283,11 @@ def run_batch(
             result.rows.append(ManifestRow(
                 output=extra, split=item.split, label=item.candidate.label, case_id=key,
                 source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha))
-    write_manifest(out_dir / MANIFEST_NAME, result.rows)
+    write_manifest(result.provenance_manifest_path, result.rows)
+    write_manifest(result.manifest_path, result.rows, SHARED_COLUMNS)
     lines = ["key,source,error"] + [
         ",".join('"' + str(v).replace('"', '""') + '"' for v in (f.key, f.source, f.error)) for f in result.failures]
-    atomic_write_text(out_dir / FAILURES_NAME, "\n".join(lines) + "\n")
+    atomic_write_text(result.failures_path, "\n".join(lines) + "\n")
     if contact_sheet_title is not None and result.rows:
         from medical_diffusion.datasets.contact_sheet import write_contact_sheet
 
@@ -235,7 +300,7 @@ def options_to_json(options: Any, only: tuple[str, ...] | None = None) -> str:
     from dataclasses import asdict
 
     d = asdict(options)
-    for k in ("out", "workers", "progress"):
+    for k in ("out", "workers", "progress", "provenance"):
         d.pop(k, None)
     if only is not None:
         d = {k: v for k, v in d.items() if k in only}

@@ -47,6 +47,7 @@ class ChexpertOptions(BatchOptions):
     uncertain: str = "zeros"
 
     def validate(self) -> None:
+        self.check_common()
         if self.uncertain not in UNCERTAIN_POLICIES:
             raise MedDiffError(f"unknown uncertain-label policy {self.uncertain!r} "
                                f"(choose from {', '.join(UNCERTAIN_POLICIES)})")
@@ -87,8 +88,12 @@ def _value(text: str, policy: str) -> float | None:
 
 
 def select_rows(csv_path: str | os.PathLike, classes: tuple[str, ...], uncertain: str = "zeros",
-                view: str = "AP") -> tuple[list[tuple[str, str, str]], list[ItemFailure]]:
-    """Rows (csv path, class, patient) of frontal ``view`` images with exactly one positive class."""
+                view: str = "AP", root: str | os.PathLike | None = None
+                ) -> tuple[list[tuple[str, str, str]], list[ItemFailure]]:
+    """Rows (csv path, class, patient) of frontal ``view`` images with exactly one positive class.
+
+    With ``root``, a row whose image path does not resolve inside ``root`` (absolute, ``..``, a symlink
+    pointing out) is a failure naming the CSV line instead."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise InputFileError(csv_path, "CheXpert CSV not found")
@@ -113,19 +118,29 @@ def select_rows(csv_path: str | os.PathLike, classes: tuple[str, ...], uncertain
             positives = [c for c, v in zip(classes, values) if v == 1.0]
             if len(positives) != 1:
                 continue
+            if root is not None:
+                try:
+                    resolve_image(root, row["Path"])
+                except MedDiffError as exc:
+                    bad.append(ItemFailure(row["Path"], f"{csv_path}:{line}", str(exc)))
+                    continue
             m = re.search(r"(patient\d+)", row["Path"])
             out.append((row["Path"], positives[0], m.group(1) if m else row["Path"]))
     return out, bad
 
 
 def resolve_image(root: str | os.PathLike, csv_path: str) -> Path:
-    """The image file for a CSV path: ``root/<path without prefix>``, else ``root/<path>``."""
+    """The image file for a CSV path: ``root/<path without prefix>``, else ``root/<path>``; it must
+    resolve (symlinks followed) inside ``root``, else MedDiffError."""
     root = Path(root)
     p = root / strip_prefix(csv_path)
-    if p.is_file():
-        return p
     q = root / csv_path
-    return q if q.is_file() else p
+    chosen = p if p.is_file() or not q.is_file() else q
+    real_root = root.resolve()
+    real = chosen.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise MedDiffError(f"image path {csv_path!r} leads outside the image root {root} (to {real})")
+    return chosen
 
 
 def process_image(path: str, size: int = 512) -> tuple[np.ndarray, dict]:
@@ -141,7 +156,8 @@ def _process(payload: tuple[str, int]) -> tuple[np.ndarray, dict]:
 def prepare_chexpert(options: ChexpertOptions, progress: ProgressCallback | None = None) -> BatchResult:
     """Select and prepare CheXpert images into ``options.out`` (resumable)."""
     options.validate()
-    rows, rejected = select_rows(options.csv, tuple(options.classes), options.uncertain, options.view)
+    rows, rejected = select_rows(options.csv, tuple(options.classes), options.uncertain, options.view,
+                                 root=options.root)
     folders = class_folders(tuple(options.classes), tuple(options.splits))
     original = {strip_prefix(path): path for path, _, _ in rows}
     candidates = [Candidate(strip_prefix(path), folders[cls], patient) for path, cls, patient in rows]
@@ -155,4 +171,5 @@ def prepare_chexpert(options: ChexpertOptions, progress: ProgressCallback | None
     return run_batch(planned, payloads, _process, options.out, options_to_json(options), workers=options.workers,
                      progress=progress, rejected=rejected,
                      contact_sheet_title="CheXpert" if options.contact_sheet else None,
-                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS),
+                     provenance=options.provenance)

@@ -25,6 +25,7 @@ from medical_diffusion.datasets.image_fit import FITS, crop_to_nonzero, fit_squa
 from medical_diffusion.datasets.layout import plan_outputs, slug
 from medical_diffusion.datasets.picai import choose_slice
 from medical_diffusion.datasets.splits import Candidate, select_items
+from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS, too_many_voxels
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.png_io import IMAGE_SUFFIXES
 
@@ -35,7 +36,7 @@ MASK_RULES = ("max", "median")
 
 
 #: options that change the pixels of an item (a change redoes finished items on a re-run)
-PIXEL_OPTIONS = ("window", "slice_index", "mask", "mask_rule", "color", "fit", "crop_nonzero", "size")
+PIXEL_OPTIONS = ("window", "slice_index", "mask", "mask_rule", "color", "fit", "crop_nonzero", "size", "nonfinite")
 
 @dataclass
 class ImportOptions(BatchOptions):
@@ -47,12 +48,14 @@ class ImportOptions(BatchOptions):
     window: str = "auto"  # "auto" (DICOM window tags, else min-max), "minmax", "percentile", "C,W"
     slice_index: int | None = None  # volumes/series: axial slice (default: middle)
     mask: str | None = None  # volumes: a mask file, or a folder of masks named like the volumes
-    mask_rule: str = "max"  # "max": slice with the largest mask sum; "median": median z of mask voxels
+    mask_rule: str = "max"  # "max": slice with the largest mask sum; "median": median of the slices holding mask voxels
     color: str = "auto"  # "auto", "grey" or "rgb" (2D colour images)
     fit: str = "pad"  # "pad": keep aspect ratio, zero borders; "stretch"
     crop_nonzero: bool = False
+    nonfinite: float | None = None  # NaN/inf voxels: None = the item fails; a number = replaced by it
 
     def validate(self) -> None:
+        self.check_common()
         parse_window(self.window)
         if self.fit not in FITS:
             raise MedDiffError(f"unknown fit {self.fit!r} (choose from {', '.join(FITS)})")
@@ -146,8 +149,9 @@ def _first(value) -> float | None:
         return None
 
 
-def read_dicom(path: str | os.PathLike) -> DicomFrame:
-    """Read one DICOM file's stored pixels (pydicom; SimpleITK fallback with GDCM's inversion undone)."""
+def read_dicom(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> DicomFrame:
+    """Read one DICOM file's stored pixels (pydicom; SimpleITK fallback with GDCM's inversion undone);
+    a header claiming more than ``max_voxels`` samples is refused before the pixels are decoded."""
     import pydicom
 
     path = Path(path)
@@ -155,8 +159,16 @@ def read_dicom(path: str | os.PathLike) -> DicomFrame:
         ds = pydicom.dcmread(path)
     except Exception as exc:
         raise InputFileError(path, f"not a readable DICOM file ({exc.__class__.__name__}: {exc})") from exc
-    if "PixelData" not in ds:
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InputFileError(path, "DICOM file has no pixel data")
+    try:
+        claimed = [int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0),
+                   int(ds.get("Columns", 0) or 0), int(ds.get("SamplesPerPixel", 1) or 1)]
+    except (TypeError, ValueError):
+        raise InputFileError(path, "DICOM header has a bad Rows/Columns/NumberOfFrames value") from None
+    problem = too_many_voxels(claimed, int(max_voxels))
+    if problem:
+        raise InputFileError(path, problem)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     mono1 = photometric == "MONOCHROME1"
     try:
@@ -191,22 +203,70 @@ def sort_series(frames: list[DicomFrame]) -> list[DicomFrame]:
     return sorted(frames, key=lambda f: f.instance)
 
 
-def dicom_to_uint8(files: list[str], window: str, slice_index: int | None) -> tuple[np.ndarray, dict]:
-    """A DICOM file or series -> uint8 (grey, or RGB for colour DICOM) and {"slice": z or ""}."""
-    frames = [read_dicom(f) for f in files]
+def series_spacing_warnings(positions: list[float]) -> list[str]:
+    """Warnings for sorted slice positions (mm along the normal): missing slices, duplicates, uneven steps."""
+    if len(positions) < 2:
+        return []
+    steps = np.diff(np.asarray(positions, dtype=np.float64))
+    out = []
+    dup = int((np.abs(steps) < 1e-3).sum())
+    if dup:
+        out.append(f"{dup} slice(s) share a position with another (duplicates?)")
+        steps = steps[np.abs(steps) >= 1e-3]
+        if steps.size == 0:
+            return out
+    step = float(np.median(steps))
+    tol = max(0.01 * step, 1e-3)
+    gaps = np.flatnonzero(steps > 1.5 * step)
+    if gaps.size:
+        where = ", ".join(f"{steps[i]:.3g} mm after slice {i}" for i in gaps[:3])
+        out.append(f"missing slice(s): gap(s) of {where} (spacing {step:.3g} mm elsewhere)")
+    elif (np.abs(steps - step) > tol).any():
+        out.append(f"uneven slice spacing: {steps.min():.4g} to {steps.max():.4g} mm")
+    return out
+
+
+def _finite(values: np.ndarray, path: str | os.PathLike, replace: float | None) -> np.ndarray:
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return values
+    if replace is None:
+        raise InputFileError(path, f"{int(bad.sum()):,} of {values.size:,} pixel values are NaN or infinite "
+                                   "(fix the file, or choose a replacement value)")
+    return np.where(bad, float(replace), values)
+
+
+def dicom_to_uint8(files: list[str], window: str, slice_index: int | None, max_voxels: int = DEFAULT_MAX_VOXELS,
+                   nonfinite: float | None = None) -> tuple[np.ndarray, dict]:
+    """A DICOM file or series -> uint8 (grey, or RGB for colour DICOM) and {"slice": z or "", "warnings": [...]}.
+
+    Each slice gets its own RescaleSlope/Intercept; a series with missing, duplicate or unevenly spaced
+    slices is still made, with a warning."""
+    frames = [read_dicom(files[0], max_voxels=max_voxels)]
+    if len(files) > 1:
+        problem = too_many_voxels([len(files), *frames[0].pixels.shape], int(max_voxels))
+        if problem:
+            raise InputFileError(os.path.dirname(files[0]), f"series of {len(files)} files: {problem}")
+        frames += [read_dicom(f, max_voxels=max_voxels) for f in files[1:]]
+    warnings: list[str] = []
     if len(frames) > 1:
         frames = sort_series(frames)
         shapes = {f.pixels.shape for f in frames}
         if len(shapes) != 1:
             raise InputFileError(os.path.dirname(files[0]), f"series slices differ in size {sorted(shapes)}")
-        stored = np.stack([f.pixels for f in frames])
+        if all(f.position is not None for f in frames):
+            warnings = series_spacing_warnings([f.position for f in frames])
+        values = np.stack([f.pixels.astype(np.float64) * f.slope + f.intercept for f in frames])
     else:
         stored = frames[0].pixels
+        if stored.ndim == 3 and stored.shape[-1] == 3:  # colour DICOM: already display RGB
+            return stored.astype(np.uint8), {"slice": ""}
+        values = stored.astype(np.float64) * frames[0].slope + frames[0].intercept
     first = frames[0]
-    if stored.ndim == 3 and stored.shape[-1] == 3 and len(frames) == 1:  # colour DICOM: already display RGB
-        return stored.astype(np.uint8), {"slice": ""}
-    values = stored.astype(np.float64) * first.slope + first.intercept
+    values = _finite(values, files[0] if len(files) == 1 else os.path.dirname(files[0]), nonfinite)
     info: dict = {"slice": ""}
+    if warnings:
+        info["warnings"] = warnings
     if values.ndim == 3:
         z = values.shape[0] // 2 if slice_index is None else slice_index
         if not 0 <= z < values.shape[0]:
@@ -235,9 +295,10 @@ def _mask_for(volume_path: str, mask: str | None) -> str | None:
 
 
 def volume_to_uint8(path: str, window: str, slice_index: int | None, mask: str | None,
-                    mask_rule: str = "max") -> tuple[np.ndarray, dict]:
+                    mask_rule: str = "max", max_voxels: int = DEFAULT_MAX_VOXELS,
+                    nonfinite: float | None = None) -> tuple[np.ndarray, dict]:
     """An axial slice of a NIfTI/MHA/NRRD volume (reoriented to LPS) as uint8 grey."""
-    img = vo.read_volume(path)
+    img = vo.read_volume(path, max_voxels=max_voxels, nonfinite=nonfinite)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputFileError(path, "vector/colour volumes are not supported")
     if img.GetDimension() == 2:
@@ -247,7 +308,7 @@ def volume_to_uint8(path: str, window: str, slice_index: int | None, mask: str |
     oriented = sitk.DICOMOrient(img, "LPS")
     values = sitk.GetArrayFromImage(oriented).astype(np.float64)
     if mask:
-        m_img = vo.read_volume(mask)
+        m_img = vo.read_volume(mask, max_voxels=max_voxels, ndim=3)
         m = sitk.GetArrayFromImage(sitk.DICOMOrient(
             sitk.Resample(m_img, img, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0), "LPS"))
         try:
@@ -261,13 +322,14 @@ def volume_to_uint8(path: str, window: str, slice_index: int | None, mask: str |
     return to_uint8(values[z], window, reference=values), {"slice": z}
 
 
-def picture_to_uint8(path: str, window: str, color: str) -> tuple[np.ndarray, dict]:
+def picture_to_uint8(path: str, window: str, color: str, nonfinite: float | None = None) -> tuple[np.ndarray, dict]:
     """PNG/JPEG/TIFF -> uint8 grey or RGB; >8-bit grey is windowed."""
     try:
         with Image.open(path) as im:
             im.load()
             if im.mode in ("I;16", "I;16B", "I", "F"):
-                return to_uint8(np.asarray(im).astype(np.float64), window), {"slice": ""}
+                values = _finite(np.asarray(im).astype(np.float64), path, nonfinite)
+                return to_uint8(values, window), {"slice": ""}
             rgb = np.asarray(im.convert("RGB"))
     except OSError as exc:
         raise InputFileError(path, f"not a readable image ({exc})") from exc
@@ -289,16 +351,19 @@ class ImportJob:
     fit: str
     crop_nonzero: bool
     size: int
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    nonfinite: float | None = None
 
 
 def process_item(job: ImportJob) -> tuple[np.ndarray, dict]:
     """One input item -> ``size x size`` uint8 image."""
     if job.kind == "dicom":
-        img, info = dicom_to_uint8(job.files, job.window, job.slice_index)
+        img, info = dicom_to_uint8(job.files, job.window, job.slice_index, job.max_voxels, job.nonfinite)
     elif job.kind == "volume":
-        img, info = volume_to_uint8(job.files[0], job.window, job.slice_index, job.mask, job.mask_rule)
+        img, info = volume_to_uint8(job.files[0], job.window, job.slice_index, job.mask, job.mask_rule,
+                                    job.max_voxels, job.nonfinite)
     else:
-        img, info = picture_to_uint8(job.files[0], job.window, job.color)
+        img, info = picture_to_uint8(job.files[0], job.window, job.color, job.nonfinite)
     if job.color == "grey" and img.ndim == 3:
         img = np.asarray(Image.fromarray(img).convert("L"))
     if job.crop_nonzero:
@@ -383,11 +448,13 @@ def prepare_images(options: ImportOptions, progress: ProgressCallback | None = N
         candidates.append(Candidate(key, label, group))
         jobs[key] = (";".join(files) if len(files) <= 3 else f"{os.path.dirname(files[0])} ({len(files)} files)",
                      ImportJob(kind, files, options.window, options.slice_index, mask, options.mask_rule,
-                               options.color, options.fit, options.crop_nonzero, options.size))
+                               options.color, options.fit, options.crop_nonzero, options.size,
+                               options.max_voxels, options.nonfinite))
     labels = tuple(sorted({c.label for c in candidates}))
     selected = select_items(candidates, options.n_per_class, tuple(options.splits), options.seed, labels)
     planned = plan_outputs(selected, options.neutral_names)
     return run_batch(planned, {p.candidate.key: jobs[p.candidate.key] for p in planned}, process_item, options.out,
                      options_to_json(options), workers=options.workers, progress=progress, rejected=rejected,
                      contact_sheet_title="Imported images" if options.contact_sheet else None,
-                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS),
+                     provenance=options.provenance)

@@ -1,17 +1,23 @@
 """Output folder layout and file names.
 
 ``OUT/embedding/<class>/`` holds the images for training embeddings (the train split when splits are
-made); ``OUT/classifier/{train,val,test}/<class>/`` holds the classifier experiment sets. The manifest,
-failure report, journal and contact sheet live directly in ``OUT`` (outside the training folders).
+made); ``OUT/classifier/{train,val,test}/<class>/`` holds the classifier experiment sets; ``OUT`` also
+holds ``manifest.csv`` (output, split, class, slice, sha256: no case IDs, no source paths) and the
+contact sheet, so ``OUT`` can be shared. Provenance (the full manifest with case IDs and source paths,
+``failures.csv`` and the resume journal) goes to a separate folder, by default the sibling
+``OUT.provenance/``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from medical_diffusion.datasets.splits import Candidate
+from medical_diffusion.errors import MedDiffError
 
 EMBEDDING_DIR = "embedding"
 CLASSIFIER_DIR = "classifier"
@@ -19,6 +25,28 @@ MANIFEST_NAME = "manifest.csv"
 FAILURES_NAME = "failures.csv"
 JOURNAL_NAME = ".prepare_journal.jsonl"
 CONTACT_SHEET_NAME = "contact_sheet.png"
+PROVENANCE_SUFFIX = ".provenance"
+
+
+def provenance_folder(out: str | os.PathLike, provenance: str | os.PathLike | None = None) -> Path:
+    """The provenance folder for ``out``: ``provenance``, or the sibling ``OUT.provenance``; never inside ``out``."""
+    out_p = Path(out).expanduser().resolve()
+    prov = Path(provenance).expanduser().resolve() if provenance else out_p.with_name(out_p.name + PROVENANCE_SUFFIX)
+    if prov == out_p or out_p in prov.parents:
+        raise MedDiffError(f"{prov}: the provenance folder must be outside the output folder {out_p} "
+                           "(it holds case IDs and source paths)")
+    return prov
+
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def check_plain_name(name: str, what: str) -> str:
+    """``name`` if it is a plain folder name (letters, digits, ``_``, ``-``, ``.``; not ``.``/``..``), else raise."""
+    if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name in (".", ".."):
+        raise MedDiffError(f"bad {what} name {name!r}: use letters, digits, '_', '-' or '.' only "
+                           "(no path separators, not '.' or '..')")
+    return name
 
 
 def slug(text: str) -> str:
@@ -42,6 +70,10 @@ def plan_outputs(selected: dict[str, list[Candidate]] | list[Candidate], neutral
     planned: list[PlannedItem] = []
     groups = {"": list(selected)} if isinstance(selected, list) else dict(selected)
     for split, cands in groups.items():
+        if split:
+            check_plain_name(split, "split")
+        for label in {c.label for c in cands}:
+            check_plain_name(label, "class")
         counters: dict[str, int] = {}
         for c in sorted(cands, key=lambda c: (c.label, c.key)):
             counters[c.label] = counters.get(c.label, 0) + 1

@@ -1,4 +1,5 @@
-"""The manifest CSV: one row per output image, kept beside (never inside) the training folders."""
+"""The manifest CSVs: one row per output image. The full one (with case IDs, sources and options) lives in
+the provenance folder; the shareable one in the output folder has only :data:`SHARED_COLUMNS`."""
 
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ class ManifestRow:
 
 
 COLUMNS = [f.name for f in fields(ManifestRow)]
+#: what the shareable manifest in the output folder holds (nothing that names a case or a source file)
+SHARED_COLUMNS = ["output", "split", "label", "slice", "sha256"]
 
 
-def write_manifest(path: str | os.PathLike, rows: list[ManifestRow]) -> Path:
-    """Write ``rows`` as CSV atomically."""
+def write_manifest(path: str | os.PathLike, rows: list[ManifestRow], columns: list[str] = COLUMNS) -> Path:
+    """Write ``rows`` (only ``columns``) as CSV atomically."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow(asdict(row))
@@ -40,13 +43,13 @@ def write_manifest(path: str | os.PathLike, rows: list[ManifestRow]) -> Path:
 
 
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
-    """Read a manifest written by :func:`write_manifest`."""
+    """Read a manifest written by :func:`write_manifest` (a shareable one gives empty case_id/source/options)."""
     path = Path(path)
     if not path.is_file():
         raise InputFileError(path, "no such manifest")
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        missing = set(COLUMNS) - set(reader.fieldnames or [])
+        missing = set(SHARED_COLUMNS) - set(reader.fieldnames or [])
         if missing:
             raise InputFileError(path, f"not a prepare manifest (missing columns {sorted(missing)})")
-        return [ManifestRow(**{k: r[k] for k in COLUMNS}) for r in reader]
+        return [ManifestRow(**{k: r.get(k) or "" for k in COLUMNS}) for r in reader]

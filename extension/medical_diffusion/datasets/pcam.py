@@ -54,7 +54,17 @@ def read_labels(x_path: str | os.PathLike, y_path: str | os.PathLike) -> np.ndar
             raise InputFileError(x_path, f"dataset x should be (N, 96, 96, 3) uint8, found {x.shape} {x.dtype}")
         if y.shape[0] != x.shape[0]:
             raise InputFileError(y_path, f"{y.shape[0]} labels for {x.shape[0]} patches in {x_path}")
-        return np.asarray(y[:]).reshape(y.shape[0], -1)[:, 0].astype(np.int64)
+        raw = np.asarray(y[:]).reshape(y.shape[0], -1)[:, 0]
+        if raw.dtype == np.bool_:
+            raw = raw.astype(np.uint8)
+        if not np.issubdtype(raw.dtype, np.number):
+            raise InputFileError(y_path, f"labels must be numbers 0 or 1, found dtype {raw.dtype}")
+        bad = np.flatnonzero(~np.isin(raw, (0, 1)))  # 0.9, -1, NaN ...: never rounded or truncated
+        if bad.size:
+            i = int(bad[0])
+            raise InputFileError(y_path, f"labels must be 0 or 1: index {i} holds {raw[i]!s}"
+                                         + (f" ({bad.size} such labels)" if bad.size > 1 else ""))
+        return raw.astype(np.int64)
 
 
 def process_patch(x_path: str, index: int, size: int = 512) -> tuple[np.ndarray, dict]:
@@ -72,15 +82,11 @@ def _process(payload: tuple[str, int, int]) -> tuple[np.ndarray, dict]:
 
 def prepare_pcam(options: PcamOptions, progress: ProgressCallback | None = None) -> BatchResult:
     """Sample and upsample PCam patches into ``options.out`` (resumable)."""
+    options.check_common()
     labels = read_labels(options.x, options.y)
-    bad = sorted(set(np.unique(labels).tolist()) - {0, 1})
-    if bad:
-        raise InputFileError(options.y, f"labels must be 0/1, found {bad}")
     width = len(str(len(labels)))
     candidates = [Candidate(f"pcam_{i:0{width}d}", "pos" if v else "neg", f"pcam_{i:0{width}d}")
                   for i, v in enumerate(labels)]
-    if options.splits and not options.n_per_class:
-        raise MedDiffError("splits need n_per_class")
     selected = select_items(candidates, options.n_per_class, tuple(options.splits), options.seed, ("neg", "pos"))
     planned = plan_outputs(selected, options.neutral_names)
     payloads = {}
@@ -89,4 +95,5 @@ def prepare_pcam(options: PcamOptions, progress: ProgressCallback | None = None)
         payloads[item.candidate.key] = (f"{options.x}[{idx}]", (str(options.x), idx, options.size))
     return run_batch(planned, payloads, _process, options.out, options_to_json(options), workers=options.workers,
                      progress=progress, contact_sheet_title="PatchCamelyon" if options.contact_sheet else None,
-                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS),
+                     provenance=options.provenance)

@@ -2,8 +2,8 @@
 
 Paper mode, per volume and independently for T2W, ADC and HBV: resample to (3, 0.5, 0.5) mm (B-spline,
 same origin/direction, default 0, input pixel type), min-max normalise the whole resampled volume,
-centre crop/pad to (30, 300, 300), pick the slice (negative: median z of gland voxels; positive:
-argmax of the per-slice lesion-value sum), stack R=T2W G=ADC B=HBV, ``* 255`` truncated to uint8,
+centre crop/pad to (30, 300, 300), pick the slice (negative: ``int(np.median(np.unique(z)))`` over the z
+indices that hold gland voxels, each slice counted once; positive: argmax of the per-slice lesion-value sum), stack R=T2W G=ADC B=HBV, ``* 255`` truncated to uint8,
 Lanczos to 512x512. Aligned mode resamples ADC/HBV (and the masks) onto the cropped T2W grid.
 """
 
@@ -23,10 +23,14 @@ from medical_diffusion.datasets.batch import (BatchOptions, BatchResult, ItemFai
                                             options_to_json, run_batch)
 from medical_diffusion.datasets.layout import plan_outputs
 from medical_diffusion.datasets.splits import Candidate, select_items
+from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS
 from medical_diffusion.errors import InputFileError, MedDiffError
 
 MODES = ("paper", "aligned")
 LABEL_SOURCES = ("combined", "human", "marksheet")
+#: negative-case slice: "slices" = the authors' median of the distinct gland slices; "voxels" = median z of
+#: all gland voxels (slices weighted by gland area)
+NEGATIVE_SLICE_RULES = ("slices", "voxels")
 CHANNELS = {"rgb": ("t2w", "adc", "hbv"), "t2w": ("t2w",), "adc": ("adc",), "hbv": ("hbv",)}
 HUMAN_LESIONS = "csPCa_lesion_delineations/human_expert/resampled"
 AI_LESIONS = "csPCa_lesion_delineations/AI/Bosma22a"
@@ -36,7 +40,7 @@ _T2W_NAME = re.compile(r"^(?P<pid>[^_]+)_(?P<sid>[^_]+)_t2w\.mha$")
 
 
 #: options that change the pixels of an item (a change redoes finished items on a re-run)
-PIXEL_OPTIONS = ("mode", "channels", "label_source", "spacing", "crop", "size")
+PIXEL_OPTIONS = ("mode", "channels", "label_source", "spacing", "crop", "size", "negative_slice")
 
 @dataclass
 class PicaiOptions(BatchOptions):
@@ -51,6 +55,7 @@ class PicaiOptions(BatchOptions):
     crop: tuple[int, int, int] = (30, 300, 300)  # (z, y, x) voxels
     resampler: str = "fast"  # "fast": SimpleITK's exact values, computed only where needed; "sitk": whole volumes
     cases: tuple[str, ...] = ()  # restrict to these "<pid>_<sid>" ids
+    negative_slice: str = "slices"  # see NEGATIVE_SLICE_RULES (the paper: "slices")
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -59,10 +64,12 @@ class PicaiOptions(BatchOptions):
             raise MedDiffError(f"unknown label source {self.label_source!r} (choose from {', '.join(LABEL_SOURCES)})")
         if self.channels not in CHANNELS:
             raise MedDiffError(f"unknown channels {self.channels!r} (choose from {', '.join(CHANNELS)})")
+        if self.negative_slice not in NEGATIVE_SLICE_RULES:
+            raise MedDiffError(f"unknown negative-slice rule {self.negative_slice!r} "
+                               f"(choose from {', '.join(NEGATIVE_SLICE_RULES)})")
         if self.resampler not in vo.RESAMPLERS:
             raise MedDiffError(f"unknown resampler {self.resampler!r} (choose from {', '.join(vo.RESAMPLERS)})")
-        if self.splits and not self.n_per_class:
-            raise MedDiffError("splits need n_per_class (images per class in each split)")
+        self.check_common()
         for p, what in ((self.images, "images folder"), (self.labels, "labels folder")):
             if not Path(p).is_dir():
                 raise InputFileError(p, f"PI-CAI {what} not found")
@@ -97,6 +104,12 @@ class CaseJob:
     crop: tuple[int, int, int]
     size: int
     resampler: str
+    negative_slice: str = "slices"
+    max_voxels: int = DEFAULT_MAX_VOXELS
+
+    def read(self, path: str) -> sitk.Image:
+        """A 3D volume of this case (header checked first)."""
+        return vo.read_volume(path, max_voxels=self.max_voxels, ndim=3)
 
 
 def discover_cases(images: str | os.PathLike, labels: str | os.PathLike) -> list[PicaiCase]:
@@ -145,7 +158,8 @@ def lesion_file(case: PicaiCase, label_source: str) -> str:
     raise InputFileError(case.human_lesion, "no human lesion delineation")
 
 
-def case_label(case: PicaiCase, label_source: str, marksheet: dict[str, bool] | None = None) -> tuple[bool, str]:
+def case_label(case: PicaiCase, label_source: str, marksheet: dict[str, bool] | None = None,
+               max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[bool, str]:
     """(positive, lesion map path) for ``case``; raises a per-case error for missing label files."""
     if label_source == "marksheet":
         if marksheet is None or case.case_id not in marksheet:
@@ -153,7 +167,7 @@ def case_label(case: PicaiCase, label_source: str, marksheet: dict[str, bool] | 
         positive = marksheet[case.case_id]
         return positive, (lesion_file(case, label_source) if positive else "")
     path = lesion_file(case, label_source)
-    image = vo.read_volume(path)
+    image = vo.read_volume(path, max_voxels=max_voxels, ndim=3)
     return bool((sitk.GetArrayViewFromImage(image) > 0).any()), path
 
 
@@ -185,14 +199,14 @@ def _normalise(arr: np.ndarray, path: str, where: str = "") -> np.ndarray:
 def paper_slices(job: CaseJob) -> tuple[dict[str, np.ndarray], int]:
     """Paper mode: the chosen cropped slice of every modality (each resampled on its own grid)."""
     label_path = _check_files(job)
-    label = vo.center_crop_or_pad(vo.resample_array(vo.read_volume(label_path), job.spacing, is_label=True),
+    label = vo.center_crop_or_pad(vo.resample_array(job.read(label_path), job.spacing, is_label=True),
                                   job.crop)
-    z = choose_slice(label, job.positive)
+    z = choose_slice(label, job.positive, job.negative_slice)
     slices = {}
     for mod in job.modalities:
         path = job.case.scans[mod]
         try:
-            slices[mod] = vo.normalised_crop_slice(vo.read_volume(path), job.spacing, job.crop, z, job.resampler)
+            slices[mod] = vo.normalised_crop_slice(job.read(path), job.spacing, job.crop, z, job.resampler)
         except ValueError as exc:
             raise InputFileError(path, str(exc)) from None
     return slices, z
@@ -202,21 +216,23 @@ def aligned_volumes(job: CaseJob) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Aligned mode: T2W as in paper mode; ADC/HBV and the label resampled onto the cropped T2W grid."""
     label_path = _check_files(job)
     t2w_path = job.case.scans["t2w"]
-    t2w_rs = vo.resample_sitk(vo.read_volume(t2w_path), job.spacing)
+    t2w_rs = vo.resample_sitk(job.read(t2w_path), job.spacing)
     ref = vo.cropped_reference(t2w_rs, job.crop)
     vols: dict[str, np.ndarray] = {}
     for mod in job.modalities:
         if mod == "t2w":
             vols[mod] = vo.center_crop_or_pad(_normalise(sitk.GetArrayFromImage(t2w_rs), t2w_path), job.crop)
         else:
-            arr = vo.resample_onto(vo.read_volume(job.case.scans[mod]), ref)
+            arr = vo.resample_onto(job.read(job.case.scans[mod]), ref)
             vols[mod] = _normalise(arr, job.case.scans[mod], " on the T2W grid")
-    label = vo.resample_onto(vo.read_volume(label_path), ref, is_label=True)
+    label = vo.resample_onto(job.read(label_path), ref, is_label=True)
     return vols, label
 
 
-def choose_slice(label: np.ndarray, positive: bool) -> int:
-    """Positive: argmax over z of the per-slice lesion-value sum; negative: int(median z of gland voxels)."""
+def choose_slice(label: np.ndarray, positive: bool, negative_rule: str = "slices") -> int:
+    """Positive: argmax over z of the per-slice lesion-value sum. Negative, ``negative_rule`` "slices" (the
+    authors): ``int(median)`` of the distinct z indices holding gland voxels; "voxels": ``int(median)`` of
+    the z of every gland voxel (slices weighted by their gland area)."""
     if positive:
         sums = label.reshape(label.shape[0], -1).astype(np.int64).sum(axis=1)
         if sums.max() <= 0:
@@ -225,7 +241,11 @@ def choose_slice(label: np.ndarray, positive: bool) -> int:
     z = np.nonzero(label == 1)[0]
     if z.size == 0:
         raise MedDiffError("gland mask is empty inside the cropped region")
-    return int(np.median(z))
+    if negative_rule == "slices":
+        return int(np.median(np.unique(z)))
+    if negative_rule == "voxels":
+        return int(np.median(z))
+    raise ValueError(f"unknown negative-slice rule {negative_rule!r} (choose from {', '.join(NEGATIVE_SLICE_RULES)})")
 
 
 def process_case(job: CaseJob) -> tuple[np.ndarray, dict]:
@@ -235,7 +255,7 @@ def process_case(job: CaseJob) -> tuple[np.ndarray, dict]:
             slices, z = paper_slices(job)
         else:
             vols, label = aligned_volumes(job)
-            z = choose_slice(label, job.positive)
+            z = choose_slice(label, job.positive, job.negative_slice)
             slices = {m: v[z] for m, v in vols.items()}
     except MedDiffError as exc:
         if isinstance(exc, InputFileError):
@@ -263,11 +283,11 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
     rejected: list[ItemFailure] = []
     candidates: list[Candidate] = []
     labelled: dict[str, tuple[PicaiCase, bool, str]] = {}
-    jobs = [(case, options.label_source, marksheet) for case in cases]
+    jobs = [(case, options.label_source, marksheet, options.max_voxels) for case in cases]
     if options.workers > 1 and len(cases) > 1 and options.label_source != "marksheet":
-        from concurrent.futures import ProcessPoolExecutor
+        from medical_diffusion.datasets.worker_lifetime import worker_pool
 
-        with ProcessPoolExecutor(max_workers=options.workers) as pool:
+        with worker_pool(options.workers) as pool:
             outcomes = pool.map(_label_job, jobs, chunksize=8)
             results = list(outcomes)
     else:
@@ -288,11 +308,13 @@ def prepare_picai(options: PicaiOptions, progress: ProgressCallback | None = Non
     for item in planned:
         case, positive, lesion = labelled[item.candidate.key]
         job = CaseJob(case, positive, lesion, options.mode, modalities, tuple(options.spacing),
-                      tuple(options.crop), options.size, options.resampler)
+                      tuple(options.crop), options.size, options.resampler, options.negative_slice,
+                      options.max_voxels)
         sources = [case.scans[m] for m in modalities] + [lesion if positive else case.gland]
         payloads[item.candidate.key] = (";".join(sources), job)
     return run_batch(planned, payloads, process_case, options.out, options_to_json(options),
                      workers=options.workers, progress=progress,
                      worker_init=single_itk_thread if options.workers > 1 else None, rejected=rejected,
                      contact_sheet_title="PI-CAI" if options.contact_sheet else None,
-                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS))
+                     pixel_options_json=options_to_json(options, only=PIXEL_OPTIONS),
+                     provenance=options.provenance)

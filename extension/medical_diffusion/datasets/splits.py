@@ -21,7 +21,7 @@ class Candidate:
 
 def balanced_sample(candidates: Sequence[Candidate], n_per_class: int | None, seed: int,
                     labels: Sequence[str] | None = None) -> list[Candidate]:
-    """``n_per_class`` random candidates of each label (all when None), in a stable order."""
+    """``n_per_class`` random candidates of each label (all when None or 0), in a stable order."""
     by_label: dict[str, list[Candidate]] = defaultdict(list)
     for c in sorted(candidates, key=lambda c: c.key):
         by_label[c.label].append(c)
@@ -30,11 +30,12 @@ def balanced_sample(candidates: Sequence[Candidate], n_per_class: int | None, se
     out: list[Candidate] = []
     for label in wanted:
         pool = by_label.get(label, [])
-        if n_per_class is None:
+        if not n_per_class:
             out.extend(pool)
             continue
         if len(pool) < n_per_class:
-            raise MedDiffError(f"class {label!r}: only {len(pool)} eligible items, {n_per_class} requested")
+            raise MedDiffError(f"class {label!r}: only {len(pool)} eligible items, {n_per_class} requested "
+                               f"(ask for {len(pool)} or fewer images per class, or 0 for all)")
         out.extend(rng.sample(pool, n_per_class))
     return out
 
@@ -74,7 +75,8 @@ def patient_disjoint_splits(candidates: Sequence[Candidate], n_per_class: int, l
     short = [f"{s}/{lab}: {filled[s][lab]}/{n_per_class}" for s in split_names for lab in labels
              if filled[s][lab] < n_per_class]
     if short:
-        raise MedDiffError("not enough eligible items for patient-disjoint splits (" + ", ".join(short) + ")")
+        raise MedDiffError("not enough eligible items for patient-disjoint splits (" + ", ".join(short) + "): "
+                           "ask for fewer images per class, or prepare without splits")
     return result
 
 
@@ -83,6 +85,7 @@ def select_items(candidates: Sequence[Candidate], n_per_class: int | None, split
     """Class-balanced selection (a list), or patient-disjoint splits (``{split: items}``) when ``splits``."""
     if splits:
         if not n_per_class:
-            raise MedDiffError("splits need a number of images per class")
+            raise MedDiffError("patient-disjoint splits need a number of images per class (N > 0; 0 = all "
+                               "works only without splits)")
         return patient_disjoint_splits(candidates, n_per_class, labels, splits, seed)
     return balanced_sample(candidates, n_per_class, seed, labels if n_per_class else None)

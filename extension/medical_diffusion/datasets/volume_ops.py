@@ -13,20 +13,72 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS, too_many_voxels
 from medical_diffusion.errors import InputFileError
 
 RESAMPLERS = ("fast", "sitk")  # both give SimpleITK's exact values; "fast" computes only what is needed
 
 
-def read_volume(path: str | os.PathLike) -> sitk.Image:
-    """Read a volume (MHA, NIfTI, NRRD...) with SimpleITK; clear error naming the file."""
+def _itk_reason(exc: RuntimeError) -> str:
+    text = str(exc).strip()
+    last = text.splitlines()[-1] if text else "unreadable"
+    return last.removeprefix("Reason: ").strip()
+
+
+def read_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS, ndim: int | None = None,
+                nonfinite: float | None = None) -> sitk.Image:
+    """Read a volume (MHA, NIfTI, NRRD...) with SimpleITK; every problem is an InputFileError naming the file.
+
+    The header is read first: more than ``max_voxels`` voxels, or a dimension other than ``ndim``, is refused
+    before the pixels are allocated. NaN/inf voxels are refused, or replaced by ``nonfinite`` when given.
+    """
     if not os.path.isfile(path):
         raise InputFileError(path, "no such file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(os.fspath(path))
     try:
-        return sitk.ReadImage(os.fspath(path))
+        reader.ReadImageInformation()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InputFileError(path, f"not a readable image volume ({first})") from exc
+        raise InputFileError(path, f"not a readable image volume ({_itk_reason(exc)})") from None
+    size = list(reader.GetSize())
+    if ndim is not None and len(size) != ndim:
+        raise InputFileError(path, f"is a {len(size)}D image ({' x '.join(map(str, size))}); "
+                                   f"a {ndim}D volume is expected")
+    problem = too_many_voxels(size + [reader.GetNumberOfComponents()], int(max_voxels))
+    if problem:
+        raise InputFileError(path, problem)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        reason = _itk_reason(exc)
+        if "No such file" in reason or "not read completely" in str(exc) or "cannot be read" in str(exc):
+            reason = "pixel data missing or cut short: the file is truncated or damaged"
+        raise InputFileError(path, f"cannot read the pixel data ({reason})") from None
+    return check_finite(image, path, nonfinite)
+
+
+def check_finite(image: sitk.Image, path: str | os.PathLike, replace: float | None = None) -> sitk.Image:
+    """``image`` if every voxel is finite; else an InputFileError (or, with ``replace``, that value instead)."""
+    view = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(view.dtype, np.floating) and not np.issubdtype(view.dtype, np.complexfloating):
+        return image
+    bad = ~np.isfinite(view)
+    if image.GetNumberOfComponentsPerPixel() == 1:
+        from medical_diffusion.datasets.nifti_nonfinite import nonfinite_mask
+
+        stored = nonfinite_mask(path, view.shape)  # ITK reads NIfTI NaN as 0: look at the stored values
+        if stored is not None:
+            bad |= stored
+    count = int(bad.sum())
+    if count == 0:
+        return image
+    if replace is None:
+        raise InputFileError(path, f"{count:,} of {view.size:,} voxels are NaN or infinite "
+                                   "(fix the file, or choose a replacement value)")
+    arr = np.where(bad, np.asarray(replace, dtype=view.dtype), view)
+    out = sitk.GetImageFromArray(arr, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    out.CopyInformation(image)
+    return out
 
 
 def resampled_size(image: sitk.Image, spacing_zyx: Sequence[float]) -> list[int]:

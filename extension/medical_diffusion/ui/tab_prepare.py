@@ -1,38 +1,102 @@
-"""Prepare data tab: PI-CAI, CheXpert, PatchCamelyon and generic images -> training folders."""
+"""Prepare data tab: PI-CAI, CheXpert, PatchCamelyon and generic images -> training folders.
+
+The dataset modules (and SimpleITK, h5py, pydicom behind them) are imported inside the handlers, so the
+tab shows, and says which packages are missing (:func:`missing_dependencies`), when some are absent.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import gradio as gr
 
+from medical_diffusion.errors import MedDiffError
 from medical_diffusion.ui.context import UIContext
 from medical_diffusion.ui.feedback import shows_errors
 
 SPLITS = ("train", "val", "test")
+FAILURE_HEADERS = ["item", "source", "problem"]
+#: module -> pip package, per dataset kind
+DEPENDENCIES = {
+    "picai": {"SimpleITK": "SimpleITK"},
+    "chexpert": {},
+    "pcam": {"h5py": "h5py"},
+    "images": {"SimpleITK": "SimpleITK", "pydicom": "pydicom"},
+}
+
+
+def _importable(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: import blocked (or known missing)
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_dependencies(dataset: str | None = None) -> list[str]:
+    """pip names of the packages that preparing ``dataset`` (default: any dataset) needs and that are not
+    importable; checked without importing them."""
+    kinds = [dataset] if dataset else list(DEPENDENCIES)
+    missing: list[str] = []
+    for kind in kinds:
+        for module, package in DEPENDENCIES[kind].items():
+            if package not in missing and not _importable(module):
+                missing.append(package)
+    return missing
+
+
+def require_dependencies(dataset: str) -> None:
+    """Raise "SimpleITK is missing: pip install SimpleITK" (etc.) when ``dataset`` cannot be prepared."""
+    missing = missing_dependencies(dataset)
+    if missing:
+        raise MedDiffError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: "
+                           f"pip install {' '.join(missing)}")
 
 
 def _n(value) -> int | None:
-    return int(value) if value and int(value) > 0 else None
+    """Images per class from the number box: 0 (or empty) = all; negative is an error."""
+    if value in (None, ""):
+        return None
+    n = int(value)
+    if n < 0:
+        raise MedDiffError(f"images per class must be 0 (all) or more, got {n}")
+    return n or None
 
 
-def summary(result) -> tuple[str, list[list[str]], str | None]:
-    """Markdown summary, failure rows and the contact sheet path of a :class:`BatchResult`."""
+def failure_table(failures) -> dict:
+    """The failures as a Dataframe value that keeps its headers when empty."""
+    rows = [[f.key, f.source, f.error] for f in failures]
+    return {"headers": FAILURE_HEADERS, "data": rows or [["" for _ in FAILURE_HEADERS]]}
+
+
+def summary(result) -> tuple[str, dict, str | None]:
+    """Markdown summary, failure table and the contact sheet path of a :class:`BatchResult`."""
     sheet = result.out_dir / "contact_sheet.png"
     text = (f"Made **{result.processed}**, skipped **{result.skipped}** (already done), "
             f"failed **{len(result.failures)}**. Output: `{result.out_dir}` "
             f"(manifest: `{result.manifest_path.name}`).")
-    rows = [[f.key, f.source, f.error] for f in result.failures]
-    return text, rows, str(sheet) if sheet.is_file() else None
+    provenance = getattr(result, "provenance_dir", None)
+    if provenance is not None:
+        text += (f" Case IDs and source paths (provenance, failures, resume journal) are kept apart in "
+                 f"`{provenance}`: share the output folder, not that one.")
+    warnings = getattr(result, "warnings", [])
+    if warnings:
+        text += "\n\nWarnings:\n" + "\n".join(f"- `{w.key}`: {w.error}" for w in warnings[:20])
+    return text, failure_table(result.failures), str(sheet) if sheet.is_file() else None
 
 
 def build(ctx: UIContext) -> None:
-    from medical_diffusion.datasets.chexpert import ChexpertOptions, prepare_chexpert
-    from medical_diffusion.datasets.generic_import import ImportOptions, prepare_images
-    from medical_diffusion.datasets.pcam import PcamOptions, prepare_pcam
-    from medical_diffusion.datasets.picai import PicaiOptions, prepare_picai
-
+    missing = missing_dependencies()
+    if missing:
+        needs = {p: [k for k, deps in DEPENDENCIES.items() if p in deps.values()] for p in missing}
+        gr.Markdown("**Not installed:** " + "; ".join(
+            f"{p} (needed for {', '.join(kinds)}): `pip install {p}`" for p, kinds in needs.items()),
+            elem_id="md_prep_missing")
     with gr.Row():
         out = gr.Textbox(label="Output folder", value=str(ctx.work_dir / "prepared"), elem_id="md_prep_out")
-        n_per_class = gr.Number(value=100, precision=0, label="Images per class (0: all; paper: 100)",
+        n_per_class = gr.Number(value=100, precision=0, label="Images per class (exactly N at random; 0: all; paper: 100)",
                                 elem_id="md_prep_n")
         make_splits = gr.Checkbox(False, label="Also make patient-disjoint train/val/test sets")
         seed = gr.Number(value=0, precision=0, label="Seed")
@@ -75,25 +139,34 @@ def build(ctx: UIContext) -> None:
                 gen_mask = gr.Textbox(label="Mask file/folder for slice choice (optional)")
             gen_btn = gr.Button("Import", variant="primary", elem_id="md_prep_gen_run")
     status = gr.Markdown(elem_id="md_prep_status")
-    failures = gr.Dataframe(headers=["item", "source", "problem"], label="Failures (the batch went on)",
+    failures = gr.Dataframe(headers=FAILURE_HEADERS, label="Failures (the batch went on)",
                             interactive=False, wrap=True)
     sheet = gr.Image(label="Contact sheet", type="filepath", interactive=False, elem_id="md_prep_sheet")
 
     def common(o, n, sp, sd, w):
-        return dict(out=str(ctx.path(o)), n_per_class=_n(n), splits=SPLITS if sp else (), seed=int(sd),
-                    workers=int(w))
+        out_dir = ctx.path(o)
+        from medical_diffusion.datasets.layout import provenance_folder
+
+        provenance = ctx.path(provenance_folder(out_dir))  # beside the output folder, inside the allowed roots
+        return dict(out=str(out_dir), provenance=str(provenance), n_per_class=_n(n), splits=SPLITS if sp else (),
+                    seed=int(sd), workers=int(w))
 
     def progress_cb(progress):
         return lambda done, total, message="": progress(done / max(total, 1), desc=message or None)
 
     @shows_errors
     def run_picai(images, labels, mode, channels, src, o, n, sp, sd, w, progress=gr.Progress()):
+        require_dependencies("picai")
+        from medical_diffusion.datasets.picai import PicaiOptions, prepare_picai
+
         opts = PicaiOptions(images=str(ctx.path(images, must_exist=True)), labels=str(ctx.path(labels, must_exist=True)),
                             mode=mode, channels=channels, label_source=src, **common(o, n, sp, sd, w))
         return summary(prepare_picai(opts, progress=progress_cb(progress)))
 
     @shows_errors
     def run_chexpert(csv, root, classes, unc, o, n, sp, sd, w, progress=gr.Progress()):
+        from medical_diffusion.datasets.chexpert import ChexpertOptions, prepare_chexpert
+
         names = tuple(c.strip() for c in classes.split(",") if c.strip())
         opts = ChexpertOptions(csv=str(ctx.path(csv, must_exist=True)), root=str(ctx.path(root, must_exist=True)),
                                classes=names, uncertain=unc, **common(o, n, sp, sd, w))
@@ -101,11 +174,17 @@ def build(ctx: UIContext) -> None:
 
     @shows_errors
     def run_pcam(x, y, o, n, sp, sd, w, progress=gr.Progress()):
+        require_dependencies("pcam")
+        from medical_diffusion.datasets.pcam import PcamOptions, prepare_pcam
+
         opts = PcamOptions(x=str(ctx.path(x)), y=str(ctx.path(y)), **common(o, n, sp, sd, w))
         return summary(prepare_pcam(opts, progress=progress_cb(progress)))
 
     @shows_errors
     def run_generic(inputs, label, window, sl, mask, o, n, sp, sd, w, progress=gr.Progress()):
+        require_dependencies("images")
+        from medical_diffusion.datasets.generic_import import ImportOptions, prepare_images
+
         paths = tuple(str(ctx.path(line.strip(), must_exist=True)) for line in inputs.splitlines() if line.strip())
         if not paths:
             raise ValueError("give at least one file or folder")
