@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Iterable
 from urllib.parse import urlsplit
 
+from fastapi import HTTPException, Request
+
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.limits import MAX_BODY_BYTES
 
@@ -83,8 +85,6 @@ class ApiCredentials:
 
     def dependency(self):
         """A FastAPI dependency answering 401 unless :meth:`accepts` the request."""
-        from fastapi import HTTPException, Request
-
         def check(request: Request) -> None:
             if not self.accepts(request.headers.get("authorization")):
                 challenge = ", ".join((["Basic realm=\"meddiff\""] if self.users else [])
@@ -98,8 +98,6 @@ class ApiCredentials:
 async def read_json_object(request) -> dict[str, Any]:
     """The request's JSON object body: 415 unless ``Content-Type: application/json``, 400 when it is
     not valid JSON, 422 when it is JSON but not an object."""
-    from fastapi import HTTPException
-
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise HTTPException(status_code=415, detail="the body must be JSON sent with Content-Type: application/json")
