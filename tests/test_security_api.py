@@ -206,3 +206,42 @@ def test_sampler_stops_between_steps(tiny_backend):
     with pytest.raises(Cancelled):
         sample_images(tiny_backend, "x", steps=50, width=64, height=64, should_stop=should_stop)
     assert len(calls) == 3
+
+
+@pytest.mark.slow
+def test_real_standalone_server_guards_gradio_and_api(tmp_path, tiny_backend):
+    """``launch`` on 127.0.0.1: the guard covers gradio's own routes, the API asks for credentials."""
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    pytest.importorskip("gradio")
+    from browser_support import free_port
+
+    from medical_diffusion.ui import standalone
+
+    ctx = UIContext(backend_factory=lambda: tiny_backend, work_dir=tmp_path, embeddings_dir=tmp_path / "emb",
+                    model_id="tiny")
+    creds = ApiCredentials.from_options(None, ["tok"], use_env=False)
+    port = free_port()
+    blocks = standalone.launch(ctx, port=port, block=False, security=ServerSecurity.for_bind("127.0.0.1", creds))
+    base = f"http://127.0.0.1:{port}"
+
+    def status(path, headers=None, data=None):
+        request = urllib.request.Request(base + path, headers=headers or {}, data=data)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        assert status("/config") == 200
+        assert status("/config", {"Origin": "http://evil.example"}) == 403  # gradio's routes too
+        assert status("/config", {"Host": "rebind.example"}) == 403
+        assert status(PREFIX + "/train/status") == 401
+        assert status(PREFIX + "/train/status", {"Authorization": "Bearer tok"}) == 200
+        body = _json.dumps({"healthy": "a"}).encode()
+        assert status(PREFIX + "/interpolate", {"Authorization": "Bearer tok", "Content-Type": "text/plain"}, body) == 415
+    finally:
+        blocks.close()

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medical_diffusion.allowed_roots import resolve_user_path
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.ui.context import UIContext
 
@@ -38,6 +37,8 @@ def _runner(work):
 
 
 def test_resolver_refuses_empty_outside_and_symlinks(roots):
+    from medical_diffusion.allowed_roots import resolve_user_path
+
     inside, outside = roots
     for empty in ("", "   ", None):
         with pytest.raises(MedDiffError, match="no path given"):
