@@ -201,3 +201,47 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     if not run_dir.is_dir():
         raise InputFileError(run_dir, "run folder not found")
     return TrainConfig.load(run_dir / CONFIG_FILE)
+
+
+#: settings a resumed run keeps from its ``run_config.json`` (changing them would mix two runs)
+RESUME_FIXED = (
+    "name", "data_dir", "model", "n_vectors", "init", "init_text", "init_random_scale", "seed", "resolution",
+    "latents", "hflip", "mask", "mask_weight", "template_file",
+)
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if key in ("data_dir", "mask", "template_file") and old and new and new != "alpha":
+        return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
+    return old == new
+
+
+def resume_differences(saved: TrainConfig, requested: dict[str, Any]) -> list[str]:
+    """``"key (run: old, asked: new)"`` for every fixed setting ``requested`` would change; an empty
+    ``data_dir`` means "the run's own"."""
+    out = []
+    for key in RESUME_FIXED:
+        if key not in requested or (key == "data_dir" and not requested[key]):
+            continue
+        old, new = getattr(saved, key), requested[key]
+        if not _same(key, old, new):
+            out.append(f"{key} (run: {old!r}, asked: {new!r})")
+    return out
+
+
+def resume_config(run_dir: str | Path, requested: TrainConfig | dict[str, Any]) -> TrainConfig:
+    """The config to resume ``run_dir`` with: its ``run_config.json`` with the settings that may change
+    (steps, learning rate, previews ...) taken from ``requested``. Refuses (:class:`MedDiffError`) when
+    ``requested`` changes a setting the run is defined by (name, vectors, data, resolution ...), so a
+    resume never overwrites another run's config or log. One check for the API, the tab and the loop."""
+    saved = load_run_config(run_dir)
+    values = requested.to_dict() if isinstance(requested, TrainConfig) else dict(requested)
+    diffs = resume_differences(saved, values)
+    if diffs:
+        raise MedDiffError(
+            f"{Path(run_dir) / CONFIG_FILE}: resuming keeps the run's own {', '.join(diffs)}; "
+            "give the run's values (or leave them out), or start a new run in another folder"
+        )
+    merged = saved.to_dict()
+    merged.update({k: v for k, v in values.items() if k not in RESUME_FIXED})
+    return TrainConfig.from_dict(merged)
