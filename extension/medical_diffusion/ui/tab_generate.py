@@ -66,7 +66,8 @@ def build(ctx: UIContext) -> dict:
         k = gr.Slider(2, 11, value=5, step=1, label="Interpolation steps K")
         grid_btn = gr.Button("Interpolation grid", variant="primary", elem_id="md_gen_grid")
         compose_btn = gr.Button("Composition strip (adds embeddings 1..n to the healthy one)")
-    result = gr.Image(label="Result", type="pil", interactive=False, elem_id="md_gen_result")
+    # no label: it would cover the title a grid or strip carries at its top
+    result = gr.Image(label="Result", show_label=False, type="pil", interactive=False, elem_id="md_gen_result")
     status = gr.Markdown(elem_id="md_gen_status")
     last_image = gr.State(None)  # the last single generated image (not a grid), for the Inpaint tab
     to_inpaint = gr.Button("Inpaint the last generated image", elem_id="md_gen_to_inpaint")
