@@ -203,18 +203,7 @@ def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = 
     if not folder.is_dir():
         raise InputFileError(folder, "not a folder")
     candidates: dict[str, list[tuple[int, Path, Embedding]]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        suffix = path.suffix.lower()
-        if suffix not in EMBEDDING_SUFFIXES or path.name.startswith("."):
-            continue
-        if suffix in IMAGE_SUFFIXES and Path(path.stem).suffix.lower() == ".preview":
-            continue
-        size = path.stat().st_size
-        if size == 0:
-            continue
-        if size > MAX_SCAN_BYTES and suffix not in IMAGE_SUFFIXES:
-            _warn_once(f"skipping embedding: {path}: {size / 2**20:.0f} MB is too large for an embedding (a model or LoRA?)")
-            continue
+    for path in _candidate_files(folder):
         try:
             emb, fmt, _ = read_embedding(path, expected_width)
         except NoEmbeddingInImage:
@@ -232,6 +221,43 @@ def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = 
             skipped = ", ".join(str(entry[1]) for entry in entries[1:])
             _warn_once(f"embedding name {name!r}: using {entries[0][1]}, skipping {skipped}")
     return found
+
+
+def _candidate_files(folder: Path):
+    """The files of ``folder`` (recursively, sorted) that a folder scan reads as embeddings."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        suffix = path.suffix.lower()
+        if suffix not in EMBEDDING_SUFFIXES or path.name.startswith("."):
+            continue
+        if suffix in IMAGE_SUFFIXES and Path(path.stem).suffix.lower() == ".preview":
+            continue
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        if size > MAX_SCAN_BYTES and suffix not in IMAGE_SUFFIXES:
+            _warn_once(f"skipping embedding: {path}: {size / 2**20:.0f} MB is too large for an embedding (a model or LoRA?)")
+            continue
+        yield path
+
+
+def embedding_names_on_disk(folder: str | os.PathLike | None = None, files=()) -> set[str]:
+    """The names the embeddings in ``folder`` and ``files`` go by, without reading their tensors
+    (file stems; an image's stored name): for checking a command's names before loading a model."""
+    paths = list(_candidate_files(Path(folder))) if folder else []
+    names = set()
+    for path in [*paths, *map(Path, files)]:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            try:
+                found = read_image_embedding(path, with_source=True)
+            except MedDiffError:
+                continue
+            if found is None:  # a plain picture
+                continue
+            stored = found[0].get("name")
+            names.add(name_from_token(stored) if isinstance(stored, str) and stored.strip() else path.stem.lower())
+        else:
+            names.add(path.stem.lower())
+    return names
 
 
 _WARNED: set[str] = set()
