@@ -8,6 +8,7 @@ import logging
 import gradio as gr
 
 from medical_diffusion.ui.context import UIContext
+from medical_diffusion.ui.feedback import quiet_user_error_tracebacks
 from medical_diffusion.ui.missing_package import missing_package_message
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def build_blocks(ctx: UIContext) -> gr.Blocks:
     Each tab is built on its own: one whose module or build step fails to import a package shows
     what is missing and the pip command instead of its widgets, and the other tabs still work.
     """
+    quiet_user_error_tracebacks()
     with gr.Blocks(analytics_enabled=False, title="Medical Diffusion") as blocks:
         if ctx.model_label:
             gr.Markdown(f"**Model:** {ctx.model_label}", elem_id="md_model_label")
