@@ -49,7 +49,7 @@ def build_blocks(ctx: UIContext) -> gr.Blocks:
         if "inpaint" in parts and "generate" in parts:
             # a generated case goes to the Inpaint tab (the paper's "generate, then place a tumour")
             gen = parts["generate"]
-            parts["inpaint"]["take_image"](gen["to_inpaint"], gen["last_image"], tabs)
+            parts["inpaint"]["take_image"](gen["to_inpaint"], gen["last_image"], tabs, gen["cell"])
     return blocks
 
 
