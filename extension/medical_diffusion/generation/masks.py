@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medical_diffusion.datasets.generic_import import is_dicom
 from medical_diffusion.errors import InputFileError, MedDiffError
 
 #: pixels per latent cell for SD (shapes smaller than this barely reach the model)
@@ -167,6 +166,13 @@ class SourceGeometry:
     spacing: tuple[float, float] | None  # mm per pixel (x, y)
 
 
+def _is_dicom(path: Path) -> bool:
+    # imported here: the datasets package needs SimpleITK, which the mask drawing itself does not
+    from medical_diffusion.datasets.generic_import import is_dicom
+
+    return is_dicom(path)
+
+
 def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
     """Pixel grid and spacing from a DICOM file or series folder (PixelSpacing is row, column) or
     a volume (``.mha``/``.nii``/``.nrrd``... via SimpleITK, header only)."""
@@ -180,7 +186,7 @@ def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
         path = Path(files[0])
     if not path.is_file():
         raise InputFileError(path, "no such file")
-    if is_dicom(path):
+    if _is_dicom(path):
         import pydicom
 
         try:
@@ -223,7 +229,7 @@ def load_source_image(path: str | os.PathLike, slice_index: int | None = None) -
     path = Path(path)
     if not path.is_file():
         raise InputFileError(path, "no such file")
-    if is_dicom(path) or path.suffix.lower() in (".mha", ".mhd", ".nii", ".gz", ".nrrd"):
+    if _is_dicom(path) or path.suffix.lower() in (".mha", ".mhd", ".nii", ".gz", ".nrrd"):
         import SimpleITK as sitk
 
         try:
