@@ -116,13 +116,26 @@ def find_radimagenet_weights(path: str | os.PathLike | None = None) -> Path:
 
 
 def read_state_dict(path: str | os.PathLike, what: str):
-    """A weights file loaded safely (``weights_only``), unwrapping a ``{"state_dict": ...}`` envelope."""
-    import torch
+    """A ``.safetensors`` file or a torch pickle read as tensors only (never code), unwrapping a
+    ``{"state_dict": ...}`` envelope.
 
+    Refusals (a pickle that would run code, a TorchScript archive) and unreadable files raise
+    :class:`InputFileError` with one line naming the file and what was refused.
+    """
+    from medical_diffusion.embeddings.safe_pickle import clean_detail, safe_torch_load
+
+    if Path(path).suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise InputFileError(path, f"cannot read {what} weights: not a readable safetensors file "
+                                       f"({clean_detail(exc)})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputFileError(path, f"cannot read {what} weights ({exc.__class__.__name__}: {exc})") from exc
+        state = safe_torch_load(path)
+    except InputFileError as exc:
+        raise type(exc)(path, f"cannot read {what} weights: {exc.problem}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return state
