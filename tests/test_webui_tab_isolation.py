@@ -19,22 +19,51 @@ def _without_simpleitk(monkeypatch):
             monkeypatch.delitem(sys.modules, name)
 
 
-@pytest.mark.parametrize("in_webui", [False, True])
-def test_missing_simpleitk_empties_only_the_prepare_tab(monkeypatch, tmp_path, in_webui):
-    from medical_diffusion.ui.app import build_blocks
+def _context(tmp_path, in_webui):
     from medical_diffusion.ui.context import UIContext
-
-    _without_simpleitk(monkeypatch)
-    with pytest.raises(ImportError):
-        import medical_diffusion.datasets.picai  # noqa: F401  (the situation the tab must survive)
 
     def no_model():
         raise AssertionError("the model was asked for while building the tabs")
 
-    ctx = UIContext(backend_factory=no_model, work_dir=tmp_path, embeddings_dir=tmp_path / "emb",
-                    cache_backend=False, loaded_text_width=lambda: None,
-                    send_to_txt2img=(lambda button, box: None) if in_webui else None)
-    blocks = build_blocks(ctx)
+    return UIContext(backend_factory=no_model, work_dir=tmp_path, embeddings_dir=tmp_path / "emb",
+                     cache_backend=False, loaded_text_width=lambda: None,
+                     send_to_txt2img=(lambda button, box: None) if in_webui else None)
+
+
+@pytest.mark.parametrize("in_webui", [False, True])
+def test_missing_simpleitk_leaves_every_tab_working(monkeypatch, tmp_path, in_webui):
+    """Prepare imports its imaging packages only when a job runs: without SimpleITK it still builds,
+    says what is missing with the pip command, and every other tab builds."""
+    from medical_diffusion.ui.app import build_blocks
+
+    _without_simpleitk(monkeypatch)
+    with pytest.raises(ImportError):
+        import medical_diffusion.datasets.picai  # noqa: F401  (the situation the tabs must survive)
+
+    by_id = _blocks_by_id(build_blocks(_context(tmp_path, in_webui)))
+    note = by_id["md_prep_missing"].value
+    assert "SimpleITK" in note and "pip install SimpleITK" in note
+    assert "md_prep_out" in by_id  # the tab's own widgets are there (PCam/CheXpert need no SimpleITK)
+    assert "md_gen_healthy" in by_id and "md_tab_train" in by_id and "md_tab_embeddings" in by_id
+    assert not any(k and k.startswith("md_missing_") for k in by_id)
+
+
+@pytest.mark.parametrize("in_webui", [False, True])
+def test_a_tab_whose_package_is_missing_empties_only_that_tab(monkeypatch, tmp_path, in_webui):
+    import importlib
+
+    from medical_diffusion.ui import app
+
+    tab_prepare = importlib.import_module("medical_diffusion.ui.tab_prepare")  # as app imports it
+
+    def build_needing_simpleitk(ctx):
+        import gradio as gr
+
+        gr.Textbox(label="made before the failed import", elem_id="md_prep_out")
+        raise ModuleNotFoundError("No module named 'SimpleITK'", name="SimpleITK")
+
+    monkeypatch.setattr(tab_prepare, "build", build_needing_simpleitk)
+    blocks = app.build_blocks(_context(tmp_path, in_webui))
     by_id = _blocks_by_id(blocks)
     message = by_id["md_missing_prepare"].value
     assert "Prepare data is unavailable" in message and "SimpleITK is not installed" in message
@@ -44,7 +73,7 @@ def test_missing_simpleitk_empties_only_the_prepare_tab(monkeypatch, tmp_path, i
     assert "md_gen_healthy" in by_id and "md_tab_train" in by_id and "md_tab_embeddings" in by_id
     assert not any(k and k.startswith("md_missing_") and k != "md_missing_prepare" for k in by_id)
     # the prepare tab's partial widgets (made before the failed import) are hidden
-    assert "md_prep_out" not in by_id or not _visible_path(blocks, by_id["md_prep_out"])
+    assert not _visible_path(blocks, by_id["md_prep_out"])
 
 
 def _visible_path(blocks, block) -> bool:
