@@ -8,10 +8,9 @@ all check against these constants, so a limit is changed in one place.
 from __future__ import annotations
 
 from medical_diffusion.errors import MedDiffError
+from medical_diffusion.limits import MAX_BOOTSTRAP_REPS, MAX_SEED  # shared with the API: one value each
 
-MAX_BOOTSTRAP_REPS = 100_000  # paper: 1000; 0 = no interval
 MAX_FEATURE_BATCH = 1024  # images per feature-network batch
-MAX_SEED = 2**32 - 1
 MAX_CLASSIFIER_STEPS = 1_000_000  # paper: 6250
 MAX_CLASSIFIER_BATCH = 1024  # paper: 32
 MAX_CLASSIFIER_RUNS = 1000  # paper: 10

@@ -166,9 +166,12 @@ class SourceGeometry:
     spacing: tuple[float, float] | None  # mm per pixel (x, y)
 
 
+#: pictures PIL reads when SimpleITK is not installed
+_PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
 def _is_dicom(path: Path) -> bool:
-    # imported here: the datasets package needs SimpleITK, which the mask drawing itself does not
-    from medical_diffusion.datasets.generic_import import is_dicom
+    from medical_diffusion.datasets.file_kinds import is_dicom  # needs no imaging package
 
     return is_dicom(path)
 
@@ -202,7 +205,13 @@ def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
                 spacing = (col_sp, row_sp)
                 break
         return SourceGeometry((int(ds.Columns), int(ds.Rows)), spacing)
-    import SimpleITK as sitk
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        if path.suffix.lower() not in _PLAIN_IMAGE_SUFFIXES:
+            raise
+        with Image.open(path) as image:  # a plain picture: its grid, no spacing
+            return SourceGeometry(image.size, None)
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
