@@ -245,3 +245,16 @@ def test_real_standalone_server_guards_gradio_and_api(tmp_path, tiny_backend):
         assert status(PREFIX + "/interpolate", {"Authorization": "Bearer tok", "Content-Type": "text/plain"}, body) == 415
     finally:
         blocks.close()
+
+
+def test_fid_missing_weights_says_how_to_send_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # nothing cached there
+    for name in ("real", "generated"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (16, 16)).save(tmp_path / name / "a.png")
+    client = TestClient(app_for(make_ctx(tmp_path), ServerSecurity(ApiCredentials(), None)))
+    answer = client.post(f"{PREFIX}/fid", json={"real": str(tmp_path / "real"), "generated": str(tmp_path / "generated"),
+                                                "extractor": "radimagenet"})
+    assert answer.status_code == 400
+    detail = answer.json()["detail"]
+    assert "weights file not found" in detail and "send its path as 'weights'" in detail and "--" not in detail

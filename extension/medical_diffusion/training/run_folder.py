@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from medical_diffusion.atomic_io import atomic_path, atomic_write_text
+from medical_diffusion.embeddings.safe_pickle import clean_detail, safe_torch_load
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.training.config import CONFIG_FILE, TrainConfig
 
@@ -117,9 +118,9 @@ class RunFolder:
         """The newest readable checkpoint and its state, or None when there is none."""
         for ck in reversed(self.checkpoints()):
             try:
-                state = torch.load(ck.state_path, map_location="cpu", weights_only=True)
+                state = safe_torch_load(ck.state_path)
             except Exception as exc:  # a damaged file: fall back to the previous checkpoint
-                log.warning("%s: unreadable (%s); trying an older checkpoint", ck.state_path, exc)
+                log.warning("%s: unreadable (%s); trying an older checkpoint", ck.state_path, clean_detail(exc))
                 continue
             if not isinstance(state, dict) or "vectors" not in state or "optimizer" not in state:
                 log.warning("%s: not a training state file; trying an older checkpoint", ck.state_path)

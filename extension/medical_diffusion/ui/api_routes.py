@@ -146,8 +146,12 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
                                    bootstrap_reps=req.bootstrap_reps, resample=req.resample, seed=req.seed,
                                    cache_dir=ctx.work_dir / "feature_cache").to_dict()
 
+        from medical_diffusion.evaluation.weights import MissingWeightsError
+
         try:
             return await run_while_connected(request, work)
+        except MissingWeightsError as exc:
+            raise _user_error("/fid", exc.with_hint("or send its path as 'weights'")) from exc
         except USER_ERRORS as exc:
             raise _user_error("/fid", exc) from exc
 
