@@ -155,8 +155,10 @@ class DiffusersBackend(ModelBackend):
 
     # -- text -----------------------------------------------------------------------------
     def _tokenize(self, text: str) -> list[int]:
-        # ``_tokenize`` skips added-token splitting, so "!!" stays one token as in OpenCLIP
-        return self.tokenizer.convert_tokens_to_ids(self.tokenizer._tokenize(text))
+        # ``_tokenize`` skips added-token splitting, so "!!" stays one token as in OpenCLIP; a tokenizer
+        # without it (transformers 5's tokenizers-backed CLIPTokenizer) splits with its own BPE
+        split = getattr(self.tokenizer, "_tokenize", None) or self.tokenizer.tokenize
+        return self.tokenizer.convert_tokens_to_ids(split(text))
 
     @property
     def token_embedding(self) -> torch.nn.Embedding:
