@@ -202,9 +202,10 @@ def run_diffusers_example(backend, data: Path, steps: int, resolution: int, clas
         embeds[ids] = embeds[init_id].clone()
     vae.requires_grad_(False)
     unet.requires_grad_(False)
-    text_encoder.text_model.encoder.requires_grad_(False)
-    text_encoder.text_model.final_layer_norm.requires_grad_(False)
-    text_encoder.text_model.embeddings.position_embedding.requires_grad_(False)
+    text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 has no .text_model
+    text_model.encoder.requires_grad_(False)
+    text_model.final_layer_norm.requires_grad_(False)
+    text_model.embeddings.position_embedding.requires_grad_(False)
     text_encoder.get_input_embeddings().requires_grad_(True)
     unet.train()
     text_encoder.train()
