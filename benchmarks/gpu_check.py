@@ -52,6 +52,7 @@ for _p in (ROOT / "extension", BENCH):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+SYNC_EVERY = 5  # this trainer's loss read-back interval during the GPU benchmark (its default is 10)
 PAPER_IT_S = 3.5  # de Wilde et al. 2024: 512 px, batch 1, on an RTX 2070 (8 GB)
 CARD_GIB = 8.0
 JSON_NAME = "gpu_check.json"
@@ -182,12 +183,24 @@ def build_modules(kind: str, device):
             dict(SD2_SCHEDULER, prediction_type="epsilon"))
 
 
-def make_backend(modules, device, dtype, label: str):
+def make_backend(modules, device, dtype, label: str, attention: str = "auto"):
     from medical_diffusion.backend.diffusers_backend import DiffusersBackend
 
     unet, vae, text, tokenizer, sched = modules
-    return DiffusersBackend(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler_config=sched,
-                            device=device, dtype=dtype, label=label)
+    backend = DiffusersBackend(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler_config=sched,
+                               device=device, dtype=dtype, label=label, attention=attention)
+    _release(device)  # the fp32 copies the modules were built in
+    return backend
+
+
+def _release(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -242,9 +255,12 @@ def worker_train(args) -> dict:
     deadline = time.monotonic() + args.limit - 10 if not args.smoke else time.monotonic() + args.limit
     variant = args.variant
     warmup = 1 if args.smoke else 3
+    cuda = device.type == "cuda"
     wdtype = weight_dtype(device, args.precision)
     amp = wdtype if wdtype != torch.float32 else None
     overrides = _parse_overrides(args.train_option)
+    if cuda:  # this trainer reads the loss back every N steps; time whole windows, the first one is warm-up
+        overrides.setdefault("sync_every", SYNC_EVERY)
     t0 = time.perf_counter()
     modules = build_modules("tiny" if args.smoke else "sd2", device)
     result: dict[str, Any] = {"model": "tiny (random)" if args.smoke else "SD2 architecture, random weights",
@@ -264,7 +280,7 @@ def worker_train(args) -> dict:
             result.update(_step_summary(res["times"], warmup))
             result["peak_rss_gib"] = res["peak"] / 2**30
         elif variant == "a1111":
-            backend = make_backend(modules, device, wdtype, "random SD2")
+            backend = make_backend(modules, device, wdtype, "random SD2", attention="classic")
             result["precision"] = f"weights {str(wdtype)[6:]}, vectors fp32" + (", autocast + grad scaler"
                                                                                if amp else "")
             result["attention"] = "classic (A1111 undoes its optimisations while training)"
@@ -276,9 +292,11 @@ def worker_train(args) -> dict:
             result.update(_step_summary(times, warmup))
             result["peak_rss_gib"] = mem.peak / 2**30
         elif variant in ("meddiff", "meddiff-8gib"):
-            backend = make_backend(modules, device, wdtype, "random SD2")
+            backend = make_backend(modules, device, wdtype, "random SD2", attention=args.attention)
             result["precision"] = f"weights {str(wdtype)[6:]}, vectors fp32"
+            result["attention"] = getattr(backend, "attention", args.attention)
             result["device"] = describe(device, wdtype)
+            warmup = int(overrides.get("sync_every") or warmup)
             if variant == "meddiff-8gib":
                 result.update(_cap_memory(device, CARD_GIB))
             _reset_peak(device)
@@ -290,7 +308,7 @@ def worker_train(args) -> dict:
                     raise
                 result["fits"] = False
                 result["oom"] = str(exc).splitlines()[0][:300]
-                torch.cuda.empty_cache()
+                _release(device)
                 _reset_peak(device)
                 retry = dict(overrides, gradient_checkpointing=True)
                 try:
@@ -503,7 +521,8 @@ def judge_pytest(stdout: str, returncode: int) -> dict[str, Any]:
 
 
 def run_gpu_tests(args, limit: float) -> dict:
-    targets = args.pytest_target or (["tests/test_devices.py"] if args.smoke else ["tests/"])
+    smoke_target = "tests/test_gpu.py" if (ROOT / "tests" / "test_gpu.py").is_file() else "tests/test_devices.py"
+    targets = args.pytest_target or ([smoke_target] if args.smoke else ["tests/"])
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
            "--continue-on-collection-errors", *targets]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "extension"), os.environ.get("PYTHONPATH", "")]))
@@ -534,7 +553,8 @@ def run_worker(job: Job, args, limit: float) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = Path(fh.name)
     cmd = [sys.executable, __file__, "--worker", section, "--json-out", str(out), "--limit", f"{limit:.1f}",
-           "--device", args.device, "--precision", args.precision, "--resolution", str(args.resolution),
+           "--device", args.device, "--precision", args.precision, "--attention", args.attention,
+           "--resolution", str(args.resolution),
            "--train-steps", str(args.train_steps), "--fid-batch", str(args.fid_batch)]
     if variant:
         cmd += ["--variant", variant]
@@ -706,16 +726,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="torch device (default auto); --smoke uses the CPU")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="frozen weights for training (auto: fp16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "xformers", "classic"),
+                   help="this trainer's attention kernel (default auto = sdpa)")
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default 512; smoke 64)")
-    p.add_argument("--train-steps", type=int, default=None, help="timed training steps after 3 warm-up steps "
-                                                                  "(default 20; smoke 2)")
+    p.add_argument("--train-steps", type=int, default=None, help="timed training steps after the warm-up (3 steps; "
+                        f"this trainer on CUDA: one loss read-back window of {SYNC_EVERY}) (default 20; smoke 2)")
     p.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra TrainConfig field for this trainer's runs (JSON value), e.g. "
                         "gradient_checkpointing=true; repeatable")
     p.add_argument("--fid-batch", type=int, default=64)
     p.add_argument("--classifier-size", type=int, default=None, help="image size (default: the classifier's)")
     p.add_argument("--pytest-target", action="append", default=[], metavar="PATH",
-                   help="what pytest -m gpu runs (default tests/; smoke tests/test_devices.py)")
+                   help="what pytest -m gpu runs (default tests/; smoke tests/test_gpu.py)")
     p.add_argument("--in-process", action="store_true",
                    help="with --smoke: run the sections in this process (faster; no per-section timeout)")
     p.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
