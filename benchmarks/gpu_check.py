@@ -70,7 +70,7 @@ class Job:
 
 
 JOBS = (
-    Job("gpu_tests", "GPU tests (pytest -m gpu)", 70, 20),
+    Job("gpu_tests", "GPU tests (pytest -m gpu)", 90, 30),
     Job("train:meddiff", "train: this trainer", 60, 40),
     Job("train:diffusers", "train: diffusers example approach", 55, 40),
     Job("train:a1111", "train: A1111-style", 55, 40),
@@ -632,8 +632,12 @@ def run_all(args) -> dict:
             try:
                 result = run_gpu_tests(args, limit) if job.name == "gpu_tests" else run_worker(job, args, limit)
                 entry.update(status="ok", result=result)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as exc:
                 entry.update(status="timeout", error=f"did not finish in {limit:.0f} s")
+                partial = exc.stdout or b""
+                partial = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+                if partial.strip():
+                    entry["result"] = {"output_tail": _tail(partial, 20)}
             except _SectionFailed as exc:
                 entry.update(status="error", error=str(exc), result=exc.result)
             except Exception as exc:  # a broken section must not stop the others

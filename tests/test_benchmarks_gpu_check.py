@@ -95,6 +95,20 @@ def test_a_failing_section_is_recorded_and_the_rest_go_on_and_what_does_not_fit_
     assert "| second | ok |" in md and "steps/s" in md
 
 
+def test_a_section_past_its_limit_is_a_timeout_with_what_it_printed(monkeypatch):
+    monkeypatch.setattr(gc, "JOBS", (gc.Job("fid", "slow one", 1, 0, 0),))
+
+    def hang(job, args, limit):
+        raise subprocess.TimeoutExpired(["python"], limit, output=b"step 1 of 5\nstep 2 of 5\n")
+
+    monkeypatch.setattr(gc, "run_worker", hang)
+    report = gc.run_all(gc.argparse.Namespace(only=None, smoke=True, budget=30.0))
+    (entry,) = report["sections"]
+    assert entry["status"] == "timeout" and "did not finish in 30 s" in entry["error"]
+    assert entry["result"]["output_tail"].endswith("step 2 of 5")
+    assert "| slow one | timeout |" in gc.render_markdown(report)
+
+
 def test_the_8gib_row_says_whether_it_fits():
     ck = {"s_per_step": 0.5, "it_per_s": 2.0, "peak_allocated_gib": 6.1, "peak_reserved_gib": 6.5, "fits": True}
     entry = {"name": "train:meddiff-8gib", "status": "ok",
