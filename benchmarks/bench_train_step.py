@@ -37,6 +37,7 @@ row also shows its whole-process peak RSS so the memory ratio compares like with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -120,19 +121,28 @@ def make_images(folder: Path, n: int, resolution: int) -> None:
 
 
 # -- the two trainers ----------------------------------------------------------------------------
-def run_meddiff(backend, data: Path, steps: int, resolution: int, workdir: Path) -> dict:
+def run_meddiff(backend, data: Path, steps: int, resolution: int, workdir: Path, *,
+                stop=None, **overrides) -> dict:
+    """This trainer (``training.loop.train``) for ``steps`` steps; ``overrides`` are further TrainConfig fields.
+
+    ``stop`` (a callable) ends the run early, as the UI's stop button does; the steps done are timed.
+    A step's time is the trainer's own (``ProgressEvent.it_per_s``: the steps between two reads of the
+    loss share their mean, which on a GPU is the only honest clock), else the time between events.
+    """
     from medical_diffusion.training.config import TrainConfig
     from medical_diffusion.training.loop import train
 
     config = TrainConfig(name="bench", data_dir=str(data), n_vectors=N_VECTORS, steps=steps, resolution=resolution,
-                         save_every=0, preview_every=0, learning_rate="0.005")
+                         save_every=0, preview_every=0, learning_rate="0.005", **overrides)
     times: list[float] = []
     last = [None]
     t_setup = time.perf_counter()
 
     def on_step(event):
         now = time.perf_counter()
-        if last[0] is None:
+        if getattr(event, "it_per_s", None):  # the trainer's own clock, between two reads of the loss (syncs)
+            times.append(1.0 / event.it_per_s)
+        elif last[0] is None:
             times.append(now - first_step_start[0])
         else:
             times.append(now - last[0])
@@ -153,23 +163,35 @@ def run_meddiff(backend, data: Path, steps: int, resolution: int, workdir: Path)
     loop_mod.LatentCache = timed_cache
     try:
         with PeakRSS() as mem:
-            train(config, backend, workdir / "run", progress=on_step)
+            train(config, backend, workdir / "run", progress=on_step, stop=stop)
     finally:
         loop_mod.LatentCache = original_cache
     setup = first_step_start[0] - t_setup
     return {"times": times, "peak": mem.peak, "setup": setup}
 
 
-def run_diffusers_example(backend, data: Path, steps: int, resolution: int, classic_attention: bool) -> dict:
-    """The per-step work of diffusers' examples/textual_inversion/textual_inversion.py."""
+def run_diffusers_example(backend, data: Path, steps: int, resolution: int, classic_attention: bool, *,
+                          amp_dtype=None, stop=None) -> dict:
+    """The per-step work of diffusers' examples/textual_inversion/textual_inversion.py.
+
+    Runs on ``backend.device``. ``amp_dtype`` (e.g. ``torch.float16``) is the script's
+    ``--mixed_precision``: the UNet and VAE are cast to it, the text encoder stays fp32 (its
+    embedding matrix is trained), the step runs under autocast and, for fp16, with a gradient
+    scaler, as accelerate does. ``stop`` (a callable) ends the loop early.
+    """
     import numpy as np
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
     from PIL import Image
 
+    device = backend.device
     tokenizer = backend.tokenizer
     text_encoder, vae, unet = backend.text_encoder, backend.vae, backend.unet
+    text_encoder.float()
+    if amp_dtype is not None:
+        unet.to(dtype=amp_dtype)
+        vae.to(dtype=amp_dtype)
     if classic_attention:
         from diffusers.models.attention_processor import AttnProcessor
 
@@ -184,22 +206,30 @@ def run_diffusers_example(backend, data: Path, steps: int, resolution: int, clas
         embeds[ids] = embeds[init_id].clone()
     vae.requires_grad_(False)
     unet.requires_grad_(False)
-    text_encoder.text_model.encoder.requires_grad_(False)
-    text_encoder.text_model.final_layer_norm.requires_grad_(False)
-    text_encoder.text_model.embeddings.position_embedding.requires_grad_(False)
+    text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 has no .text_model
+    text_model.encoder.requires_grad_(False)
+    text_model.final_layer_norm.requires_grad_(False)
+    text_model.embeddings.position_embedding.requires_grad_(False)
     text_encoder.get_input_embeddings().requires_grad_(True)
     unet.train()
     text_encoder.train()
     optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=0.005,
                                   betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
     scheduler = DDPMScheduler.from_config(backend.scheduler_config)
     orig = text_encoder.get_input_embeddings().weight.data.clone()
+    keep = torch.ones(len(tokenizer), dtype=torch.bool, device=device)
+    keep[min(ids) : max(ids) + 1] = False
     files = sorted(data.glob("*.png"))
     placeholder_string = " ".join(placeholder)
     rng = random.Random(0)
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
     times = []
     with PeakRSS() as mem:
         for step in range(steps):
+            if stop is not None and stop():
+                break
             t0 = time.perf_counter()
             # dataset __getitem__ (dataloader_num_workers defaults to 0: in the training process)
             img = Image.open(files[step % len(files)]).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
@@ -210,20 +240,22 @@ def run_diffusers_example(backend, data: Path, steps: int, resolution: int, clas
             input_ids = tokenizer(text, padding="max_length", truncation=True, max_length=77,
                                   return_tensors="pt").input_ids
             # training step
-            latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,)).long()
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            hidden = text_encoder(input_ids)[0]
-            pred = unet(noisy, timesteps, hidden).sample
-            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-            loss.backward()
-            optimizer.step()
+            with autocast:
+                latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.sample().detach()
+                latents = latents * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), device=device).long()
+                noisy = scheduler.add_noise(latents, noise, timesteps)
+                hidden = text_encoder(input_ids.to(device))[0]
+                pred = unet(noisy.to(unet.dtype), timesteps, hidden.to(unet.dtype)).sample
+                loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad()
-            keep = torch.ones(len(tokenizer), dtype=torch.bool)
-            keep[min(ids) : max(ids) + 1] = False
             with torch.no_grad():
                 text_encoder.get_input_embeddings().weight[keep] = orig[keep]
+            float(loss.detach())  # the script logs the loss every step (a device sync)
             times.append(time.perf_counter() - t0)
     return {"times": times, "peak": mem.peak, "setup": 0.0}
 
