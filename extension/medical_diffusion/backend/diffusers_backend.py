@@ -155,14 +155,11 @@ class DiffusersBackend(ModelBackend):
 
     # -- text -----------------------------------------------------------------------------
     def _tokenize(self, text: str) -> list[int]:
-        # ``_tokenize`` skips added-token splitting, so "!!" stays one token as in OpenCLIP; a tokenizer
-        # without it (transformers 5's tokenizers-backed CLIPTokenizer) splits with its own BPE
-        split = getattr(self.tokenizer, "_tokenize", None) or self.tokenizer.tokenize
-        return self.tokenizer.convert_tokens_to_ids(split(text))
+        return bpe_token_ids(self.tokenizer, text)
 
     @property
     def token_embedding(self) -> torch.nn.Embedding:
-        return self.text_encoder.text_model.embeddings.token_embedding
+        return self.text_encoder.get_input_embeddings()
 
     def text_to_vectors(self, text: str) -> torch.Tensor:
         ids = torch.tensor(self._tokenize(text), dtype=torch.long, device=self.device)
@@ -218,7 +215,8 @@ class DiffusersBackend(ModelBackend):
 
     def encode_token_embeddings(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """CLIP text transformer output ``(B, T, width)`` from token vectors ``(B, T, width)``."""
-        text_model = self.text_encoder.text_model
+        # transformers 4 wraps the transformer in ``.text_model``; transformers 5's CLIPTextModel is it
+        text_model = getattr(self.text_encoder, "text_model", self.text_encoder)
         hidden = text_model.embeddings(inputs_embeds=inputs_embeds)
         b, t = hidden.shape[:2]
         causal = torch.full((t, t), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
@@ -254,6 +252,25 @@ class DiffusersBackend(ModelBackend):
         return self.unet(
             latents.to(self.device, self.dtype), t, encoder_hidden_states=cond.to(self.device, self.dtype)
         ).sample
+
+
+def bpe_token_ids(tokenizer, text: str) -> list[int]:
+    """BPE ids of ``text`` without start/end tokens and without added-token splitting.
+
+    Added tokens are not split out, so "!!" stays one token as in OpenCLIP although "!" is the pad
+    token. transformers 4's slow ``CLIPTokenizer`` does this in ``_tokenize``; transformers 5's
+    tokenizers-backed one has no ``_tokenize`` (and its ``tokenize`` splits "!" out as the pad token,
+    id 0), so its normalizer, pre-tokenizer and BPE model are run directly: they leave the added
+    vocabulary out.
+    """
+    slow = getattr(tokenizer, "_tokenize", None)
+    if slow is not None:
+        return tokenizer.convert_tokens_to_ids(slow(text))
+    backend = tokenizer.backend_tokenizer
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    words = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
+    return [token.id for word, _ in words for token in backend.model.tokenize(word)]
 
 
 # -- loading --------------------------------------------------------------------------------
