@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -62,8 +63,19 @@ def _bounded(key: str):
     return bounded_int
 
 
+def _resolve_device(args: argparse.Namespace):
+    """``--device`` checked and announced before any image or weights file is read."""
+    from medical_diffusion.devices import describe, resolve_device
+
+    device = resolve_device(args.device)
+    logging.getLogger(__name__).warning("device: %s", describe(device))  # as the model commands announce theirs
+    return device
+
+
 def _fid(args: argparse.Namespace) -> int:
     from medical_diffusion.atomic_io import atomic_write_text, check_writable
+
+    device = _resolve_device(args)  # --device cuda without CUDA: one line, nothing loaded
     from medical_diffusion.evaluation.fid import compute_fid, save_real_stats
 
     if args.out:
@@ -72,7 +84,7 @@ def _fid(args: argparse.Namespace) -> int:
     if args.save_real_stats:
         check_writable(args.save_real_stats, args.force)
         path = save_real_stats(args.real, args.save_real_stats, args.extractor, weights, args.preprocessing,
-                               args.batch_size, args.cache_dir, _progress_printer())
+                               args.batch_size, args.cache_dir, _progress_printer(), device, args.workers)
         print(f"wrote {path}")
         if not args.generated:
             return 0
@@ -82,7 +94,7 @@ def _fid(args: argparse.Namespace) -> int:
         raise MedDiffError("give the generated images folder (or only --save-real-stats)")
     result = compute_fid(args.real, args.generated, args.extractor, weights, args.preprocessing, args.bootstrap,
                          args.resample, args.confidence, args.seed, args.batch_size, args.cache_dir,
-                         _progress_printer())
+                         _progress_printer(), device, args.workers)
     print(result.summary())
     for f in result.failures:
         print(f"skipped {f['path']}: {f['problem']}", file=sys.stderr)
@@ -93,6 +105,7 @@ def _fid(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
+    device = _resolve_device(args)  # --device cuda without CUDA: one line, nothing loaded
     from medical_diffusion.evaluation.classifier import ClassifierConfig, parse_mix, run_experiments
 
     from medical_diffusion.evaluation.classifier import TABLE2_MIXES
@@ -102,11 +115,11 @@ def _classify(args: argparse.Namespace) -> int:
     if args.quick:
         from medical_diffusion.evaluation.quick_probe import quick_probe
 
-        quick_probe(args.real, mixes, args.out, args.weights, args.size, args.seed)
+        quick_probe(args.real, mixes, args.out, args.weights, args.size, args.seed, device=device)
         return 0
     config = ClassifierConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, size=args.size,
                               runs=args.runs, bf16=args.bf16, augment=not args.no_augment, seed=args.seed,
-                              weights=args.weights)
+                              weights=args.weights, device=str(device), workers=args.workers, amp=not args.no_amp)
     report = run_experiments(args.real, mixes, args.out, config, _progress_printer(), print, args.estimate_only)
     if not args.estimate_only:
         print(f"wrote {Path(args.out) / 'report.json'}, report.csv and roc.png")
@@ -127,6 +140,15 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device_and_workers(p: argparse.ArgumentParser, what: str) -> None:
+    from medical_diffusion.devices import DEVICE_CHOICES_HELP
+    from medical_diffusion.evaluation.limits import default_workers
+
+    p.add_argument("--device", default="auto", help=f"where the {what}: {DEVICE_CHOICES_HELP} (default: auto)")
+    p.add_argument("--workers", type=_bounded("workers"), default=default_workers(),
+                   help="image-loading processes (0: none; default: min(4, CPUs), here %(default)s)")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("fid", help="FID (Inception) or MFID (RadImageNet) between real and generated images",
                               description="Fréchet distance between a real and a generated image set "
@@ -145,7 +167,8 @@ def register(subparsers) -> None:
     p.add_argument("--resample", choices=("both", "generated"), default="both", help="which sets the bootstrap resamples")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--seed", type=_bounded("seed"), default=0)
-    p.add_argument("--batch-size", type=_bounded("batch_size"), default=32)
+    p.add_argument("--batch-size", type=_bounded("batch_size"), default=32, help="images per network call")
+    _add_device_and_workers(p, "feature network runs (fp32, TF32 off, so FID does not depend on the GPU)")
     p.add_argument("--cache-dir", help="feature cache folder (keyed by file content and extractor)")
     p.add_argument("--save-real-stats", metavar="NPZ", help="also store the real set's mean/covariance here")
     p.add_argument("--out", help="write the result as JSON")
@@ -169,9 +192,13 @@ def register(subparsers) -> None:
     c.add_argument("--size", type=_bounded("size"), default=196, help="input size in pixels (paper: 196)")
     c.add_argument("--runs", type=_bounded("runs"), default=10, help="runs per mix (paper: 10)")
     c.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (faster on recent CPUs)")
+    c.add_argument("--no-amp", action="store_true", help="on CUDA: fp32 instead of fp16 autocast + GradScaler")
+    _add_device_and_workers(c, "ResNet-18 trains (CUDA: fp16 autocast, channels-last)")
     c.add_argument("--no-augment", action="store_true", help="turn off the heavy augmentation")
     c.add_argument("--seed", type=_bounded("seed"), default=0)
-    c.add_argument("--estimate-only", action="store_true", help="print the time estimate and stop")
+    c.add_argument("--estimate-only", action="store_true",
+                   help="measure a few steps on the device, print the whole protocol's expected time (h:mm:ss) "
+                        "and stop")
     c.add_argument("--quick", action="store_true",
                    help="QUICK ESTIMATE instead: frozen features + logistic regression (not the paper's protocol)")
     c.set_defaults(func=_cli_hints(_classify))

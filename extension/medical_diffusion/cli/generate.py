@@ -126,6 +126,19 @@ def parse_class_prompt(text: str, index: int) -> tuple[str, str]:
     return f"class{index}", text
 
 
+def _batch_size(text: str) -> int:
+    """``--batch-size``: a whole number from 1 to :data:`~medical_diffusion.limits.MAX_BATCH_SIZE`."""
+    from medical_diffusion.limits import MAX_BATCH_SIZE
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_BATCH_SIZE}, got {text!r}")
+    return value
+
+
 # -- generate ---------------------------------------------------------------------------------
 def run_generate(args) -> int:
     from medical_diffusion.generation.sampling import resolve_seed
@@ -263,7 +276,9 @@ def register(subparsers) -> None:
                    help="class label and prompt, e.g. neg=prostate_neg (repeatable)")
     p.add_argument("-n", "--n", type=int, required=True, help="images per class (paper: 1000)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=_batch_size, default=1,
+                   help="images per model call (1..64, default 1); image i keeps its own seed and noise, so a batch "
+                        "gives the same images as single calls (to float rounding); larger batches use the GPU better")
     p.add_argument("--paired-seeds", action="store_true", help="use the same seeds for every class")
     p.add_argument("--restart", action="store_true", help="ignore an existing manifest with other parameters")
     add_model_args(p)

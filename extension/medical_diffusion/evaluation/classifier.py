@@ -6,10 +6,18 @@ Per run: ImageNet ResNet-18 (torchvision weights from a local file) with a 1-log
 per epoch; the best-validation weights give the reported test AUC. Each mix (a Table 2 row) runs
 ``runs`` times (paper: 10) and reports mean +- sd. Every finished run is saved at once as
 ``OUT/runs/<mix>/run_NN.json`` and skipped when the job is started again with the same settings.
+
+Runs go on ``config.device``: on CUDA with fp16 autocast and a GradScaler (``amp``), channels-last
+tensors, and a DataLoader whose ``workers`` augment the batches on the CPU into pinned memory. Each
+batch's augmentation draws from its own generator seeded by (run seed, step), so a run is the same
+for any number of workers and bit-for-bit reproducible on the CPU; on a GPU it is reproducible within
+AMP tolerance. The device, layout, workers and AMP are not part of the run fingerprint: a job begun on
+the CPU can be finished on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,7 +36,7 @@ from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.evaluation.augment import HeavyAugmentConfig, heavy_augment
 from medical_diffusion.evaluation.classifier_data import ImageSet, balanced_subset, labelled_files, load_image_set
-from medical_diffusion.evaluation.limits import MAX_LR, MAX_MIX_IMAGES, check_limit
+from medical_diffusion.evaluation.limits import MAX_LR, MAX_MIX_IMAGES, check_limit, default_workers
 from medical_diffusion.evaluation.roc import roc_auc, roc_curve, save_roc_png
 
 StageProgress = Callable[[str, int, int], None]
@@ -92,11 +100,18 @@ class ClassifierConfig:
     seed: int = 0
     eval_batch_size: int = 64
     weights: Optional[str] = None  # resnet18-f37072fd.pth; None -> $TORCH_HOME
+    device: str = "cpu"  # "auto": CUDA, then MPS, then the CPU
+    workers: Optional[int] = 0  # batch-augmenting DataLoader processes (None: min(4, CPUs); 0: this process)
+    amp: bool = True  # fp16 autocast + GradScaler on CUDA (no effect elsewhere; bf16 is the CPU's option)
+    channels_last: bool = True
+
+    #: how a run is executed, not what it computes (left out of the fingerprint)
+    EXECUTION = ("runs", "eval_batch_size", "weights", "device", "workers", "amp", "channels_last")
 
     def fingerprint(self) -> str:
-        """What makes two runs comparable (not the number of runs or eval batch size)."""
+        """What makes two runs comparable (not the number of runs, batch size of evaluation, device, ...)."""
         d = asdict(self)
-        for k in ("runs", "eval_batch_size", "weights"):
+        for k in self.EXECUTION:
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -117,6 +132,7 @@ class RunResult:
     fpr: List[float] = field(repr=False, default_factory=list)
     tpr: List[float] = field(repr=False, default_factory=list)
     fingerprint: str = ""
+    device: str = ""  # e.g. "cuda, fp16 autocast" (older results: empty)
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -152,89 +168,200 @@ def to_unit_float(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float().div_(255.0)
 
 
-def predict(model: nn.Module, images: ImageSet, batch_size: int, bf16: bool) -> np.ndarray:
-    """Sigmoid scores for every image (eval mode, no augmentation)."""
+def autocast_for(device: torch.device, config: ClassifierConfig):
+    """The autocast context of a forward pass: fp16 on CUDA (``amp``), bf16 on the CPU (``bf16``), else none."""
+    if device.type == "cuda" and config.amp:
+        return torch.autocast("cuda", dtype=torch.float16)
+    if device.type == "cpu" and config.bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def precision_label(device: torch.device, config: ClassifierConfig) -> str:
+    """``cuda, fp16 autocast`` / ``cpu, bf16 autocast`` / ``cpu, fp32`` for logs and results."""
+    if device.type == "cuda" and config.amp:
+        return f"{device}, fp16 autocast"
+    if device.type == "cpu" and config.bf16:
+        return f"{device}, bf16 autocast"
+    return f"{device}, fp32"
+
+
+def grad_scaler_for(device: torch.device, config: ClassifierConfig):
+    """A GradScaler for fp16 autocast on CUDA, else None."""
+    if device.type == "cuda" and config.amp:
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def to_model_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A float batch on ``device`` (asynchronously from pinned memory), channels-last if asked."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def predict(model: nn.Module, images: ImageSet, batch_size: int, bf16: bool = False,
+            config: ClassifierConfig | None = None) -> np.ndarray:
+    """Sigmoid scores for every image (eval mode, no augmentation), on the model's device."""
+    config = config or ClassifierConfig(bf16=bf16)
+    device = next(model.parameters()).device
     model.eval()
     out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), autocast_for(device, config):
         for start in range(0, len(images), batch_size):
-            out.append(model(to_unit_float(images.images[start:start + batch_size])).float().squeeze(1))
+            x = to_model_input(to_unit_float(images.images[start:start + batch_size]), device, config.channels_last)
+            out.append(model(x).float().squeeze(1).cpu())
     return torch.sigmoid(torch.cat(out)).numpy() if out else np.zeros(0)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> float:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool = False,
+               config: ClassifierConfig | None = None, scaler=None) -> torch.Tensor:
+    """One optimiser step on batch ``x`` (already on the model's device); returns the loss (not synchronised)."""
+    config = config or ClassifierConfig(bf16=bf16)
+    device = x.device
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with autocast_for(device, config):
         logits = model(x).float().squeeze(1)
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, y.to(device, non_blocking=True).float())
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    return loss.detach()
+
+
+def batch_seed(run_seed: int, step: int) -> int:
+    """Seed of the augmentation of batch ``step`` of a run (independent of workers and device)."""
+    return int(np.random.SeedSequence([int(run_seed), int(step)]).generate_state(1, np.uint64)[0])
+
+
+def batch_order(n: int, batch_size: int, steps: int, generator: torch.Generator) -> List[torch.Tensor]:
+    """Image indices of every training batch: a reshuffle per epoch, a batch never wraps round."""
+    batches, order, pos = [], torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        batches.append(order[pos:pos + batch_size])
+        pos += batch_size
+    return batches
+
+
+class AugmentedBatches(torch.utils.data.Dataset):
+    """Training batch ``k``: its images in [0, 1], augmented with a generator seeded by (run seed, k)."""
+
+    def __init__(self, images: ImageSet, batches: Sequence[torch.Tensor], run_seed: int, augment: bool):
+        self.images, self.labels = images.images, images.labels
+        self.batches, self.run_seed, self.augment = list(batches), int(run_seed), bool(augment)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        idx = self.batches[k]
+        x = to_unit_float(self.images[idx])
+        if self.augment:
+            x = heavy_augment(x, HeavyAugmentConfig(), torch.Generator().manual_seed(batch_seed(self.run_seed, k)))
+        return x, self.labels[idx]
+
+
+def training_batches(dataset: AugmentedBatches, device: torch.device, workers: int):
+    """The batches in order, made by ``workers`` processes (0: here), pinned for a CUDA device."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+
+
+def run_workers(config: ClassifierConfig) -> int:
+    return default_workers() if config.workers is None else int(config.workers)
 
 
 def train_one_run(train: ImageSet, val: ImageSet, test: ImageSet, config: ClassifierConfig, seed: int,
                   mix: str = "", run: int = 0, progress: Optional[StageProgress] = None) -> RunResult:
     """One training run; returns the best-validation checkpoint's test AUC and ROC."""
+    from medical_diffusion.devices import resolve_device
+
     t0 = time.time()
+    device = resolve_device(config.device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = build_resnet18(config.weights)
+    model = place_model(build_resnet18(config.weights), device, config.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
+    scaler = grad_scaler_for(device, config)
     n = len(train)
     epoch_steps = steps_per_epoch(n, config.batch_size)
     best_auc, best_step, best_state = -1.0, 0, None
-    order = torch.randperm(n, generator=gen)
-    pos = 0
     stage = f"{mix} run {run + 1}"
-    for step in range(1, config.steps + 1):
-        if pos + config.batch_size > n:  # new epoch: reshuffle (a batch never wraps round)
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + config.batch_size]
-        pos += config.batch_size
-        x = to_unit_float(train.images[idx])
-        if config.augment:
-            x = heavy_augment(x, HeavyAugmentConfig(), gen)
-        train_step(model, opt, x, train.labels[idx], config.bf16)
+    batches = AugmentedBatches(train, batch_order(n, config.batch_size, config.steps, gen), seed, config.augment)
+    for step, (x, y) in enumerate(training_batches(batches, device, run_workers(config)), start=1):
+        train_step(model, opt, to_model_input(x, device, config.channels_last), y, config=config, scaler=scaler)
         if step % epoch_steps == 0 or step == config.steps:
-            auc = roc_auc(val.labels.numpy(), predict(model, val, config.eval_batch_size, config.bf16))
+            auc = roc_auc(val.labels.numpy(), predict(model, val, config.eval_batch_size, config=config))
             if auc > best_auc:
                 best_auc, best_step = auc, step
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if progress:
             progress(stage, step, config.steps)
     model.load_state_dict(best_state)
-    scores = predict(model, test, config.eval_batch_size, config.bf16)
+    scores = predict(model, test, config.eval_batch_size, config=config)
     labels = test.labels.numpy()
     fpr, tpr = roc_curve(labels, scores)
     return RunResult(mix=mix, run=run, seed=seed, test_auc=roc_auc(labels, scores), best_val_auc=best_auc,
                      best_step=best_step, steps=config.steps, n_train=n, n_val=len(val), n_test=len(test),
                      seconds=round(time.time() - t0, 1), fpr=fpr.tolist(), tpr=tpr.tolist(),
-                     fingerprint=config.fingerprint())
+                     fingerprint=config.fingerprint(), device=precision_label(device, config))
 
 
 # --- time estimate -------------------------------------------------------------------------------
 
-def measure_step_seconds(config: ClassifierConfig, trials: int = 2) -> tuple[float, float]:
-    """Measured seconds per training step and per evaluated image on this machine (random data)."""
-    model = build_resnet18(config.weights)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_step_seconds(config: ClassifierConfig, trials: int = 3) -> tuple[float, float]:
+    """Measured seconds per training step and per evaluated image on ``config.device`` (random data).
+
+    A step's augmentation (CPU) and its device work are timed apart: with ``w`` loader workers they
+    overlap, so a step takes ``max(device, augmentation / w)``; without workers, their sum.
+    """
+    from medical_diffusion.devices import resolve_device
+
+    device = resolve_device(config.device)
+    model = place_model(build_resnet18(config.weights), device, config.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
+    scaler = grad_scaler_for(device, config)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(config.batch_size, 3, config.size, config.size, generator=gen)
     y = torch.randint(0, 2, (config.batch_size,), generator=gen)
-
-    def one():
-        xa = heavy_augment(x, HeavyAugmentConfig(), gen) if config.augment else x
-        train_step(model, opt, xa, y, config.bf16)
-
-    one()  # warm-up
+    augment_s = 0.0
+    if config.augment:
+        heavy_augment(x, HeavyAugmentConfig(), gen)
+        t = time.perf_counter()
+        for _ in range(trials):
+            heavy_augment(x, HeavyAugmentConfig(), gen)
+        augment_s = (time.perf_counter() - t) / trials
+    xd = to_model_input(x, device, config.channels_last)
+    train_step(model, opt, xd, y, config=config, scaler=scaler)  # warm-up (cuDNN picks its kernels here)
+    _synchronize(device)
     t = time.perf_counter()
     for _ in range(trials):
-        one()
-    step_s = (time.perf_counter() - t) / trials
+        train_step(model, opt, xd, y, config=config, scaler=scaler)
+    _synchronize(device)
+    device_s = (time.perf_counter() - t) / trials
+    workers = run_workers(config)
+    step_s = max(device_s, augment_s / workers) if workers else device_s + augment_s
     xs = ImageSet((x * 255).to(torch.uint8), y, [])
+    predict(model, xs, config.eval_batch_size, config=config)  # warm-up
+    _synchronize(device)
     t = time.perf_counter()
-    predict(model, xs, config.eval_batch_size, config.bf16)
+    predict(model, xs, config.eval_batch_size, config=config)
     return step_s, (time.perf_counter() - t) / len(xs)
 
 
@@ -251,10 +378,10 @@ def estimate_seconds(step_s: float, eval_s: float, config: ClassifierConfig, n_t
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+    """``h:mm:ss`` (days in front past 24 h), as the training progress shows it."""
+    from medical_diffusion.training.progress import format_duration as clock
+
+    return clock(seconds)
 
 
 def check_config(config: ClassifierConfig) -> None:
@@ -265,6 +392,8 @@ def check_config(config: ClassifierConfig) -> None:
     config.runs = check_limit("runs", config.runs)
     config.size = check_limit("size", config.size)
     config.seed = check_limit("seed", config.seed)
+    if config.workers is not None:
+        config.workers = check_limit("workers", config.workers)
     if not (isinstance(config.lr, (int, float)) and 0.0 < config.lr <= MAX_LR):
         raise MedDiffError(f"lr must be above 0 and at most {MAX_LR}, got {config.lr!r}")
 
@@ -345,6 +474,9 @@ def run_experiments(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_
     if len(set(names)) != len(names):
         raise MedDiffError(f"mix names must be unique: {names}")
     check_config(config)
+    from medical_diffusion.devices import resolve_device
+
+    device = resolve_device(config.device)  # an absent GPU fails before any image or weights file is read
     out = Path(out_dir)
     real_root = Path(real_root)
     from medical_diffusion.evaluation.weights import find_resnet18_weights
@@ -373,8 +505,9 @@ def run_experiments(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_
                 for _, todo, items, _ in plans)
     n_todo = sum(len(todo) for _, todo, _, _ in plans)
     log(f"time estimate: {n_todo} run(s) to do ({sum(config.runs - len(t) for _, t, _, _ in plans)} already finished), "
-        f"{config.steps} steps of {config.batch_size} at {config.size}px{' bf16' if config.bf16 else ''}: "
-        f"{step_s:.2f} s/step measured here -> about {format_duration(total)} in all")
+        f"{config.steps} steps of {config.batch_size} at {config.size}px on {precision_label(device, config)}, "
+        f"{run_workers(config)} loader worker(s): {step_s:.3f} s/step measured here -> about "
+        f"{format_duration(total)} (h:mm:ss) in all")
     if estimate_only:
         return {"estimate_seconds": total, "step_seconds": step_s, "runs_to_do": n_todo}
 

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+import torch
 
+from medical_diffusion.devices import resolve_device
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.evaluation.bootstrap import RESAMPLE_MODES, bootstrap_frechet
 from medical_diffusion.evaluation.feature_cache import FeatureCache
@@ -40,6 +42,7 @@ class FidResult:
     bootstrap: Optional[dict] = None
     failures: List[dict] = field(default_factory=list)
     seconds: float = 0.0
+    device: str = ""  # where the features were computed (fp32, no TF32); not part of the result's identity
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +56,7 @@ class FidResult:
         return text + f"  [{self.n_real} real vs {self.n_generated} generated; preprocessing={self.preprocessing}]"
 
 
-def _features_or_stats(source, extractor, mode, batch_size, cache, progress, label):
+def _features_or_stats(source, extractor, mode, batch_size, cache, progress, label, device="cpu", workers=0):
     p = Path(source)
     if p.is_file() and p.suffix == ".npz":
         stats = GaussianStats.load(p)
@@ -63,7 +66,7 @@ def _features_or_stats(source, extractor, mode, batch_size, cache, progress, lab
                                     "(other network, weights or preprocessing)")
         return stats, None
     files = collect_images(p)
-    fs = extract_features(files, extractor, mode, batch_size, cache, progress, f"features: {label}")
+    fs = extract_features(files, extractor, mode, batch_size, cache, progress, f"features: {label}", device, workers)
     if fs.features.shape[0] < 2:
         raise MedDiffError(f"{p}: fewer than 2 readable images")
     return None, fs
@@ -94,13 +97,19 @@ def compute_fid(
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None,
     progress: Optional[StageProgress] = None,
+    device: str | torch.device | None = "cpu",
+    workers: Optional[int] = 0,
 ) -> FidResult:
     """FID (``extractor="inception"``) or MFID (``"radimagenet"``) between two folders of images.
 
     ``real`` may also be an ``.npz`` of stored mean/covariance (then no bootstrap). Sub-folders
-    (``neg/``, ``pos/``) are included. ``bootstrap_reps > 0`` adds a percentile CI.
+    (``neg/``, ``pos/``) are included. ``bootstrap_reps > 0`` adds a percentile CI. The network runs
+    on ``device`` in fp32 without TF32 (:func:`~medical_diffusion.evaluation.features.strict_fp32`),
+    ``workers`` processes decode the images (None: ``min(4, CPUs)``); the Fréchet distance is float64
+    on the CPU.
     """
     t0 = time.time()
+    device = resolve_device(device)  # --device cuda without CUDA fails before any weights load
     check_mode(mode)
     bootstrap_reps = check_limit("bootstrap_reps", bootstrap_reps)
     batch_size = check_limit("batch_size", batch_size)
@@ -111,8 +120,9 @@ def compute_fid(
     check_sources(real, generated)
     ext = extractor if isinstance(extractor, FeatureExtractor) else load_extractor(extractor, weights)
     cache = FeatureCache(cache_dir) if cache_dir else None
-    stats_r, fs_r = _features_or_stats(real, ext, mode, batch_size, cache, progress, "real")
-    stats_g, fs_g = _features_or_stats(generated, ext, mode, batch_size, cache, progress, "generated")
+    stats_r, fs_r = _features_or_stats(real, ext, mode, batch_size, cache, progress, "real", device, workers)
+    stats_g, fs_g = _features_or_stats(generated, ext, mode, batch_size, cache, progress, "generated", device,
+                                       workers)
     if fs_g is None:
         raise MedDiffError(f"{generated}: the generated set must be a folder of images")
     boot = None
@@ -135,20 +145,23 @@ def compute_fid(
         metric=METRIC_NAMES.get(ext.name, ext.name), value=float(value), extractor=ext.name,
         weights=ext.weights_path, preprocessing=mode, preprocessing_detail=MODE_DESCRIPTIONS[mode],
         n_real=n_real, n_generated=fs_g.features.shape[0], real=str(real), generated=str(generated),
-        method=method, bootstrap=boot, failures=failures, seconds=round(time.time() - t0, 2),
+        method=method, bootstrap=boot, failures=failures, seconds=round(time.time() - t0, 2), device=str(device),
     )
 
 
 def save_real_stats(real: str | os.PathLike, out: str | os.PathLike, extractor: str | FeatureExtractor = "inception",
                     weights: str | os.PathLike | None = None, mode: str = "paper", batch_size: int = 32,
-                    cache_dir: str | os.PathLike | None = None, progress: Optional[StageProgress] = None) -> Path:
+                    cache_dir: str | os.PathLike | None = None, progress: Optional[StageProgress] = None,
+                    device: str | torch.device | None = "cpu", workers: Optional[int] = 0) -> Path:
     """Store mean/covariance of a real set as ``.npz`` for later ``compute_fid(real=that_file, ...)``."""
+    device = resolve_device(device)
     check_mode(mode)
     batch_size = check_limit("batch_size", batch_size)
     collect_images(real)  # a missing or empty folder fails before any weights load
     ext = extractor if isinstance(extractor, FeatureExtractor) else load_extractor(extractor, weights)
     cache = FeatureCache(cache_dir) if cache_dir else None
-    fs = extract_features(collect_images(real), ext, mode, batch_size, cache, progress, "features: real")
+    fs = extract_features(collect_images(real), ext, mode, batch_size, cache, progress, "features: real", device,
+                          workers)
     if fs.features.shape[0] < 2:
         raise MedDiffError(f"{real}: fewer than 2 readable images")
     stats = GaussianStats.from_features(np.asarray(fs.features, np.float64))

@@ -7,6 +7,8 @@ all check against these constants, so a limit is changed in one place.
 
 from __future__ import annotations
 
+import os
+
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.limits import MAX_BOOTSTRAP_REPS, MAX_SEED  # shared with the API: one value each
 
@@ -17,6 +19,7 @@ MAX_CLASSIFIER_RUNS = 1000  # paper: 10
 MIN_CLASSIFIER_SIZE, MAX_CLASSIFIER_SIZE = 32, 1024  # paper: 196
 MAX_MIX_IMAGES = 10_000_000  # real or synthetic images drawn for one mix (Table 2: up to 2000)
 MAX_LR = 1.0
+MAX_LOADER_WORKERS = 64  # image-decoding processes of a DataLoader
 
 #: name -> (low, high), inclusive; the API can build its request models from this table.
 INT_LIMITS = {
@@ -28,7 +31,13 @@ INT_LIMITS = {
     "runs": (1, MAX_CLASSIFIER_RUNS),
     "size": (MIN_CLASSIFIER_SIZE, MAX_CLASSIFIER_SIZE),
     "mix_images": (0, MAX_MIX_IMAGES),
+    "workers": (0, MAX_LOADER_WORKERS),
 }
+
+
+def default_workers() -> int:
+    """Image-loading processes when none are asked for: ``min(4, CPUs)``."""
+    return min(4, os.cpu_count() or 1)
 
 
 def check_int(name: str, value, low: int, high: int) -> int:

@@ -21,6 +21,7 @@ from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.evaluation.classifier import MixSpec, mix_seed, build_resnet18, to_unit_float
 from medical_diffusion.evaluation.classifier_data import ImageSet, balanced_subset, labelled_files, load_image_set
+from medical_diffusion.evaluation.features import strict_fp32
 from medical_diffusion.evaluation.limits import check_limit
 from medical_diffusion.evaluation.roc import roc_auc
 
@@ -28,12 +29,14 @@ LABEL = "quick estimate (frozen ResNet-18 features + logistic regression; NOT th
 
 
 def frozen_features(model: torch.nn.Module, images: ImageSet, batch_size: int = 64) -> np.ndarray:
-    """512-d pooled ResNet-18 features (the head removed)."""
+    """512-d pooled ResNet-18 features (the head removed), in fp32 on the model's device."""
     body = torch.nn.Sequential(*list(model.children())[:-1]).eval()
+    device = next(model.parameters()).device
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), strict_fp32():
         for start in range(0, len(images), batch_size):
-            out.append(torch.flatten(body(to_unit_float(images.images[start:start + batch_size])), 1))
+            x = to_unit_float(images.images[start:start + batch_size]).to(device)
+            out.append(torch.flatten(body(x), 1).float().cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -59,14 +62,19 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 20
 
 def quick_probe(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_dir: str | os.PathLike | None = None,
                 weights: str | os.PathLike | None = None, size: int = 196, seed: int = 0, l2: float = 1e-2,
-                log: Callable[[str], None] = print) -> dict:
-    """Test AUC of a logistic regression on frozen features per mix; writes ``quick_probe.json`` if ``out_dir``."""
+                log: Callable[[str], None] = print, device: str | torch.device | None = "cpu") -> dict:
+    """Test AUC of a logistic regression on frozen features per mix; writes ``quick_probe.json`` if ``out_dir``.
+
+    The frozen network runs on ``device``; the regression is float64 on the CPU."""
+    from medical_diffusion.devices import resolve_device
+
+    device = resolve_device(device)
     if not mixes:
         raise MedDiffError("no mixes given")
     size, seed = check_limit("size", size), check_limit("seed", seed)
     real_root = Path(real_root)
     torch.manual_seed(seed)
-    model = build_resnet18(weights)
+    model = build_resnet18(weights).to(device)
     test = load_image_set(labelled_files(real_root / "test"), size)
     test.check_both_classes(str(real_root / "test"))
     f_test = frozen_features(model, test)

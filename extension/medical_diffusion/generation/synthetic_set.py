@@ -21,6 +21,7 @@ from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.errors import Cancelled, InputFileError, MedDiffError
 from medical_diffusion.generation.guidance import encode_composable
 from medical_diffusion.generation.sampling import latents_to_images, sample_latents
+from medical_diffusion.limits import MAX_BATCH_SIZE, check_range
 from medical_diffusion.png_io import save_png
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,17 @@ def generate_set(
 ) -> SetResult:
     """Make (or finish) ``n_per_class`` images for every class of ``params``.
 
+    ``batch_size`` images (1 .. ``limits.MAX_BATCH_SIZE``) go through the model per call; each
+    keeps its own seed's generator for its initial and ancestral noise, so the images do not depend
+    on the batch size (to float rounding) and a rerun remakes only the missing ones.
     A folder made with other parameters is refused unless ``restart`` (which discards the old
     manifest entries; files are overwritten as they are regenerated). Failures of single batches
     are collected and the run goes on. ``should_stop()`` is asked before every sampler step; True
     keeps the images made so far (in the manifest, so a rerun resumes) and raises :class:`Cancelled`.
     """
-    if n_per_class < 1 or batch_size < 1:
-        raise MedDiffError("the number of images per class and the batch size must be at least 1")
+    if n_per_class < 1:
+        raise MedDiffError("the number of images per class must be at least 1")
+    check_range("batch size", batch_size, 1, MAX_BATCH_SIZE)
     if not params.classes:
         raise MedDiffError("no class prompts given")
     for label in params.classes:

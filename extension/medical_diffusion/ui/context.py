@@ -55,6 +55,8 @@ class UIContext:
     loaded_text_width: Callable[[], int | None] | None = None
     #: device, weight dtype and attention the host's model runs with (None: the host decides, e.g. the webui)
     runtime: Runtime | None = None
+    #: where FID and the classifier run when the host says (the webui: its ``modules.devices.device``); None: runtime's
+    evaluation_device: Callable[[], object] | None = None
     #: called with each training step's event (the webui: its progress bar and status text)
     on_training_step: Callable[[object], None] = lambda event: None
     _backend: ModelBackend | None = field(default=None, init=False, repr=False)

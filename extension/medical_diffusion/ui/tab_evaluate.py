@@ -68,6 +68,18 @@ def stream_job(job: JobFn, interval: float = 0.5) -> Iterator[Tuple[str, Optiona
     yield "\n".join(lines), box["result"]
 
 
+def evaluation_device(ctx: UIContext):
+    """Where this host's evaluation networks run: the host's evaluation device (the webui's
+    ``modules.devices.device``), else its model's runtime device, else ``auto``."""
+    from medical_diffusion.devices import resolve_device
+
+    if ctx.evaluation_device is not None:
+        return resolve_device(ctx.evaluation_device())
+    if ctx.runtime is not None:
+        return ctx.runtime.device
+    return resolve_device("auto")
+
+
 def _optional(ctx: UIContext, text: str):
     return str(ctx.path(text, must_exist=True)) if (text or "").strip() else None
 
@@ -127,8 +139,8 @@ def build(ctx: UIContext) -> None:
     def do_fid(r, g, ext, w, m, n, rs, sd, progress=gr.Progress()):
         result = compute_fid(ctx.path(r, must_exist=True), ctx.path(g, must_exist=True), extractor=ext,
                              weights=_optional(ctx, w or default_weights(ext)), mode=m, bootstrap_reps=int(n),
-                             resample=rs, seed=int(sd),
-                             cache_dir=ctx.work_dir / "feature_cache", progress=stage_progress(progress))
+                             resample=rs, seed=int(sd), cache_dir=ctx.work_dir / "feature_cache",
+                             progress=stage_progress(progress), device=evaluation_device(ctx), workers=None)
         return result.summary(), json.loads(json.dumps(result.to_dict(), default=str))
 
     def default_weights(ext):
@@ -142,7 +154,7 @@ def build(ctx: UIContext) -> None:
         specs = [parse_mix(line.strip(), _optional(ctx, syn)) for line in mix_text.splitlines() if line.strip()]
         weights = _optional(ctx, w or ctx.defaults.get("resnet18_weights", ""))
         config = ClassifierConfig(steps=int(steps), batch_size=int(batch), size=int(size), runs=int(runs),
-                                  bf16=bool(bf16), weights=weights)
+                                  bf16=bool(bf16), weights=weights, device=str(evaluation_device(ctx)), workers=None)
         return ctx.path(r, must_exist=True), specs, ctx.path(out), config
 
     cls_inputs = [cls_real, cls_syn, cls_out, mixes, cls_weights, cls_steps, cls_batch, cls_size, cls_runs, cls_bf16]

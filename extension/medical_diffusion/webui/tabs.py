@@ -96,6 +96,13 @@ def loaded_text_width() -> int | None:
     return int(model.cond_stage_model.encode_embedding_init_text(",", 1).shape[-1])
 
 
+def webui_device():
+    """The webui's torch device (``modules.devices.device``), read when evaluation starts."""
+    from modules import devices
+
+    return devices.device
+
+
 def make_context():
     from modules import call_queue, shared
 
@@ -124,6 +131,7 @@ def make_context():
         send_to_txt2img=bind_send_to_txt2img,
         send_to_inpaint=inpaint_upload.bind,
         defaults=SettingsDefaults(),
+        evaluation_device=webui_device,  # FID and the classifier run where the webui runs its model
     )
 
 
