@@ -258,3 +258,28 @@ def test_fid_missing_weights_says_how_to_send_them(tmp_path, monkeypatch):
     assert answer.status_code == 400
     detail = answer.json()["detail"]
     assert "weights file not found" in detail and "send its path as 'weights'" in detail and "--" not in detail
+
+
+def test_fid_route_runs_on_the_hosts_evaluation_device(tmp_path, monkeypatch):
+    import torch
+
+    from medical_diffusion.evaluation import fid as fid_module
+
+    seen = {}
+
+    class Result:
+        def to_dict(self):
+            return {"fid": 1.0}
+
+    def fake_fid(*args, device=None, **kwargs):
+        seen["device"] = device
+        return Result()
+
+    monkeypatch.setattr(fid_module, "compute_fid", fake_fid)
+    for name in ("real", "generated"):
+        (tmp_path / name).mkdir()
+    ctx = make_ctx(tmp_path)
+    ctx.evaluation_device = lambda: "cpu"  # the webui gives modules.devices.device here
+    client = TestClient(app_for(ctx, ServerSecurity(ApiCredentials(), None)))
+    answer = client.post(f"{PREFIX}/fid", json={"real": str(tmp_path / "real"), "generated": str(tmp_path / "generated")})
+    assert answer.status_code == 200 and seen["device"] == torch.device("cpu")

@@ -135,6 +135,7 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
 
         def work(stop: threading.Event):
             from medical_diffusion.evaluation.fid import compute_fid
+            from medical_diffusion.ui.tab_evaluate import evaluation_device
 
             real = ctx.path(req.real, must_exist=True, label="real images")
             generated = ctx.path(req.generated, must_exist=True, label="generated images")
@@ -144,7 +145,8 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
                     raise Cancelled("the client disconnected")
                 return compute_fid(real, generated, extractor=req.extractor, weights=weights, mode=req.mode,
                                    bootstrap_reps=req.bootstrap_reps, resample=req.resample, seed=req.seed,
-                                   cache_dir=ctx.work_dir / "feature_cache").to_dict()
+                                   cache_dir=ctx.work_dir / "feature_cache",
+                                   device=evaluation_device(ctx)).to_dict()
 
         from medical_diffusion.evaluation.weights import MissingWeightsError
 
