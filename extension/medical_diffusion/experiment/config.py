@@ -65,10 +65,12 @@ def _parse_yaml(text: str, where: str) -> dict:
 
 
 def deep_merge(base: dict, over: dict) -> dict:
-    """``over`` on top of ``base`` (mappings merged key by key; lists and values replaced)."""
+    """``over`` on top of ``base`` (mappings merged key by key; lists and values replaced; null drops a mapping)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None and isinstance(out.get(key), dict):  # `key: null` drops an inherited section
+            out.pop(key)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

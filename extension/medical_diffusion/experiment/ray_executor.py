@@ -10,6 +10,20 @@ from __future__ import annotations
 
 from typing import Callable
 
+from medical_diffusion.errors import MedDiffError
+
+
+def _pydantic_hint() -> str:
+    """Recent Ray refuses pydantic 1 in its node processes; the ui extra pins pydantic 1 for gradio 3.41."""
+    try:
+        import pydantic
+    except ImportError:
+        return ""
+    if str(getattr(pydantic, "VERSION", "2")).startswith("1."):
+        return (f" (this environment has pydantic {pydantic.VERSION}, which the ui extra pins for gradio 3.41 and "
+                "recent Ray refuses; install the cluster extra in an environment without the ui extra)")
+    return ""
+
 
 def _stage_task(spec: dict, *inputs: dict) -> dict:
     bad = [i["id"] for i in inputs if i.get("status") in ("failed", "blocked")]
@@ -25,14 +39,22 @@ def run_on_ray(specs: list[dict], address: str | None = None, echo: Callable[[st
     try:
         import ray
     except ImportError:
-        from medical_diffusion.errors import MedDiffError
-
         raise MedDiffError("the ray executor needs Ray: pip install 'sd-webui-medical-diffusion[cluster]'") from None
     from tqdm import tqdm
 
+    try:  # Ray's serialisers import its pydantic shim in every process; recent Ray refuses pydantic 1 there
+        import ray._common.pydantic_compat  # noqa: F401
+    except ImportError as exc:
+        raise MedDiffError(f"Ray {ray.__version__} cannot run here: {exc}{_pydantic_hint()}") from None
+    except Exception:  # noqa: BLE001 - older Ray without the shim
+        pass
     started_here = False
     if not ray.is_initialized():
-        ctx = ray.init(address=address, log_to_driver=True)
+        try:
+            ctx = ray.init(address=address, log_to_driver=True)
+        except Exception as exc:  # noqa: BLE001 - Ray raises plain Exceptions for a node that did not start
+            raise MedDiffError(f"could not {'connect to Ray at ' + address if address else 'start a local Ray'}: "
+                               f"{str(exc).splitlines()[0]}{_pydantic_hint()}") from None
         started_here = True
         url = getattr(ctx, "dashboard_url", None)
         if url:

@@ -314,6 +314,9 @@ def run_stage(spec: dict[str, Any], progress: Progress | None = None) -> dict:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     old_level = root.level
+    quiet = [(h, h.level) for h in root.handlers if not isinstance(h, logging.FileHandler)] if progress else []
+    for h, _ in quiet:  # the terminal shows the bars; the log file gets everything
+        h.setLevel(max(h.level, logging.WARNING))
     root.addHandler(handler)
     root.setLevel(min(old_level, logging.INFO) if old_level else logging.INFO)
     old_threads = torch.get_num_threads()
@@ -341,4 +344,6 @@ def run_stage(spec: dict[str, Any], progress: Progress | None = None) -> dict:
         torch.set_num_threads(old_threads)
         root.removeHandler(handler)
         root.setLevel(old_level)
+        for h, level in quiet:
+            h.setLevel(level)
         handler.close()
