@@ -130,13 +130,54 @@ def test_parse_prompt_attention_matches_a1111_doctests():
     assert [w for _, w in got] == pytest.approx([w for _, w in want])
 
 
-def test_long_prompt_two_chunks_and_emphasis(backend):
+def test_long_prompt_two_chunks(backend):
     cond = backend.encode_prompt("dog " * 80)
     assert cond.shape == (1, 154, backend.text_width)
+
+
+def test_emphasis_restores_a_nonzero_mean(backend, monkeypatch):
+    """With a text encoder whose output mean is clearly non-zero, A1111 restores the mean."""
+    monkeypatch.setattr(backend, "encode_token_embeddings", lambda e: torch.ones_like(e) * 2.0)
     plain = backend.encode_prompt("a dog")
     weighted = backend.encode_prompt("a (dog:1.5)")
     assert not torch.allclose(plain, weighted)
-    torch.testing.assert_close(weighted.mean(), plain.mean())  # A1111 restores the mean
+    torch.testing.assert_close(weighted.mean(), plain.mean())
+
+
+@pytest.mark.parametrize(
+    "prompt, unweighted",
+    [("a (dog:1.5)", "a dog"), ("(scan:1.2) of prostate", "scan of prostate"), ("((dog)) " * 40, "dog " * 40)],
+)
+def test_emphasis_on_a_zero_mean_encoder_is_finite(backend, prompt, unweighted):
+    """The tiny model's final layer norm gives a mean of ~0: the weights apply, the rescale is skipped."""
+    plain = backend.encode_prompt(unweighted)
+    weighted = backend.encode_prompt(prompt)
+    assert torch.isfinite(weighted).all()
+    chunks = backend.prompt_chunks(prompt)
+    multipliers = torch.tensor([c.multipliers for c in chunks]).reshape(1, -1, 1)
+    torch.testing.assert_close(weighted, plain * multipliers)
+
+
+def test_apply_emphasis_controlled_means():
+    from medical_diffusion.backend.emphasis import apply_emphasis
+
+    # non-zero mean: weighted, then rescaled to the old mean (A1111)
+    z = torch.full((1, 4, 2), 2.0)
+    m = torch.tensor([[1.0, 2.0, 1.0, 1.0]])
+    out = apply_emphasis(z, m)
+    torch.testing.assert_close(out, z * m[:, :, None] * (2.0 / 2.5))
+    torch.testing.assert_close(out.mean(), z.mean())
+    # new mean exactly 0 (A1111 gives inf), old mean exactly 0 (A1111 gives all zeros), both 0:
+    # the rescale is skipped, the weights still apply
+    cases = [
+        (torch.tensor([[[1.0, 1.0], [-0.5, -0.5]]]), torch.tensor([[1.0, 2.0]])),
+        (torch.tensor([[[1.0, 1.0], [-1.0, -1.0]]]), torch.tensor([[1.0, 2.0]])),
+        (torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]]), torch.tensor([[1.0, 1.5]])),
+    ]
+    for z, m in cases:
+        out = apply_emphasis(z, m)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, z * m[:, :, None])
 
 
 def test_encode_prompt_rejects_bad_embeddings(backend):

@@ -215,7 +215,7 @@ def test_convert_round_trips_every_writer(files, tmp_path, capsys, fmt, out_name
     assert main(["embedding", "convert", str(a), str(out), "--to", fmt]) == 0
     back = load_embedding(out)
     assert torch.equal(back.vectors, load_embedding(a).vectors)
-    assert back.name == ("healthy" if fmt == "diffusers" else "out")
+    assert back.name == ("learned_embeds" if fmt == "diffusers" else "out")  # the webui names files by stem
     if fmt != "diffusers":
         assert back.step == 50000
     assert main(["embedding", "convert", str(a), str(out), "--to", fmt]) == 1

@@ -86,7 +86,7 @@ def test_reads_diffusers_learned_embeds_safetensors_and_bin(tmp_path, shape):
     torch.save({"<Cat-Toy>": vec}, tmp_path / "bin" / "learned_embeds.bin")
     for path in (tmp_path / "learned_embeds.safetensors", tmp_path / "bin" / "learned_embeds.bin", tmp_path / "bin"):
         emb = load_embedding(path)
-        assert emb.name == "cat-toy"  # from the token, lowercased, brackets dropped
+        assert emb.name == "learned_embeds"  # the file stem, as the webui names it (not the token)
         assert emb.vectors.shape == (shape[0] if len(shape) == 2 else 1, 1024)
         assert torch.equal(emb.vectors.flatten(), vec.flatten())
 
@@ -255,7 +255,7 @@ def test_writes_diffusers_format(tmp_path, target):
         assert path == tmp_path / "folder" / "learned_embeds.safetensors"
     data = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
     assert list(data) == ["mytoken"] and data["mytoken"].shape == (3, 1024)
-    assert load_embedding(path).name == "mytoken"
+    assert load_embedding(path).name == ("learned_embeds" if target == "folder" else "mytoken")
 
 
 def test_names_must_be_lowercase_and_follow_the_file(tmp_path):
@@ -303,7 +303,7 @@ def test_load_embeddings_dir_reads_all_and_reports_bad_files(tmp_path, caplog):
     Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "plain.png")
     with caplog.at_level(logging.WARNING):
         found = load_embeddings_dir(tmp_path)
-    assert sorted(found) == ["concept", "healthy", "tumour"]
+    assert sorted(found) == ["healthy", "learned_embeds", "tumour"]  # concept/learned_embeds.safetensors: by stem
     assert "broken.pt" in caplog.text and "truncated or corrupt" in caplog.text
     assert "plain.png" not in caplog.text
     with pytest.raises(InputFileError, match="not a folder"):

@@ -146,3 +146,16 @@ def test_exported_file_loads_in_diffusers_pipeline(tmp_path, tiny_pipeline_facto
     assert torch.allclose(rows, vec)
     cond, _ = pipe.encode_prompt("a prostate_adc", "cpu", 1, False)
     assert cond.shape[-1] == 1024 and torch.isfinite(cond).all()
+
+
+def test_deeply_nested_json_in_a_png_is_a_one_line_error(tmp_path):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(TEXT_KEY, base64.b64encode(b"[" * 200_000 + b"]" * 200_000).decode())
+    _preview().save(tmp_path / "deep.png", pnginfo=info)
+    with pytest.raises(InputFileError) as caught:
+        load_embedding(tmp_path / "deep.png")
+    message = str(caught.value)
+    assert message.startswith(str(tmp_path / "deep.png")) and "nested too deeply" in message
+    assert "\n" not in message

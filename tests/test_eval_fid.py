@@ -73,7 +73,7 @@ def test_missing_weights_name_the_file(tmp_path, monkeypatch):
         w.find_inception_weights()
     with pytest.raises(w.MissingWeightsError, match=r"resnet18-f37072fd\.pth"):
         w.find_resnet18_weights()
-    with pytest.raises(w.MissingWeightsError, match=r"RadImageNet-ResNet50_notop\.pth.*convert-radimagenet"):
+    with pytest.raises(w.MissingWeightsError, match=r"RadImageNet-ResNet50_notop\.pth.*notop\.h5 works too"):
         w.find_radimagenet_weights()
     with pytest.raises(MedDiffError, match="nothere.pth"):
         w.find_resnet18_weights(tmp_path / "nothere.pth")

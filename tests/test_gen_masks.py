@@ -108,3 +108,18 @@ def test_spacing_from_real_dicom(testdata):
     assert series.size == (84, 128) and series.spacing is not None and min(series.spacing) > 0
     with pytest.raises(MedDiffError, match="no such file"):
         read_source_geometry(testdata / "missing.dcm")
+
+
+def test_plain_picture_needs_no_simpleitk(monkeypatch, tmp_path):
+    """The Inpaint tab reads a PNG's grid and preview without SimpleITK (a webui with --skip-install)."""
+    import sys
+
+    from PIL import Image
+
+    from medical_diffusion.generation import masks as masks_module
+
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)
+    path = tmp_path / "case.png"
+    Image.new("L", (64, 48), 100).save(path)
+    assert masks_module.read_source_geometry(path) == masks_module.SourceGeometry((64, 48), None)
+    assert masks_module.load_source_image(path).size == (64, 48)

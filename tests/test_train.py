@@ -186,7 +186,7 @@ def test_bad_inputs(backend, data_dir, tmp_path):
     (broken / "bad.png").write_bytes(b"not a png")
     with pytest.raises(InputFileError, match="bad.png"):
         train(_config(broken), backend, tmp_path / "r2")
-    with pytest.raises(MedDiffError, match="1..75"):
+    with pytest.raises(MedDiffError, match="n_vectors must be between 1 and 75"):
         train(_config(data_dir, n_vectors=76), backend, tmp_path / "r3")
     with pytest.raises(MedDiffError, match="lowercase"):
         train(_config(data_dir, name="Blob"), backend, tmp_path / "r4")
@@ -260,3 +260,58 @@ def test_preview_images_at_fixed_seed(backend, data_dir, tmp_path):
     a = np.asarray(Image.open(preview))
     assert a.shape == (64, 64, 3)
     assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / "previews" / "blob-2.png")))
+
+
+def test_stop_during_a_long_preview_is_honoured(backend, data_dir, tmp_path):
+    """preview_steps at its maximum: Stop is asked between sampler steps, not only between training steps."""
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 3  # training step 1 and two preview sampler steps, then Stop
+
+    kw = dict(steps=2, preview_every=1, preview_steps=150)
+    result = train(_config(data_dir, **kw), backend, tmp_path / "run", stop=stop)
+    assert result.interrupted and result.steps_done == 1
+    assert calls["n"] <= 5  # not 150 sampler steps
+    assert not (tmp_path / "run" / "previews" / "blob-1.png").exists()
+    assert (tmp_path / "run" / "embeddings" / "blob-1.pt").is_file()  # the stop still saved a checkpoint
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("preview_steps", 10**6, "preview_steps must be between 1 and 150"),
+    ("steps", 10**9, "steps must be between 1 and 1000000"),
+    ("batch_size", 0, "batch_size must be between 1 and 64"),
+    ("resolution", 4096, "resolution must be between 8 and 1024"),
+    ("resolution", 100, "multiple of 8"),
+    ("preview_cfg", float("nan"), "preview_cfg must be between"),
+    ("n_vectors", "4", "n_vectors must be int, got str"),
+    ("n_vectors", 4.5, "n_vectors must be int, got float"),
+    ("hflip", "yes", "hflip must be bool"),
+    ("mask", "", "mask: give 'alpha'"),
+    ("learning_rate", "1e9", "learning rate must be between"),
+])
+def test_config_bounds_and_types(data_dir, field, value, message):
+    from medical_diffusion.errors import OutOfRangeError
+
+    with pytest.raises(MedDiffError, match=message) as info:
+        _config(data_dir, **{field: value}).validate()
+    if "between" in message:
+        assert isinstance(info.value, OutOfRangeError)
+
+
+def test_config_from_dict_names_missing_settings():
+    with pytest.raises(MedDiffError, match="missing training setting.*data_dir"):
+        TrainConfig.from_dict({"name": "x"})
+
+
+def test_eta_is_shown_as_hours_minutes_seconds(tmp_path):
+    from medical_diffusion.training.progress import ProgressEvent, format_duration
+    from medical_diffusion.ui.context import UIContext
+
+    assert format_duration(59213) == "16:26:53"
+    assert format_duration(5) == "0:00:05"
+    assert format_duration(90061) == "1 d 01:01:01"
+    ctx = UIContext(backend_factory=lambda: None, work_dir=tmp_path, embeddings_dir=tmp_path)
+    ctx.trainer._on_event(ProgressEvent(step=1, total=50000, loss=0.1, lr=0.005, eta_seconds=59213.4))
+    assert ctx.trainer.state.message.endswith("ETA 16:26:53") and "59213" not in ctx.trainer.state.message

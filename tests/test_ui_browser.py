@@ -120,8 +120,10 @@ def test_interpolation_grid(ui):
 def test_a_generated_image_goes_to_the_inpaint_tab(ui):
     page, work, shots = ui
     _open_tab(page, "Interpolate & compose")
-    page.click("#md_gen_to_inpaint")  # nothing generated yet: a clear message
-    page.wait_for_selector(".toast-body.error:has-text('generate an image first')", timeout=30_000)
+    fill(page, "md_gen_cell", "99")
+    page.click("#md_gen_to_inpaint")  # no such cell (after the grid test) or nothing yet: a clear message
+    page.wait_for_selector(".toast-body.error:has-text('choose 1..3'), "
+                           ".toast-body.error:has-text('generate an image first')", timeout=30_000)
     page.click(".toast-body.error .toast-close")
     page.wait_for_selector(".toast-body.error", state="detached", timeout=10_000)
     fill(page, "md_gen_prompt", "prostate_neg")
@@ -129,6 +131,12 @@ def test_a_generated_image_goes_to_the_inpaint_tab(ui):
         set_number(page, "generate", label, value)
     page.click("#md_gen_generate")
     wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('Generated')", timeout=120_000)
+    fill(page, "md_gen_prompt", "")  # a failed generate keeps the picture shown
+    page.click("#md_gen_generate")
+    page.wait_for_selector(".toast-body.error:has-text('the prompt is empty')", timeout=30_000)
+    page.click(".toast-body.error .toast-close")
+    page.wait_for_selector(".toast-body.error", state="detached", timeout=10_000)
+    assert page.locator("#md_gen_result img").is_visible()
     page.click("#md_gen_to_inpaint")
     page.wait_for_selector("#md_inp_overlay img", state="visible", timeout=60_000)
     assert page.locator("#md_tab_inpaint").is_visible()

@@ -93,14 +93,29 @@ def wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout: float) -
     raise RuntimeError(f"no {text!r} in the webui log within {timeout}s:\n{log.read_text()[-4000:]}")
 
 
+def run_extension_installer(webui_dir: Path, python: str, extension_dir: Path) -> subprocess.CompletedProcess:
+    """The extension's ``install.py`` run by the webui's own launcher code (as at a normal start)."""
+    code = f"from modules import launch_utils; launch_utils.run_extension_installer({str(extension_dir)!r})"
+    return subprocess.run([python, "-c", code], cwd=webui_dir, capture_output=True, text=True, timeout=600)
+
+
+class InstallerFailed(RuntimeError):
+    """The extension's requirements could not be installed into the webui's Python (offline?)."""
+
+
 @contextlib.contextmanager
 def running_webui(webui_dir: Path, python: str, tmp: Path, data: Path, extra_args: list[str], ready: str):
     """The webui on a free port (offline, CPU, ``--api-auth``, roots = ``tmp``) until the block ends;
-    the extension is linked into ``data/extensions``."""
+    the extension is linked into ``data/extensions`` and its installer is run first, since the webui is
+    started with ``--skip-install`` (raises :class:`InstallerFailed` when that cannot add what is missing)."""
     (data / "extensions").mkdir(parents=True, exist_ok=True)
     link = data / "extensions" / EXTENSION_NAME
     if not link.exists():
         link.symlink_to(ROOT, target_is_directory=True)
+    done = run_extension_installer(webui_dir, python, link)
+    if done.returncode != 0 or "Error running install.py" in done.stdout + done.stderr:
+        raise InstallerFailed(f"the extension's install.py failed in {python} (offline, or pip cannot reach "
+                              f"an index?): {(done.stdout + done.stderr)[-2000:]}")
     port = free_port()
     log = tmp / "webui.log"
     args = [python, "launch.py", "--data-dir", str(data), "--skip-prepare-environment", "--skip-install",

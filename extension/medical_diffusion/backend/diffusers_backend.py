@@ -2,7 +2,8 @@
 
 Prompts are encoded exactly as A1111 does for SD2 (``sd_hijack_clip`` + ``sd_hijack_open_clip``):
 75-token chunks between start/end tokens, padding with id 0 after the end token, embedding
-vectors spliced in place of their name's tokens, emphasis ``(word:1.2)`` with the mean restored.
+vectors spliced in place of their name's tokens, emphasis ``(word:1.2)`` with the mean restored
+(skipped for a chunk whose mean is ~0, see :mod:`~medical_diffusion.backend.emphasis`).
 The CLIP text transformer is run from input embeddings so gradients reach trainable vectors.
 """
 
@@ -16,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from medical_diffusion.backend.base import ModelBackend
+from medical_diffusion.backend.emphasis import apply_emphasis
 from medical_diffusion.backend.prompt_chunks import ChunkSpec, PromptChunk, tokenize_line
 from medical_diffusion.errors import InputFileError, MedDiffError
 
@@ -166,12 +168,7 @@ class DiffusersBackend(ModelBackend):
         z = self.encode_token_embeddings(torch.stack(rows))
         multipliers = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)
         if bool((multipliers != 1).any()):  # A1111 "Original" emphasis, chunk by chunk
-            scaled = []
-            for row in range(z.shape[0]):
-                original_mean = z[row].mean()
-                zr = z[row] * multipliers[row][:, None]
-                scaled.append(zr * (original_mean / zr.mean()))
-            z = torch.stack(scaled)
+            z = apply_emphasis(z, multipliers)
         return z.reshape(1, -1, z.shape[-1])
 
     def encode_token_embeddings(self, inputs_embeds: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: problem`` for an OS error (``PermissionError`` on an output folder names the folder)."""
+    import errno
+    import os
+
+    path = exc.filename if exc.filename is not None else exc.filename2
+    reason = exc.strerror or str(exc) or exc.__class__.__name__
+    if path is None:
+        return reason
+    path = os.fspath(path)
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        # an existing file or folder is named itself; a file that could not be created, its folder
+        where = path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))
+        return f"{where}: cannot write here ({reason}); choose another output folder or fix its permissions"
+    return f"{path}: {reason}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"meddiff {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # read-only or full output folder, missing file...: one line naming it
+        if args.verbose:
+            raise
+        print(f"meddiff {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"meddiff {args.command}: interrupted", file=sys.stderr)

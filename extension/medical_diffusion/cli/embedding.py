@@ -108,8 +108,8 @@ def _save(emb, output: Path, fmt: str, force: bool) -> Path:
     from medical_diffusion.embeddings.writers import save_embedding
 
     written = save_embedding(emb, output, fmt=fmt, force=force)
-    print(f"wrote {written} ({fmt}, name {emb.name if fmt == 'diffusers' and written.stem == 'learned_embeds' else written.stem!r}, "
-          f"{emb.n_vectors} x {emb.width})")
+    token = f", token {emb.name!r}" if fmt == "diffusers" and written.stem == "learned_embeds" else ""
+    print(f"wrote {written} ({fmt}, name {written.stem!r}{token}, {emb.n_vectors} x {emb.width})")
     return written
 
 

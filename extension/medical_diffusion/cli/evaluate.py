@@ -21,6 +21,47 @@ def _progress_printer():
     return progress
 
 
+#: how to name a weights file on this command line (the core error says what is missing and where)
+CLI_WEIGHTS_HINTS = {
+    "inception": "or pass --inception-weights FILE",
+    "radimagenet": "or pass --radimagenet-weights FILE (a .pth, or the Keras .h5; "
+                   "'meddiff convert-radimagenet' converts the .h5 once)",
+    "resnet18": "or pass --weights FILE",
+}
+
+
+def _cli_hints(handler):
+    """Re-raise a missing-weights error with the option that names the file."""
+
+    def run(args: argparse.Namespace) -> int:
+        from medical_diffusion.evaluation.weights import MissingWeightsError
+
+        try:
+            return handler(args)
+        except MissingWeightsError as exc:
+            raise exc.with_hint(CLI_WEIGHTS_HINTS.get(exc.kind, "")) from None
+
+    return run
+
+
+def _bounded(key: str):
+    """An argparse type: a whole number within ``evaluation.limits.INT_LIMITS[key]``."""
+    from medical_diffusion.evaluation.limits import INT_LIMITS
+
+    low, high = INT_LIMITS[key]
+
+    def bounded_int(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+        return value
+
+    return bounded_int
+
+
 def _fid(args: argparse.Namespace) -> int:
     from medical_diffusion.atomic_io import atomic_write_text, check_writable
     from medical_diffusion.evaluation.fid import compute_fid, save_real_stats
@@ -100,16 +141,16 @@ def register(subparsers) -> None:
     p.add_argument("--radimagenet-weights", help="RadImageNet-ResNet50_notop.pth (or the Keras .h5)")
     p.add_argument("--preprocessing", choices=("paper", "clean"), default="paper",
                    help="paper: z-score, clip(x*64+128), uint8, TF1 bilinear; clean: PIL bicubic (default: paper)")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="REPS", help="bootstrap repetitions for a CI (paper: 1000)")
+    p.add_argument("--bootstrap", type=_bounded("bootstrap_reps"), default=0, metavar="REPS", help="bootstrap repetitions for a CI (paper: 1000)")
     p.add_argument("--resample", choices=("both", "generated"), default="both", help="which sets the bootstrap resamples")
     p.add_argument("--confidence", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=_bounded("seed"), default=0)
+    p.add_argument("--batch-size", type=_bounded("batch_size"), default=32)
     p.add_argument("--cache-dir", help="feature cache folder (keyed by file content and extractor)")
     p.add_argument("--save-real-stats", metavar="NPZ", help="also store the real set's mean/covariance here")
     p.add_argument("--out", help="write the result as JSON")
     p.add_argument("--force", action="store_true", help="overwrite --out / --save-real-stats")
-    p.set_defaults(func=_fid)
+    p.set_defaults(func=_cli_hints(_fid))
 
     c = subparsers.add_parser("classify", help="ResNet-18 experiments on real + synthetic mixes (paper Table 2)",
                               description="Train ResNet-18 classifiers on mixes of real and synthetic images "
@@ -122,18 +163,18 @@ def register(subparsers) -> None:
     c.add_argument("--table2", action="store_true",
                    help="add the Table 2 rows 200:0 200:2000 0:200 0:2000 200:200 (needs --synthetic)")
     c.add_argument("--weights", help="resnet18-f37072fd.pth (default: $TORCH_HOME/hub/checkpoints)")
-    c.add_argument("--steps", type=int, default=6250, help="training batches per run (paper: 6250)")
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--steps", type=_bounded("steps"), default=6250, help="training batches per run (paper: 6250)")
+    c.add_argument("--batch-size", type=_bounded("classifier_batch_size"), default=32)
     c.add_argument("--lr", type=float, default=1e-4)
-    c.add_argument("--size", type=int, default=196, help="input size in pixels (paper: 196)")
-    c.add_argument("--runs", type=int, default=10, help="runs per mix (paper: 10)")
+    c.add_argument("--size", type=_bounded("size"), default=196, help="input size in pixels (paper: 196)")
+    c.add_argument("--runs", type=_bounded("runs"), default=10, help="runs per mix (paper: 10)")
     c.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (faster on recent CPUs)")
     c.add_argument("--no-augment", action="store_true", help="turn off the heavy augmentation")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_bounded("seed"), default=0)
     c.add_argument("--estimate-only", action="store_true", help="print the time estimate and stop")
     c.add_argument("--quick", action="store_true",
                    help="QUICK ESTIMATE instead: frozen features + logistic regression (not the paper's protocol)")
-    c.set_defaults(func=_classify)
+    c.set_defaults(func=_cli_hints(_classify))
 
     v = subparsers.add_parser("convert-radimagenet", help="convert the RadImageNet Keras ResNet50 .h5 to PyTorch",
                               description="Convert RadImageNet-ResNet50_notop.h5 (Keras) into a PyTorch state dict "

@@ -30,6 +30,38 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--height", type=int, default=512)
 
 
+def check_inputs(args, out: str | None = None) -> None:
+    """Check the model, embedding paths and output folder before the model loads (that takes a while)."""
+    from medical_diffusion.generation.loading import check_embedding_sources, check_model_path, check_output_folder
+
+    check_model_path(args.model)
+    check_embedding_sources(args.embeddings_dir, args.embedding)
+    if out:
+        check_output_folder(out)
+
+
+#: a prompt that is one such word is meant as an embedding name
+_NAME_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_embedding_names(args, sides) -> None:
+    """Fail when a side given as a single word is not the name of an embedding in the given sources."""
+    from medical_diffusion.embeddings.readers import embedding_names_on_disk
+
+    words = [s.strip() for s in sides if _NAME_WORD.fullmatch(s.strip())]
+    if not words:
+        return
+    known = embedding_names_on_disk(args.embeddings_dir, args.embedding)
+    unknown = [w for w in words if w.lower() not in known]
+    if unknown:
+        where = " and ".join(filter(None, [
+            f"--embeddings-dir {args.embeddings_dir}" if args.embeddings_dir else "",
+            f"--embedding {', '.join(args.embedding)}" if args.embedding else "",
+        ])) or "nowhere (no --embeddings-dir or --embedding given)"
+        raise MedDiffError(f"unknown embedding name(s) {', '.join(unknown)}: looked in {where}; "
+                           f"found: {', '.join(sorted(known)) or 'none'}")
+
+
 def load_model_and_embeddings(args):
     from medical_diffusion.generation.loading import load_embedding_table, load_model, vectors_of
 
@@ -93,6 +125,7 @@ def run_generate(args) -> int:
     classes = dict(parse_class_prompt(p, i) for i, p in enumerate(args.prompt))
     if len(classes) != len(args.prompt):
         raise MedDiffError("two --prompt options use the same class label")
+    check_inputs(args, args.out)
     backend, table, vectors = load_model_and_embeddings(args)
     warn_prompts(backend, classes.values(), vectors)
     seed = args.seed
@@ -144,6 +177,8 @@ def run_interpolate(args) -> int:
     from medical_diffusion.generation.interpolation import interpolate_embeddings, interpolate_prompts
     from medical_diffusion.generation.sampling import resolve_seed
 
+    check_inputs(args, args.out)
+    check_embedding_names(args, [args.healthy, args.diseased])
     backend, table, vectors = load_model_and_embeddings(args)
     seed = resolve_seed(args.seed)
     bar = StepBar("interpolate")
@@ -188,6 +223,7 @@ def run_compose(args) -> int:
     stage_cfg = [float(v) for v in args.stage_cfg.split(",")] if args.stage_cfg else None
     stages = composition_stages(args.base, additions, base_weight=args.base_weight, cfg_scale=args.cfg,
                                 stage_cfg=stage_cfg)
+    check_inputs(args, args.out)
     backend, table, vectors = load_model_and_embeddings(args)
     warn_prompts(backend, [s.prompt for s in stages], vectors)
     seed = resolve_seed(args.seed)
@@ -230,8 +266,10 @@ def register(subparsers) -> None:
                     "weights 'healthy :(1-t) AND diseased :t' (the paper); 'embedding' mode blends the two "
                     "embeddings' vectors into one.",
     )
-    p.add_argument("--healthy", required=True, help="healthy prompt or embedding name")
-    p.add_argument("--diseased", required=True, help="diseased prompt or embedding name")
+    p.add_argument("--healthy", required=True, help="healthy embedding name (one word: must be a loaded "
+                                                    "embedding) or prompt")
+    p.add_argument("--diseased", required=True, help="diseased embedding name (one word: must be a loaded "
+                                                     "embedding) or prompt")
     p.add_argument("-k", "--k", type=int, default=5, help="number of images, including both ends (default 5)")
     p.add_argument("--mode", choices=("prompt", "embedding"), default="prompt")
     p.add_argument("--blend", choices=("linear", "slerp"), default="linear", help="embedding-mode blend")

@@ -87,6 +87,15 @@ def handle(args: argparse.Namespace) -> int:
         missing = [f"--{k}" for k in ("model", "data", "name") if getattr(args, k) is None]
         if missing:
             raise MedDiffError(f"missing {', '.join(missing)} (or give --resume RUN_DIR)")
+        from medical_diffusion.errors import InputFileError
+        from medical_diffusion.generation.loading import check_model_path, check_output_folder
+
+        # checked here, not after the model has loaded (that takes a while)
+        if not Path(args.data).is_dir():
+            raise InputFileError(args.data, "not a folder (--data: the training images)")
+        check_model_path(args.model)
+        if args.out:
+            check_output_folder(args.out)
         values = {k: getattr(args, k) for k in _NEW_RUN if getattr(args, k, None) is not None}
         if "vectors" in values:
             values["n_vectors"] = values.pop("vectors")

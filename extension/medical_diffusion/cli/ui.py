@@ -3,22 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ui", help="launch the tabs in a browser without the webui",
-                              description="Launch the Medical Diffusion tabs (gradio) on the diffusers backend.")
+                              description="Launch the Medical Diffusion tabs (gradio) on the diffusers backend. "
+                              "It answers on 127.0.0.1 only unless --host says otherwise; another address "
+                              "needs --api-auth (or --insecure).")
     p.add_argument("--model", default="tiny",
                    help="diffusers folder, .ckpt/.safetensors file, or 'tiny' (random-weight workflow demo; default)")
     p.add_argument("--work-dir", default="meddiff-work", help="folder the tabs write to (default: ./meddiff-work)")
     p.add_argument("--embeddings-dir", default=None, help="embeddings folder (default: WORK_DIR/embeddings)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7861)
+    p.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]",
+                   help="HTTP basic credentials for the API and the page's login (the webui's syntax)")
+    p.add_argument("--api-token", action="append", metavar="TOKEN",
+                   help="accept 'Authorization: Bearer TOKEN' on the API (repeatable; also $MEDDIFF_API_TOKEN)")
+    p.add_argument("--allowed-roots", nargs="+", metavar="DIR",
+                   help="folders the tabs and the API may read and write (default: $MEDDIFF_ALLOWED_ROOTS, else any)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without --api-auth (anyone who reaches the port can use it)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from medical_diffusion.allowed_roots import ENV_VAR
+    from medical_diffusion.errors import MedDiffError
+    from medical_diffusion.ui.api_guard import ApiCredentials, ServerSecurity
     from medical_diffusion.ui.standalone import launch, make_context
 
-    launch(make_context(args.model, args.work_dir, args.embeddings_dir), host=args.host, port=args.port)
+    if args.allowed_roots:
+        missing = [d for d in args.allowed_roots if not os.path.isdir(d)]
+        if missing:
+            raise MedDiffError(f"--allowed-roots: not a folder: {', '.join(missing)}")
+        os.environ[ENV_VAR] = os.pathsep.join(os.path.abspath(d) for d in args.allowed_roots)
+    security = ServerSecurity.for_bind(args.host, ApiCredentials.from_options(args.api_auth, args.api_token),
+                                       insecure=args.insecure)
+    launch(make_context(args.model, args.work_dir, args.embeddings_dir), host=args.host, port=args.port,
+           security=security, insecure=args.insecure)
     return 0

@@ -25,12 +25,12 @@ from medical_diffusion.datasets.image_fit import FITS, crop_to_nonzero, fit_squa
 from medical_diffusion.datasets.layout import plan_outputs, slug
 from medical_diffusion.datasets.picai import choose_slice
 from medical_diffusion.datasets.splits import Candidate, select_items
+from medical_diffusion.datasets.file_kinds import DICOM_SUFFIXES, is_dicom  # noqa: F401 (re-exported)
 from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS, too_many_voxels
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.png_io import IMAGE_SUFFIXES
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 WINDOWS = ("auto", "minmax", "percentile")  # or "CENTER,WIDTH"
 MASK_RULES = ("max", "median")
 
@@ -112,20 +112,6 @@ def to_uint8(values: np.ndarray, window: str, tag_window: tuple[float, float] | 
 
 
 # --- DICOM ------------------------------------------------------------------------------------------------
-
-def is_dicom(path: Path) -> bool:
-    """DICOM by suffix, or by the "DICM" preamble for files without a known suffix."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    if path.suffix:
-        return False
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
 
 @dataclass
 class DicomFrame:

@@ -155,6 +155,8 @@ def read_image_embedding(path: str | os.PathLike, with_source: bool = False) -> 
         data = data_from_json(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputFileError(path, f"embedding in the image's {source} is not valid JSON ({exc})") from None
+    except RecursionError:  # e.g. "[[[[..." a hundred thousand deep: no embedding looks like that
+        raise InputFileError(path, f"embedding in the image's {source} is JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise InputFileError(path, f"embedding in the image's {source} is not a dictionary")
     return (data, where) if with_source else data

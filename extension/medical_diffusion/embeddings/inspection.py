@@ -137,11 +137,13 @@ def inspect_embedding(
     token_scale: float | dict[str, float] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     expected_width: int | None = None,
+    scale_hint: str = "pass --model (or --token-norm)",
 ) -> dict[str, Any]:
     """A JSON-ready report on one embedding file.
 
     ``token_scale`` is the model's token-vector scale (one number, or per SDXL block
-    ``{"clip_l": ..., "clip_g": ...}``); without it the norm check is skipped.
+    ``{"clip_l": ..., "clip_g": ...}``); without it the norm check is skipped, with a note that
+    says how to give one (``scale_hint``: the CLI's flags by default).
     """
     emb, fmt, file = read_embedding(path, expected_width)
     size = file.stat().st_size
@@ -168,7 +170,7 @@ def inspect_embedding(
         label = "" if part == "vectors" else f"{part}: "
         report["warnings"] += _norm_warnings(label, stats, scale, tolerance)
     if token_scale is None:
-        report["notes"] = ["norm scale check skipped: pass --model (or --token-norm) to compare with the model's token vectors"]
+        report["notes"] = [f"norm scale check skipped: {scale_hint} to compare with the model's token vectors"]
     return report
 
 

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".pt", ".bin")  # as A1111: .ckpt/.pth are models, not embeddings
 IMAGE_SUFFIXES = (".png", ".webp")
 EMBEDDING_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",) + IMAGE_SUFFIXES
-#: file stem diffusers uses for textual-inversion weights; the token inside names the embedding
+#: file stem diffusers uses for textual-inversion weights (the webui names such a file by this stem,
+#: not by the token inside, and so do we)
 DIFFUSERS_STEM = "learned_embeds"
 #: folder scans skip bigger files: the largest embedding A1111 can use (75 vectors x 2048 SDXL
 #: widths x 4 bytes) is about 0.6 MB, so a file 100x that size is a model or LoRA, not worth reading
@@ -101,8 +102,6 @@ def embedding_from_data(data: Any, path: str | os.PathLike, name: str, metadata:
     others = [k for k in data if k not in tensors]
     if len(tensors) == 1 and not others:  # diffusers {token: tensor}, kohya {"emb_params": tensor}
         key, value = next(iter(tensors.items()))
-        if path.stem.lower() == DIFFUSERS_STEM and isinstance(key, str):
-            name = name_from_token(key)
         return Embedding(name, _as_tensor(value, path, f"tensor {key!r}"), _optional_int(meta.get("step")),
                          _optional_str(meta.get("sd_checkpoint")), _optional_str(meta.get("sd_checkpoint_name")))
     if len(tensors) > 1:
@@ -183,8 +182,9 @@ def read_embedding(path: str | os.PathLike, expected_width: int | None = None) -
 def load_embedding(path: str | os.PathLike, expected_width: int | None = None) -> Embedding:
     """Read an embedding file of any supported format.
 
-    The name is the lowercased file stem (as A1111 names embeddings), except for diffusers'
-    ``learned_embeds.*`` (the stored token) and images (the name stored inside).
+    The name is the lowercased file stem, as the webui names embeddings (a diffusers
+    ``learned_embeds.*`` is "learned_embeds" there too, whatever token it stores), except for
+    images (the name stored inside, as the webui reads it).
     ``expected_width`` admits a custom text width (e.g. a tiny test model); otherwise the width
     must match SD1, SD2 or SDXL. Raises :class:`InputFileError` naming the file and problem.
     """
@@ -195,14 +195,36 @@ def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = 
     """Every readable embedding under ``folder`` (recursively), keyed by name.
 
     Unreadable files are logged as warnings and skipped; images without an embedding and
-    A1111 ``*.preview.png`` files are skipped silently. On a name clash the first file (in
-    sorted path order) wins and the clash is logged.
+    A1111 ``*.preview.png`` files are skipped silently. On a name clash an A1111 file wins over
+    other formats, then the first in sorted path order, whatever order the folders are walked in;
+    each clash is logged once per process.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputFileError(folder, "not a folder")
+    candidates: dict[str, list[tuple[int, Path, Embedding]]] = {}
+    for path in _candidate_files(folder):
+        try:
+            emb, fmt, _ = read_embedding(path, expected_width)
+        except NoEmbeddingInImage:
+            continue
+        except MedDiffError as exc:
+            _warn_once(f"skipping embedding: {exc}")
+            continue
+        rank = 0 if fmt.startswith("A1111") else 1
+        candidates.setdefault(emb.name, []).append((rank, path, emb))
     found: dict[str, Embedding] = {}
-    sources: dict[str, Path] = {}
+    for name, entries in candidates.items():
+        entries.sort(key=lambda entry: (entry[0], str(entry[1])))
+        found[name] = entries[0][2]
+        if len(entries) > 1:
+            skipped = ", ".join(str(entry[1]) for entry in entries[1:])
+            _warn_once(f"embedding name {name!r}: using {entries[0][1]}, skipping {skipped}")
+    return found
+
+
+def _candidate_files(folder: Path):
+    """The files of ``folder`` (recursively, sorted) that a folder scan reads as embeddings."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         suffix = path.suffix.lower()
         if suffix not in EMBEDDING_SUFFIXES or path.name.startswith("."):
@@ -213,18 +235,36 @@ def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = 
         if size == 0:
             continue
         if size > MAX_SCAN_BYTES and suffix not in IMAGE_SUFFIXES:
-            log.warning("skipping embedding: %s: %.0f MB is too large for an embedding (a model or LoRA?)", path, size / 2**20)
+            _warn_once(f"skipping embedding: {path}: {size / 2**20:.0f} MB is too large for an embedding (a model or LoRA?)")
             continue
-        try:
-            emb = load_embedding(path, expected_width)
-        except NoEmbeddingInImage:
-            continue
-        except MedDiffError as exc:
-            log.warning("skipping embedding: %s", exc)
-            continue
-        if emb.name in found:
-            log.warning("skipping embedding: %s: name %r already loaded from %s", path, emb.name, sources[emb.name])
-            continue
-        found[emb.name] = emb
-        sources[emb.name] = path
-    return found
+        yield path
+
+
+def embedding_names_on_disk(folder: str | os.PathLike | None = None, files=()) -> set[str]:
+    """The names the embeddings in ``folder`` and ``files`` go by, without reading their tensors
+    (file stems; an image's stored name): for checking a command's names before loading a model."""
+    paths = list(_candidate_files(Path(folder))) if folder else []
+    names = set()
+    for path in [*paths, *map(Path, files)]:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            try:
+                found = read_image_embedding(path, with_source=True)
+            except MedDiffError:
+                continue
+            if found is None:  # a plain picture
+                continue
+            stored = found[0].get("name")
+            names.add(name_from_token(stored) if isinstance(stored, str) and stored.strip() else path.stem.lower())
+        else:
+            names.add(path.stem.lower())
+    return names
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a folder-scan warning the first time it occurs (the tabs rescan the same folder often)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)

@@ -15,6 +15,7 @@ import numpy as np
 
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.evaluation.frechet import as_feature_matrix, frechet_distance, trace_sqrt_product_features
+from medical_diffusion.evaluation.limits import MAX_BOOTSTRAP_REPS, check_confidence, check_int
 
 ProgressFn = Callable[[int, int], None]
 RESAMPLE_MODES = ("both", "generated")
@@ -83,10 +84,8 @@ def bootstrap_frechet(
     """
     if resample not in RESAMPLE_MODES:
         raise MedDiffError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
-    if reps < 1:
-        raise MedDiffError(f"reps must be >= 1, got {reps}")
-    if not 0.0 < confidence < 1.0:
-        raise MedDiffError(f"confidence must be between 0 and 1, got {confidence}")
+    reps = check_int("bootstrap reps", reps, 1, MAX_BOOTSTRAP_REPS)
+    confidence = check_confidence(confidence)
     x1, x2 = as_feature_matrix(real), as_feature_matrix(generated)
     if x1.shape[1] != x2.shape[1]:
         raise MedDiffError(f"feature sizes differ: {x1.shape[1]} vs {x2.shape[1]}")

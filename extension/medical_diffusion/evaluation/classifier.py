@@ -28,6 +28,7 @@ from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.evaluation.augment import HeavyAugmentConfig, heavy_augment
 from medical_diffusion.evaluation.classifier_data import ImageSet, balanced_subset, labelled_files, load_image_set
+from medical_diffusion.evaluation.limits import MAX_LR, MAX_MIX_IMAGES, check_limit
 from medical_diffusion.evaluation.roc import roc_auc, roc_curve, save_roc_png
 
 StageProgress = Callable[[str, int, int], None]
@@ -63,8 +64,8 @@ def parse_mix(text: str, default_synthetic: Optional[str] = None) -> MixSpec:
         n_syn = int(parts[1])
     except ValueError:
         raise MedDiffError(f"bad mix {text!r}: REAL and SYNTH must be whole numbers (REAL may be 'all')") from None
-    if (n_real is not None and n_real < 0) or n_syn < 0:
-        raise MedDiffError(f"bad mix {text!r}: counts must be >= 0")
+    if (n_real is not None and not 0 <= n_real <= MAX_MIX_IMAGES) or not 0 <= n_syn <= MAX_MIX_IMAGES:
+        raise MedDiffError(f"bad mix {text!r}: counts must be between 0 and {MAX_MIX_IMAGES}")
     syn_dir = parts[2] if len(parts) == 3 else default_synthetic
     if n_syn > 0 and not syn_dir:
         raise MedDiffError(f"mix {text!r} uses synthetic images: give --synthetic DIR or REAL:SYNTH:DIR")
@@ -256,6 +257,18 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def check_config(config: ClassifierConfig) -> None:
+    """Every numeric setting within :mod:`limits` (one-line :class:`MedDiffError` otherwise)."""
+    config.steps = check_limit("steps", config.steps)
+    config.batch_size = check_limit("batch size", config.batch_size, "classifier_batch_size")
+    config.eval_batch_size = check_limit("eval batch size", config.eval_batch_size, "classifier_batch_size")
+    config.runs = check_limit("runs", config.runs)
+    config.size = check_limit("size", config.size)
+    config.seed = check_limit("seed", config.seed)
+    if not (isinstance(config.lr, (int, float)) and 0.0 < config.lr <= MAX_LR):
+        raise MedDiffError(f"lr must be above 0 and at most {MAX_LR}, got {config.lr!r}")
+
+
 # --- the experiment job ----------------------------------------------------------------------------
 
 def run_path(out_dir: Path, mix: str, run: int) -> Path:
@@ -331,8 +344,7 @@ def run_experiments(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_
     names = [m.name for m in mixes]
     if len(set(names)) != len(names):
         raise MedDiffError(f"mix names must be unique: {names}")
-    if config.steps < 1 or config.runs < 1 or config.batch_size < 1 or config.size < 32:
-        raise MedDiffError("steps, runs and batch size must be >= 1 and size >= 32")
+    check_config(config)
     out = Path(out_dir)
     real_root = Path(real_root)
     from medical_diffusion.evaluation.weights import find_resnet18_weights

@@ -13,6 +13,7 @@ from torch import nn
 
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.evaluation.feature_cache import FeatureCache, file_sha256
+from medical_diffusion.evaluation.limits import check_limit
 from medical_diffusion.evaluation.preprocessing import check_mode, load_for_network
 from medical_diffusion.png_io import IMAGE_SUFFIXES
 
@@ -40,14 +41,14 @@ def load_extractor(name: str, weights: str | os.PathLike | None = None) -> Featu
     from medical_diffusion.evaluation import weights as w
 
     if name == "inception":
+        path = w.find_inception_weights(weights)  # a missing file fails before the network code loads
         from medical_diffusion.evaluation.inception import INPUT_SIZE, build_inception
 
-        path = w.find_inception_weights(weights)
         return FeatureExtractor("inception", build_inception(path), INPUT_SIZE, file_sha256(path), str(path))
     if name == "radimagenet":
+        path = w.find_radimagenet_weights(weights)
         from medical_diffusion.evaluation.radimagenet import INPUT_SIZE, build_radimagenet
 
-        path = w.find_radimagenet_weights(weights)
         return FeatureExtractor("radimagenet", build_radimagenet(path), INPUT_SIZE, file_sha256(path), str(path))
     raise MedDiffError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
 
@@ -84,6 +85,7 @@ def extract_features(
 ) -> FeatureSet:
     """Features ``(n, d)`` for ``paths``; unreadable files are listed in ``failures`` and skipped."""
     check_mode(mode)
+    batch_size = check_limit("batch_size", batch_size)
     key = extractor.key(mode)
     total = len(paths)
     feats: List[Optional[np.ndarray]] = [None] * total

@@ -11,11 +11,12 @@ from typing import List, Optional
 import numpy as np
 
 from medical_diffusion.errors import InputFileError, MedDiffError
-from medical_diffusion.evaluation.bootstrap import bootstrap_frechet
+from medical_diffusion.evaluation.bootstrap import RESAMPLE_MODES, bootstrap_frechet
 from medical_diffusion.evaluation.feature_cache import FeatureCache
 from medical_diffusion.evaluation.features import (FeatureExtractor, StageProgress, collect_images,
                                                    extract_features, load_extractor)
 from medical_diffusion.evaluation.frechet import GaussianStats, frechet_distance, frechet_distance_from_stats
+from medical_diffusion.evaluation.limits import check_confidence, check_limit
 from medical_diffusion.evaluation.preprocessing import MODE_DESCRIPTIONS, check_mode
 
 METRIC_NAMES = {"inception": "FID", "radimagenet": "MFID"}
@@ -68,6 +69,18 @@ def _features_or_stats(source, extractor, mode, batch_size, cache, progress, lab
     return None, fs
 
 
+def check_sources(real: str | os.PathLike, generated: str | os.PathLike) -> None:
+    """Fail fast, before any weights load: ``real`` is a folder of images or an ``.npz``,
+    ``generated`` a folder of images."""
+    p = Path(real)
+    if p.suffix == ".npz":
+        if not p.is_file():
+            raise InputFileError(p, "statistics file not found")
+    else:
+        collect_images(p)
+    collect_images(generated)
+
+
 def compute_fid(
     real: str | os.PathLike,
     generated: str | os.PathLike,
@@ -89,6 +102,13 @@ def compute_fid(
     """
     t0 = time.time()
     check_mode(mode)
+    bootstrap_reps = check_limit("bootstrap_reps", bootstrap_reps)
+    batch_size = check_limit("batch_size", batch_size)
+    seed = check_limit("seed", seed)
+    confidence = check_confidence(confidence)
+    if resample not in RESAMPLE_MODES:
+        raise MedDiffError(f"resample must be one of {', '.join(RESAMPLE_MODES)}, got {resample!r}")
+    check_sources(real, generated)
     ext = extractor if isinstance(extractor, FeatureExtractor) else load_extractor(extractor, weights)
     cache = FeatureCache(cache_dir) if cache_dir else None
     stats_r, fs_r = _features_or_stats(real, ext, mode, batch_size, cache, progress, "real")
@@ -123,6 +143,9 @@ def save_real_stats(real: str | os.PathLike, out: str | os.PathLike, extractor: 
                     weights: str | os.PathLike | None = None, mode: str = "paper", batch_size: int = 32,
                     cache_dir: str | os.PathLike | None = None, progress: Optional[StageProgress] = None) -> Path:
     """Store mean/covariance of a real set as ``.npz`` for later ``compute_fid(real=that_file, ...)``."""
+    check_mode(mode)
+    batch_size = check_limit("batch_size", batch_size)
+    collect_images(real)  # a missing or empty folder fails before any weights load
     ext = extractor if isinstance(extractor, FeatureExtractor) else load_extractor(extractor, weights)
     cache = FeatureCache(cache_dir) if cache_dir else None
     fs = extract_features(collect_images(real), ext, mode, batch_size, cache, progress, "features: real")

@@ -46,7 +46,7 @@ class GaussianStats:
     def load(cls, path: str | os.PathLike) -> "GaussianStats":
         """Read an ``.npz`` holding ``mu`` and ``sigma`` (pytorch-fid's stats files work too)."""
         try:
-            with np.load(path) as data:
+            with np.load(path, allow_pickle=False) as data:
                 mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
                 n = int(data["n"]) if "n" in data.files else 0
                 meta = json.loads(str(data["meta"])) if "meta" in data.files else {}

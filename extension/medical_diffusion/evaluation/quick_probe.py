@@ -21,6 +21,7 @@ from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.evaluation.classifier import MixSpec, mix_seed, build_resnet18, to_unit_float
 from medical_diffusion.evaluation.classifier_data import ImageSet, balanced_subset, labelled_files, load_image_set
+from medical_diffusion.evaluation.limits import check_limit
 from medical_diffusion.evaluation.roc import roc_auc
 
 LABEL = "quick estimate (frozen ResNet-18 features + logistic regression; NOT the paper's protocol)"
@@ -60,6 +61,9 @@ def quick_probe(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_dir:
                 weights: str | os.PathLike | None = None, size: int = 196, seed: int = 0, l2: float = 1e-2,
                 log: Callable[[str], None] = print) -> dict:
     """Test AUC of a logistic regression on frozen features per mix; writes ``quick_probe.json`` if ``out_dir``."""
+    if not mixes:
+        raise MedDiffError("no mixes given")
+    size, seed = check_limit("size", size), check_limit("seed", seed)
     real_root = Path(real_root)
     torch.manual_seed(seed)
     model = build_resnet18(weights)
@@ -79,8 +83,6 @@ def quick_probe(real_root: str | os.PathLike, mixes: Sequence[MixSpec], out_dir:
         auc = roc_auc(test.labels.numpy(), score(f_test))
         rows.append({**asdict(mix), "n_train": len(train), "test_auc": auc})
         log(f"[{mix.name}] {LABEL}: test AUC {auc:.4f} ({len(train)} training images)")
-    if not rows:
-        raise MedDiffError("no mixes given")
     report = {"label": LABEL, "size": size, "seed": seed, "l2": l2, "mixes": rows}
     if out_dir is not None:
         atomic_write_text(Path(out_dir) / "quick_probe.json", json.dumps(report, indent=2))

@@ -111,7 +111,7 @@ def _h5_layer_arrays(h5file) -> Dict[str, Dict[str, np.ndarray]]:
         found: Dict[str, np.ndarray] = {}
 
         def visit(name, obj, found=found):
-            if isinstance(obj, h5py.Dataset):
+            if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "fiu":  # numbers only, never objects
                 leaf = name.split("/")[-1].split(":")[0]
                 found[leaf] = np.asarray(obj)
 

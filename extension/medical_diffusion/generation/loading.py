@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
 from medical_diffusion.backend.base import ModelBackend
-from medical_diffusion.errors import MedDiffError
+from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.generation.prompts import budget_warnings, check_token_budget, parse_composable
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,32 @@ def load_model(model: str, device: str = "cpu") -> ModelBackend:
     if label:
         log.warning("model: %s", label)
     return backend
+
+
+def check_model_path(model: str) -> None:
+    """Fail at once (before the slow model load) when ``model`` names no model."""
+    if str(model).lower() == "tiny":
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise InputFileError(path, "model not found (give a diffusers folder, a .ckpt/.safetensors file, or 'tiny')")
+    if not path.is_dir() and path.suffix.lower() not in (".ckpt", ".safetensors"):
+        raise InputFileError(path, "not a model: expected a diffusers folder or a .ckpt/.safetensors file")
+
+
+def check_embedding_sources(embeddings_dir: str | None, files: Sequence[str] = ()) -> None:
+    """Fail at once when the embeddings folder or a named embedding file is missing."""
+    if embeddings_dir and not Path(embeddings_dir).is_dir():
+        raise InputFileError(embeddings_dir, "not a folder (--embeddings-dir)")
+    for file in files or ():
+        if not Path(file).is_file():
+            raise InputFileError(file, "no such embedding file (--embedding)")
+
+
+def check_output_folder(out: str) -> None:
+    """An output folder must not be an existing file."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputFileError(out, "not a folder (output)")
 
 
 def load_embedding_table(

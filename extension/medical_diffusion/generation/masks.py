@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medical_diffusion.datasets.generic_import import is_dicom
 from medical_diffusion.errors import InputFileError, MedDiffError
 
 #: pixels per latent cell for SD (shapes smaller than this barely reach the model)
@@ -167,6 +166,16 @@ class SourceGeometry:
     spacing: tuple[float, float] | None  # mm per pixel (x, y)
 
 
+#: pictures PIL reads when SimpleITK is not installed
+_PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _is_dicom(path: Path) -> bool:
+    from medical_diffusion.datasets.file_kinds import is_dicom  # needs no imaging package
+
+    return is_dicom(path)
+
+
 def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
     """Pixel grid and spacing from a DICOM file or series folder (PixelSpacing is row, column) or
     a volume (``.mha``/``.nii``/``.nrrd``... via SimpleITK, header only)."""
@@ -180,7 +189,7 @@ def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
         path = Path(files[0])
     if not path.is_file():
         raise InputFileError(path, "no such file")
-    if is_dicom(path):
+    if _is_dicom(path):
         import pydicom
 
         try:
@@ -196,7 +205,13 @@ def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
                 spacing = (col_sp, row_sp)
                 break
         return SourceGeometry((int(ds.Columns), int(ds.Rows)), spacing)
-    import SimpleITK as sitk
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        if path.suffix.lower() not in _PLAIN_IMAGE_SUFFIXES:
+            raise
+        with Image.open(path) as image:  # a plain picture: its grid, no spacing
+            return SourceGeometry(image.size, None)
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -223,7 +238,7 @@ def load_source_image(path: str | os.PathLike, slice_index: int | None = None) -
     path = Path(path)
     if not path.is_file():
         raise InputFileError(path, "no such file")
-    if is_dicom(path) or path.suffix.lower() in (".mha", ".mhd", ".nii", ".gz", ".nrrd"):
+    if _is_dicom(path) or path.suffix.lower() in (".mha", ".mhd", ".nii", ".gz", ".nrrd"):
         import SimpleITK as sitk
 
         try:

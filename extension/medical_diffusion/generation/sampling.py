@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from medical_diffusion.backend.base import ModelBackend
-from medical_diffusion.errors import MedDiffError
+from medical_diffusion.errors import Cancelled, MedDiffError
 from medical_diffusion.generation.guidance import (
     ComposableConditioning,
     batched_model_inputs,
@@ -25,6 +25,14 @@ from medical_diffusion.generation.guidance import (
 )
 
 Progress = Callable[[int, int], None]
+#: asked before every sampler step; True stops the work with :class:`~medical_diffusion.errors.Cancelled`
+ShouldStop = Callable[[], bool]
+
+
+def check_stop(should_stop: ShouldStop | None) -> None:
+    """Raise :class:`Cancelled` when a stop was asked for."""
+    if should_stop is not None and should_stop():
+        raise Cancelled("stopped before the image was finished")
 
 
 def get_sigmas(
@@ -90,11 +98,14 @@ def sample_euler_ancestral(
     noise: Callable[[], torch.Tensor],
     eta: float = 1.0,
     progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> torch.Tensor:
     """k-diffusion's Euler ancestral loop. ``denoise(x, sigma, t)`` returns the denoised estimate;
-    ``x`` starts at noise level ``sigmas[0]``; ``noise()`` draws fresh unit noise like ``x``."""
+    ``x`` starts at noise level ``sigmas[0]``; ``noise()`` draws fresh unit noise like ``x``;
+    ``should_stop()`` is asked before each step (True: raise :class:`Cancelled`)."""
     total = len(sigmas) - 1
     for i in range(total):
+        check_stop(should_stop)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(x, sigma, timesteps[i])
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -188,6 +199,7 @@ def sample_latents(
     eta: float = 1.0,
     interpolation: str = "log",
     progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> torch.Tensor:
     """Latents for one image per seed (txt2img, or img2img/inpainting when ``init_latent`` is given).
 
@@ -214,7 +226,8 @@ def sample_latents(
         nmask = nmask.detach().float().cpu()
     denoiser = ComposableDenoiser(backend, cond, cfg_scale, init_latent, nmask)
     with torch.no_grad():
-        x = sample_euler_ancestral(denoiser, x, sigmas, timesteps, rng.next, eta=eta, progress=progress)
+        x = sample_euler_ancestral(denoiser, x, sigmas, timesteps, rng.next, eta=eta, progress=progress,
+                                   should_stop=should_stop)
     if nmask is not None and init_latent is not None:
         x = x * nmask + init_latent * (1 - nmask)
     return x
@@ -244,15 +257,18 @@ def sample_images(
     height: int = 512,
     batch_size: int = 1,
     progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> list[Image.Image]:
     """``batch_size`` images for ``prompt`` (A1111 composable syntax) with Euler ancestral; image
-    ``i`` uses seed ``seed + i`` and does not depend on ``batch_size``."""
+    ``i`` uses seed ``seed + i`` and does not depend on ``batch_size``. ``should_stop`` is asked
+    before every step (True: :class:`~medical_diffusion.errors.Cancelled`)."""
     if batch_size < 1:
         raise MedDiffError(f"batch size must be at least 1, got {batch_size}")
     seed = resolve_seed(seed)
     cond = encode_composable(backend, prompt, negative_prompt, embeddings)
     latents = sample_latents(
         backend, cond, seeds=[seed + i for i in range(batch_size)], steps=steps, cfg_scale=cfg_scale,
-        width=width, height=height, progress=progress,
+        width=width, height=height, progress=progress, should_stop=should_stop,
     )
+    check_stop(should_stop)
     return latents_to_images(backend, latents)

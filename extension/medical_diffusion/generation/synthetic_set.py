@@ -18,7 +18,7 @@ import torch
 
 from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.backend.base import ModelBackend
-from medical_diffusion.errors import InputFileError, MedDiffError
+from medical_diffusion.errors import Cancelled, InputFileError, MedDiffError
 from medical_diffusion.generation.guidance import encode_composable
 from medical_diffusion.generation.sampling import latents_to_images, sample_latents
 from medical_diffusion.png_io import save_png
@@ -99,12 +99,14 @@ def generate_set(
     batch_size: int = 1,
     restart: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SetResult:
     """Make (or finish) ``n_per_class`` images for every class of ``params``.
 
     A folder made with other parameters is refused unless ``restart`` (which discards the old
     manifest entries; files are overwritten as they are regenerated). Failures of single batches
-    are collected and the run goes on.
+    are collected and the run goes on. ``should_stop()`` is asked before every sampler step; True
+    keeps the images made so far (in the manifest, so a rerun resumes) and raises :class:`Cancelled`.
     """
     if n_per_class < 1 or batch_size < 1:
         raise MedDiffError("the number of images per class and the batch size must be at least 1")
@@ -165,11 +167,15 @@ def generate_set(
                 latents = sample_latents(
                     backend, conds[label], seeds=[s for *_, s in items], steps=params.steps,
                     cfg_scale=params.cfg_scale, width=params.width, height=params.height,
+                    should_stop=should_stop,
                 )
                 for (ci, _, i, seed), image in zip(items, latents_to_images(backend, latents)):
                     rel = f"{label}/{i:05d}.png"
                     sha = save_png(image, out_dir / rel)
                     images[rel] = {"label": label, "index": i, "seed": seed, "prompt": prompt, "sha256": sha}
+            except Cancelled:
+                write_manifest()
+                raise
             except (MedDiffError, RuntimeError, ValueError, OSError) as exc:
                 for _, _, i, _ in items:
                     failures.append((f"{label}/{i:05d}.png", f"{exc.__class__.__name__}: {exc}"))

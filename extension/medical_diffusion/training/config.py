@@ -9,12 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from medical_diffusion.errors import InputFileError, MedDiffError
+from medical_diffusion.limits import MAX_LEARNING_RATE, MAX_TRAIN_STEPS, MAX_VECTORS, TRAIN_BOUNDS, check_range
 from medical_diffusion.training.lr_schedule import LearnRateSchedule
 
-MAX_VECTORS = 75
+__all__ = ["CONFIG_FILE", "MAX_VECTORS", "TrainConfig"]
 INIT_MODES = ("text", "zeros", "random")
 LATENT_MODES = ("mean", "sample")
 CONFIG_FILE = "run_config.json"
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "str | None": (str, type(None)), "int": (int,), "bool": (bool,),
+    "float": (int, float), "float | None": (int, float, type(None)), "dict[str, Any]": (dict,),
+}
 
 
 @dataclass
@@ -61,34 +68,49 @@ class TrainConfig:
         """Raise :class:`MedDiffError` for impossible settings."""
         from medical_diffusion.embeddings.model import check_name
 
+        self._check_types()
         try:
             check_name(self.name)
         except ValueError as exc:
             raise MedDiffError(str(exc)) from None
-        if not 1 <= self.n_vectors <= MAX_VECTORS:
-            raise MedDiffError(
-                f"number of vectors must be 1..{MAX_VECTORS} (one prompt chunk holds 75 tokens), got {self.n_vectors}"
-            )
+        for key, (low, high) in TRAIN_BOUNDS.items():
+            value = getattr(self, key)
+            if value is not None:
+                check_range(key, value, low, high)
         if self.init not in INIT_MODES:
             raise MedDiffError(f"init must be one of {', '.join(INIT_MODES)}, got {self.init!r}")
         if self.latents not in LATENT_MODES:
             raise MedDiffError(f"latents must be one of {', '.join(LATENT_MODES)}, got {self.latents!r}")
-        for label, value in (("steps", self.steps), ("batch size", self.batch_size),
-                             ("gradient accumulation", self.grad_accumulation)):
-            if value < 1:
-                raise MedDiffError(f"{label} must be at least 1, got {value}")
-        if self.resolution < 8 or self.resolution % 8:
-            raise MedDiffError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.save_every < 0 or self.preview_every < 0:
-            raise MedDiffError("save/preview intervals must be >= 0 (0 turns them off)")
-        if self.mask_weight <= 0:
-            raise MedDiffError(f"mask weight must be positive, got {self.mask_weight}")
+        if self.resolution % 8:
+            raise MedDiffError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.mask is not None and not self.mask.strip():
+            raise MedDiffError("mask: give 'alpha', a folder of masks, or null for none")
+        if self.template_file is not None and not self.template_file.strip():
+            raise MedDiffError("template file: give a file or null for none")
         if self.autocast not in (None, "bf16", "fp16"):
             raise MedDiffError(f"autocast must be bf16 or fp16, got {self.autocast!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise MedDiffError(f"prediction type must be epsilon or v_prediction, got {self.prediction_type!r}")
-        self.schedule()
+        schedule = self.schedule()
+        check_range("steps of the learning-rate schedule", schedule.total_steps(self.steps), 1, MAX_TRAIN_STEPS)
+        for rate, _until in getattr(schedule, "pieces", ()):
+            check_range("learning rate", rate, 0.0, MAX_LEARNING_RATE)
         return self
+
+    def _check_types(self) -> None:
+        """Each setting has its declared type (JSON from the API may carry anything)."""
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = (str, int, float) if f.name == "learning_rate" else _TYPES.get(str(f.type))
+            if allowed is None:
+                continue
+            ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+            if not ok:
+                problems.append(f"{f.name} must be {str(f.type).replace(' | None', ' or null')}, "
+                                f"got {type(value).__name__}")
+        if problems:
+            raise MedDiffError("; ".join(problems))
 
     def schedule(self) -> LearnRateSchedule:
         return LearnRateSchedule.parse(self.learning_rate)
@@ -108,6 +130,11 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise MedDiffError(f"unknown training setting(s): {', '.join(unknown)}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise MedDiffError(f"missing training setting(s): {', '.join(missing)}")
         return cls(**data)
 
     @classmethod

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from medical_diffusion.allowed_roots import check_allowed
 from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.png_io import list_images, load_image
@@ -33,10 +34,19 @@ class TrainImage:
     caption: str
 
 
+def _inside_roots(path: Path, what: str) -> Path:
+    """``path`` resolved; an :class:`InputFileError` when it (a symlink, say) leads outside the allowed roots."""
+    try:
+        return check_allowed(path)
+    except MedDiffError:
+        raise InputFileError(path, f"{what} leads outside the folders this extension may use") from None
+
+
 def caption_for(path: Path) -> str:
     """``[filewords]`` text: ``<stem>.txt`` beside the image, else the file name without leading numbers."""
     txt = path.with_suffix(".txt")
     if txt.is_file():
+        _inside_roots(txt, "caption file")
         try:
             return txt.read_text("utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
@@ -59,7 +69,12 @@ def _find_mask(mask_dir: Path, image: Path) -> Path:
 
 
 def load_training_images(data_dir: str | Path, resolution: int, mask: str | None = None) -> list[TrainImage]:
-    """Load every image in ``data_dir`` resized to ``resolution``; all problems are reported together."""
+    """Load every image in ``data_dir`` resized to ``resolution``; all problems are reported together.
+
+    Each file is resolved (symlinks followed) and refused when it lands outside the allowed roots.
+    """
+    if not str(data_dir).strip():
+        raise MedDiffError("no training images folder given")
     folder = Path(data_dir)
     paths = list_images(folder)
     if not paths:
@@ -67,12 +82,14 @@ def load_training_images(data_dir: str | Path, resolution: int, mask: str | None
     mask_dir = None
     if mask not in (None, "alpha"):
         mask_dir = Path(mask)
+        _inside_roots(mask_dir, "mask folder")
         if not mask_dir.is_dir():
             raise InputFileError(mask_dir, "mask folder not found")
     images: list[TrainImage] = []
     failures: list[InputFileError] = []
     for path in paths:
         try:
+            _inside_roots(path, "training image")
             img = load_image(path, "RGBA" if mask == "alpha" else "RGB")
             img = img.resize((resolution, resolution), Image.BICUBIC)
             tensor = _to_tensor(img)
@@ -82,6 +99,7 @@ def load_training_images(data_dir: str | Path, resolution: int, mask: str | None
                 weight = tensor[3:4]
             elif mask_dir is not None:
                 mpath = _find_mask(mask_dir, path)
+                _inside_roots(mpath, "mask")
                 weight = _to_tensor(load_image(mpath, "L").resize((resolution, resolution), Image.BILINEAR))
             images.append(TrainImage(path, pixels, weight, caption_for(path)))
         except InputFileError as exc:

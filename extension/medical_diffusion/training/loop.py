@@ -19,13 +19,13 @@ from typing import Callable, Iterator
 import torch
 
 from medical_diffusion.backend.base import ModelBackend
-from medical_diffusion.errors import MedDiffError
+from medical_diffusion.errors import Cancelled, MedDiffError
 from medical_diffusion.training.config import TrainConfig
 from medical_diffusion.training.dataset import LatentCache, load_training_images
 from medical_diffusion.training.embedding_init import initial_vectors
 from medical_diffusion.training.progress import EtaEstimator, ProgressCallback, ProgressEvent
 from medical_diffusion.training.prompts import PromptSource
-from medical_diffusion.training.run_folder import RunFolder
+from medical_diffusion.training.run_folder import RunFolder, resume_config
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ def _pad_chunks(backend: ModelBackend, conds: list[torch.Tensor]) -> torch.Tenso
     return torch.cat([torch.cat([c] + [empty] * ((width - c.shape[1]) // empty.shape[1]), 1) for c in conds])
 
 
-def _preview(backend, config: TrainConfig, vectors: torch.Tensor, path: Path) -> Path | None:
+def _preview(backend, config: TrainConfig, vectors: torch.Tensor, path: Path,
+             should_stop: StopFlag | None = None) -> Path | None:
     try:
         from medical_diffusion.generation.sampling import sample_images
     except ImportError as exc:
@@ -118,7 +119,7 @@ def _preview(backend, config: TrainConfig, vectors: torch.Tensor, path: Path) ->
         images = sample_images(
             backend, prompt, embeddings={config.name: vectors.detach().clone()}, seed=config.preview_seed,
             steps=config.preview_steps, cfg_scale=config.preview_cfg, width=config.resolution,
-            height=config.resolution, batch_size=1,
+            height=config.resolution, batch_size=1, should_stop=should_stop,
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(images[0], path)
@@ -142,6 +143,8 @@ def train(
     run = RunFolder(run_dir, config.name)
     name = config.name
 
+    if resume and run.config_path.is_file():  # the run's identity stays; only steps, lr, previews ... may change
+        resume_config(run.root, config)
     images = load_training_images(config.data_dir, config.resolution, config.mask)  # before touching the run folder
     start_step, state = 0, None
     if resume:
@@ -206,9 +209,13 @@ def train(
     interrupted = False
     saved_step = start_step if state is not None else -1
     with _ctrl_c_as_stop() as ctrl_c:
+
+        def should_stop() -> bool:
+            return bool((stop is not None and stop()) or ctrl_c())
+
         try:
             while step < total:
-                if (stop is not None and stop()) or ctrl_c():
+                if should_stop():
                     interrupted = True
                     break
                 t0 = time.perf_counter()
@@ -256,7 +263,9 @@ def train(
                     saved_step = step
                 if config.preview_every and step % config.preview_every == 0:
                     try:
-                        event.preview = _preview(backend, config, param, run.preview_path(step))
+                        event.preview = _preview(backend, config, param, run.preview_path(step), should_stop)
+                    except Cancelled:
+                        log.info("preview at step %d skipped: stop requested", step)
                     except Exception as exc:  # a failed preview must not end a long run
                         log.warning("preview at step %d failed: %s", step, exc)
                 if progress is not None:

@@ -59,3 +59,13 @@ class EtaEstimator:
         else:
             self.step_time += self.smoothing * (seconds - self.step_time)
         return self.step_time * max(steps_left, 0)
+
+
+def format_duration(seconds: float) -> str:
+    """``h:mm:ss`` (``59213`` -> ``16:26:53``), with days in front past 24 h (``1 d 02:00:00``)."""
+    total = max(0, int(round(seconds)))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{days} d {hours:02d}:{minutes:02d}:{secs:02d}" if days else clock

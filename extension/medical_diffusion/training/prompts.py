@@ -5,12 +5,17 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from medical_diffusion.errors import InputFileError
+from medical_diffusion.allowed_roots import check_allowed
+from medical_diffusion.errors import InputFileError, MedDiffError
 
 
 def read_template(path: str | Path) -> list[str]:
     """Non-empty lines of an A1111 template file (``[name]``, ``[filewords]`` placeholders)."""
     path = Path(path)
+    try:
+        check_allowed(path)
+    except MedDiffError:
+        raise InputFileError(path, "template file lies outside the folders this extension may use") from None
     try:
         lines = [line.strip() for line in path.read_text("utf-8").splitlines()]
     except FileNotFoundError:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from medical_diffusion.atomic_io import atomic_path, atomic_write_text
+from medical_diffusion.embeddings.safe_pickle import clean_detail, safe_torch_load
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.training.config import CONFIG_FILE, TrainConfig
 
@@ -117,9 +118,9 @@ class RunFolder:
         """The newest readable checkpoint and its state, or None when there is none."""
         for ck in reversed(self.checkpoints()):
             try:
-                state = torch.load(ck.state_path, map_location="cpu", weights_only=True)
+                state = safe_torch_load(ck.state_path)
             except Exception as exc:  # a damaged file: fall back to the previous checkpoint
-                log.warning("%s: unreadable (%s); trying an older checkpoint", ck.state_path, exc)
+                log.warning("%s: unreadable (%s); trying an older checkpoint", ck.state_path, clean_detail(exc))
                 continue
             if not isinstance(state, dict) or "vectors" not in state or "optimizer" not in state:
                 log.warning("%s: not a training state file; trying an older checkpoint", ck.state_path)
@@ -201,3 +202,47 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     if not run_dir.is_dir():
         raise InputFileError(run_dir, "run folder not found")
     return TrainConfig.load(run_dir / CONFIG_FILE)
+
+
+#: settings a resumed run keeps from its ``run_config.json`` (changing them would mix two runs)
+RESUME_FIXED = (
+    "name", "data_dir", "model", "n_vectors", "init", "init_text", "init_random_scale", "seed", "resolution",
+    "latents", "hflip", "mask", "mask_weight", "template_file",
+)
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if key in ("data_dir", "mask", "template_file") and old and new and new != "alpha":
+        return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
+    return old == new
+
+
+def resume_differences(saved: TrainConfig, requested: dict[str, Any]) -> list[str]:
+    """``"key (run: old, asked: new)"`` for every fixed setting ``requested`` would change; an empty
+    ``data_dir`` means "the run's own"."""
+    out = []
+    for key in RESUME_FIXED:
+        if key not in requested or (key == "data_dir" and not requested[key]):
+            continue
+        old, new = getattr(saved, key), requested[key]
+        if not _same(key, old, new):
+            out.append(f"{key} (run: {old!r}, asked: {new!r})")
+    return out
+
+
+def resume_config(run_dir: str | Path, requested: TrainConfig | dict[str, Any]) -> TrainConfig:
+    """The config to resume ``run_dir`` with: its ``run_config.json`` with the settings that may change
+    (steps, learning rate, previews ...) taken from ``requested``. Refuses (:class:`MedDiffError`) when
+    ``requested`` changes a setting the run is defined by (name, vectors, data, resolution ...), so a
+    resume never overwrites another run's config or log. One check for the API, the tab and the loop."""
+    saved = load_run_config(run_dir)
+    values = requested.to_dict() if isinstance(requested, TrainConfig) else dict(requested)
+    diffs = resume_differences(saved, values)
+    if diffs:
+        raise MedDiffError(
+            f"{Path(run_dir) / CONFIG_FILE}: resuming keeps the run's own {', '.join(diffs)}; "
+            "give the run's values (or leave them out), or start a new run in another folder"
+        )
+    merged = saved.to_dict()
+    merged.update({k: v for k, v in values.items() if k not in RESUME_FIXED})
+    return TrainConfig.from_dict(merged)

@@ -1,42 +1,114 @@
 """HTTP API of the extension, ``/medical-diffusion/v1/...``: training, interpolation, FID.
 
-The same router serves the webui (``on_app_started``, behind its API auth) and ``meddiff ui``.
-Bodies are plain JSON objects; user errors answer 400 with the message, a busy trainer 409.
+The same router serves the webui (``on_app_started``, behind its API auth) and ``meddiff ui``
+(behind :mod:`medical_diffusion.ui.api_guard`). Bodies are JSON objects sent as
+``application/json`` (415 otherwise); a missing field or other user error answers 400 with the
+message, a value outside its limit (:mod:`medical_diffusion.limits`) 422, a busy trainer 409.
+Every path goes through the allowed-roots resolver. Long work runs in a thread and is stopped
+between sampler steps when the client disconnects.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
-from typing import Any, Dict, Sequence
+import logging
+import threading
+from typing import Any, Callable, Sequence, TypeVar
 
-from fastapi import APIRouter, Body, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 
-from medical_diffusion.errors import MedDiffError
+from medical_diffusion.errors import Cancelled, MedDiffError, OutOfRangeError
+from medical_diffusion.ui.api_guard import read_json_object
+from medical_diffusion.ui.api_models import BodyError, FidRequest, InterpolateRequest, TrainRequest, parse_body
 from medical_diffusion.ui.context import UIContext
 
 PREFIX = "/medical-diffusion/v1"
+#: how often a running job looks whether its client is still there (seconds)
+DISCONNECT_POLL_S = 0.25
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: what a route answers with 400 and its message (anything else is a bug: 500 with its traceback logged)
+USER_ERRORS = (MedDiffError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
-def _user_error(exc: Exception) -> HTTPException:
-    return HTTPException(status_code=400, detail=str(exc) or exc.__class__.__name__)
+def _user_error(route: str, exc: Exception) -> HTTPException:
+    """400 (422 for a value out of range) with the message; the server log gets one line, no traceback."""
+    message = str(exc) or exc.__class__.__name__
+    log.warning("%s%s: %s", PREFIX, route, message)
+    return HTTPException(status_code=422 if isinstance(exc, OutOfRangeError) else 400, detail=message)
+
+
+async def _body(request: Request, model):
+    data = await read_json_object(request)
+    try:
+        return parse_body(model, data)
+    except BodyError as exc:
+        log.warning("%s: %s", request.url.path, exc.message)
+        raise HTTPException(status_code=exc.status, detail=exc.message) from None
+
+
+async def run_while_connected(request: Request, work: Callable[[threading.Event], T],
+                              poll: float = DISCONNECT_POLL_S) -> T:
+    """``work(stop)`` in a worker thread; when the client disconnects, ``stop`` is set (the work ends
+    at its next sampler step with :class:`Cancelled`) and this waits for it to let go of the model."""
+    stop = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, work, stop)
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=poll)
+        if done:
+            return future.result()
+        if await request.is_disconnected():
+            stop.set()
+            log.info("%s: the client has gone; stopping its job", request.url.path)
+            try:
+                await future
+            except Exception:  # noqa: BLE001 - nobody is left to tell
+                pass
+            raise Cancelled("the client disconnected")
+
+
+def _interpolation_grid(ctx: UIContext, req: InterpolateRequest, stop: threading.Event) -> dict[str, Any]:
+    from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
+    from medical_diffusion.generation.sampling import resolve_seed
+    from medical_diffusion.ui.rendering import render_prompts
+
+    items = interpolation_prompts(req.healthy, req.diseased, req.k)
+    seed = resolve_seed(req.seed)
+    sample = req.sample_kwargs()
+    if ctx.txt2img is None:  # the core sampler stops between steps; the webui's txt2img between frames
+        sample["should_stop"] = stop.is_set
+    frames = []
+    for t, prompt in items:  # one frame at a time: the model lock is free between frames
+        if stop.is_set():
+            raise Cancelled("stopped before the interpolation was finished")
+        (image,), _ = render_prompts(ctx, [(prompt, None)], seed=seed, **sample)
+        frames.append(Frame(t, prompt, frame_label(t), image))
+    buffer = io.BytesIO()
+    frames_grid(frames, title=f"{req.healthy} -> {req.diseased}").save(buffer, format="PNG")
+    return {"prompts": [f.prompt for f in frames], "labels": [f.label for f in frames], "seed": seed,
+            "grid_png_base64": base64.b64encode(buffer.getvalue()).decode("ascii")}
 
 
 def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
     router = APIRouter(prefix=PREFIX, dependencies=list(dependencies), tags=["Medical Diffusion"])
 
     @router.post("/train")
-    def start_training(body: Dict[str, Any] = Body(...)):
-        """Start a run: ``{"config": {TrainConfig fields}, "run_dir": str?, "resume": bool?}``."""
-        from medical_diffusion.training.config import TrainConfig
-
+    async def start_training(request: Request):
+        """Start a run: ``{"config": {TrainConfig fields}, "run_dir": str?, "resume": bool?}``; with
+        ``resume`` the config may hold only what changes (steps, learning rate ...)."""
+        req = await _body(request, TrainRequest)
         if ctx.trainer.running:
             raise HTTPException(status_code=409, detail=f"a training run ({ctx.trainer.state.name}) is already going")
+        config = dict(req.config)
+        if not req.resume:
+            config.setdefault("model", ctx.model_id or "webui")
         try:
-            config = TrainConfig.from_dict({"model": ctx.model_id or "webui", **dict(body.get("config") or {})})
-            state = ctx.trainer.start(config, body.get("run_dir"), resume=bool(body.get("resume", False)))
-        except (MedDiffError, ValueError, TypeError, FileNotFoundError) as exc:
-            raise _user_error(exc) from exc
+            state = ctx.trainer.start(config, req.run_dir, resume=req.resume)
+        except MedDiffError as exc:
+            raise _user_error("/train", exc) from exc
         return state.to_dict(with_losses=False)
 
     @router.post("/train/stop")
@@ -48,46 +120,40 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
         return ctx.trainer.state.to_dict(with_losses=losses)
 
     @router.post("/interpolate")
-    def interpolate(body: Dict[str, Any] = Body(...)):
+    async def interpolate(request: Request):
         """Healthy -> diseased grid: ``{"healthy", "diseased", "k", "seed", "steps", "cfg_scale", "width", "height"}``."""
-        from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
-        from medical_diffusion.ui.rendering import render_prompts
-
+        req = await _body(request, InterpolateRequest)
         try:
-            healthy, diseased = str(body["healthy"]), str(body["diseased"])
-            sample = {k: body[k] for k in ("steps", "cfg_scale", "width", "height", "negative_prompt") if k in body}
-            items = interpolation_prompts(healthy, diseased, int(body.get("k", 5)))
-            images, seed = render_prompts(ctx, [(p, None) for _, p in items], seed=int(body.get("seed", 0)), **sample)
-            frames = [Frame(t, p, frame_label(t), image) for (t, p), image in zip(items, images)]
-        except KeyError as exc:
-            raise HTTPException(status_code=400, detail=f"missing field {exc.args[0]!r}") from exc
-        except (MedDiffError, ValueError, TypeError) as exc:
-            raise _user_error(exc) from exc
-        buffer = io.BytesIO()
-        frames_grid(frames, title=f"{healthy} -> {diseased}").save(buffer, format="PNG")
-        return {"prompts": [f.prompt for f in frames], "labels": [f.label for f in frames], "seed": seed,
-                "grid_png_base64": base64.b64encode(buffer.getvalue()).decode("ascii")}
+            return await run_while_connected(request, lambda stop: _interpolation_grid(ctx, req, stop))
+        except USER_ERRORS as exc:
+            raise _user_error("/interpolate", exc) from exc
 
     @router.post("/fid")
-    def fid(body: Dict[str, Any] = Body(...)):
+    async def fid(request: Request):
         """FID/MFID: ``{"real", "generated", "extractor", "weights", "mode", "bootstrap_reps", "resample", "seed"}``."""
-        from medical_diffusion.evaluation.fid import compute_fid
+        req = await _body(request, FidRequest)
+
+        def work(stop: threading.Event):
+            from medical_diffusion.evaluation.fid import compute_fid
+
+            real = ctx.path(req.real, must_exist=True, label="real images")
+            generated = ctx.path(req.generated, must_exist=True, label="generated images")
+            weights = str(ctx.path(req.weights, must_exist=True, kind="file", label="weights")) if req.weights else None
+            with ctx.work_lock():
+                if stop.is_set():
+                    raise Cancelled("the client disconnected")
+                return compute_fid(real, generated, extractor=req.extractor, weights=weights, mode=req.mode,
+                                   bootstrap_reps=req.bootstrap_reps, resample=req.resample, seed=req.seed,
+                                   cache_dir=ctx.work_dir / "feature_cache").to_dict()
+
+        from medical_diffusion.evaluation.weights import MissingWeightsError
 
         try:
-            weights = body.get("weights")
-            with ctx.work_lock():
-                result = compute_fid(
-                    ctx.path(body["real"], must_exist=True), ctx.path(body["generated"], must_exist=True),
-                    extractor=body.get("extractor", "inception"),
-                    weights=str(ctx.path(weights, must_exist=True)) if weights else None,
-                    mode=body.get("mode", "paper"), bootstrap_reps=int(body.get("bootstrap_reps", 0)),
-                    resample=body.get("resample", "both"), seed=int(body.get("seed", 0)),
-                    cache_dir=ctx.work_dir / "feature_cache")
-        except KeyError as exc:
-            raise HTTPException(status_code=400, detail=f"missing field {exc.args[0]!r}") from exc
-        except (MedDiffError, ValueError, TypeError, FileNotFoundError) as exc:
-            raise _user_error(exc) from exc
-        return result.to_dict()
+            return await run_while_connected(request, work)
+        except MissingWeightsError as exc:
+            raise _user_error("/fid", exc.with_hint("or send its path as 'weights'")) from exc
+        except USER_ERRORS as exc:
+            raise _user_error("/fid", exc) from exc
 
     return router
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager
 
-from medical_diffusion.allowed_roots import check_allowed
+from medical_diffusion.allowed_roots import resolve_user_path
 from medical_diffusion.backend.base import ModelBackend
 
 
@@ -92,17 +92,11 @@ class UIContext:
                 self._trainer = TrainingRunner(self)
             return self._trainer
 
-    def path(self, value: str | os.PathLike, *, must_exist: bool = False) -> Path:
-        """A user-typed path, checked against the allowed roots (relative paths: under work_dir)."""
-        if not str(value).strip():
-            raise ValueError("a path is required")
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = self.work_dir / path
-        resolved = check_allowed(path)
-        if must_exist and not resolved.exists():
-            raise FileNotFoundError(f"{value}: no such file or folder")
-        return resolved
+    def path(self, value: str | os.PathLike, *, must_exist: bool = False, kind: str = "path",
+             label: str = "path") -> Path:
+        """A user-typed path through :func:`~medical_diffusion.allowed_roots.resolve_user_path`
+        (relative paths: under ``work_dir``; empty: an error)."""
+        return resolve_user_path(value, must_exist=must_exist, kind=kind, label=label, base=self.work_dir)
 
     @contextlib.contextmanager
     def model_work(self):

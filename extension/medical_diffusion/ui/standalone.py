@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from medical_diffusion.ui.api_guard import ApiCredentials, ServerSecurity, is_loopback
 from medical_diffusion.ui.context import UIContext
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,21 @@ def javascript_source() -> str:
     return "\n".join(p.read_text(encoding="utf-8") for p in sorted(JAVASCRIPT_DIR.glob("*.js")))
 
 
-def launch(ctx: UIContext, host: str = "127.0.0.1", port: int = 7861, block: bool = True):
+def launch(ctx: UIContext, host: str = "127.0.0.1", port: int = 7861, block: bool = True,
+           security: ServerSecurity | None = None, insecure: bool = False):
+    """Serve the tabs and the API on ``host:port``.
+
+    ``security`` (default: no credentials) decides the API's auth, the page's login (gradio
+    ``auth``) and the ``Host`` names answered; every request with a foreign ``Origin`` or ``Host`` is
+    refused. A non-loopback ``host`` without ``--api-auth`` is refused unless ``insecure``.
+    """
+    from medical_diffusion.ui.api_routes import has_routes, make_router
     from medical_diffusion.ui.app import build_blocks
 
+    if security is None:
+        security = ServerSecurity.for_bind(host, ApiCredentials(), insecure=insecure)
+    elif not is_loopback(host) and not security.credentials.users and not insecure:
+        ServerSecurity.for_bind(host, security.credentials)  # raises with the explanation
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     ctx.embeddings_dir.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(ctx)
@@ -44,13 +57,13 @@ def launch(ctx: UIContext, host: str = "127.0.0.1", port: int = 7861, block: boo
         with blocks:  # run the extension's scripts once the page has loaded
             blocks.load(None, None, None, _js=f"() => {{ {script} }}")
     blocks.queue(concurrency_count=1)
-    log.info("Medical Diffusion UI on http://%s:%d (work folder %s)", host, port, ctx.work_dir)
+    auth = "API and page need a login" if security.credentials.enabled else "no login (local only)"
+    log.info("Medical Diffusion UI on http://%s:%d (work folder %s; %s)", host, port, ctx.work_dir, auth)
     blocks.launch(server_name=host, server_port=port, prevent_thread_lock=True, show_api=False,
-                  inbrowser=False, quiet=True)
-    from medical_diffusion.ui.api_routes import has_routes, make_router
-
+                  inbrowser=False, quiet=True, auth=security.gradio_auth(),
+                  app_kwargs={"middleware": [security.middleware()]})
     if not has_routes(blocks.server_app):
-        blocks.server_app.include_router(make_router(ctx))
+        blocks.server_app.include_router(make_router(ctx, dependencies=security.router_dependencies()))
     if block:
         blocks.block_thread()
     return blocks

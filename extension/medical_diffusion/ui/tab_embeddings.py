@@ -41,11 +41,20 @@ def build(ctx: UIContext) -> dict:
     from medical_diffusion.embeddings.inspection import format_report, inspect_embedding
     from medical_diffusion.embeddings.similarity import compare_embeddings, format_comparison
 
-    def width() -> int:
-        return ctx.backend().text_width
+    def width() -> int | None:
+        """The loaded model's text width (None in the webui before a checkpoint has loaded)."""
+        return ctx.text_width_if_ready()
 
     def load(path):
         return load_embedding(path, expected_width=width())
+
+    def inspect(path) -> tuple[str, dict]:
+        """Text and JSON report, with the norm check against the loaded model's token vectors."""
+        model_width = width()
+        scale = ctx.backend().token_embedding_norm() if model_width is not None else None
+        report = inspect_embedding(path, expected_width=model_width, token_scale=scale,
+                                   scale_hint="load a Stable Diffusion model")
+        return format_report(report), json.loads(json.dumps(report, default=str))
 
     def refresh():
         files = list_embedding_files(ctx)
@@ -70,9 +79,7 @@ def build(ctx: UIContext) -> dict:
 
     @shows_errors
     def do_inspect(upload, choice):
-        report = inspect_embedding(_resolve(ctx, upload, choice), expected_width=width(),
-                                   token_scale=ctx.backend().token_embedding_norm())
-        return format_report(report), json.loads(json.dumps(report, default=str))
+        return inspect(_resolve(ctx, upload, choice))
 
     @shows_errors
     def do_compare(ua, ca, ub, cb):
@@ -97,11 +104,11 @@ def build(ctx: UIContext) -> dict:
         path = save_embedding(blended, ctx.path(ctx.embeddings_dir / f"{name}.pt"))
         ctx.on_embedding_saved(path)
         files = list_embedding_files(ctx)
-        return (format_report(inspect_embedding(path, expected_width=width())), gr.Dropdown.update(choices=files),
-                gr.Dropdown.update(choices=files))
+        text, report = inspect(path)
+        return text, report, gr.Dropdown.update(choices=files), gr.Dropdown.update(choices=files)
 
     blend_btn.click(do_blend, [upload_a, choice_a, upload_b, choice_b, weight, mode, blend_name],
-                    [report_text, choice_a, choice_b])
+                    [report_text, report_json, choice_a, choice_b])
 
     with gr.Accordion("Convert / download A", open=False, elem_id="md_emb_convert_box"):
         fmt = gr.Radio(["a1111", "safetensors", "diffusers"], value="a1111", label="Format")
@@ -118,4 +125,4 @@ def build(ctx: UIContext) -> dict:
         return str(save_embedding(emb, target, fmt=f, force=True))
 
     convert_btn.click(do_convert, [upload_a, choice_a, fmt], [converted])
-    return {"on_show": (refresh, [choice_a, choice_b])}
+    return {"on_show": (refresh, [choice_a, choice_b]), "inspect": do_inspect, "blend": do_blend}

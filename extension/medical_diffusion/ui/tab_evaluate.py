@@ -2,12 +2,70 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import gradio as gr
 
+from medical_diffusion.evaluation.weights import MissingWeightsError
 from medical_diffusion.ui.context import UIContext
 from medical_diffusion.ui.feedback import shows_errors
+
+_SETTINGS = "in the webui also: Settings > Medical Diffusion"
+#: what to do in this tab when a weights file is missing (the core error says what and where)
+TAB_WEIGHTS_HINTS = {
+    "inception": f"or put the file's path in the 'Weights file' box ({_SETTINGS})",
+    "radimagenet": f"or put the file's path (.pth, or the Keras .h5) in the 'Weights file' box ({_SETTINGS})",
+    "resnet18": f"or put the path of resnet18-f37072fd.pth in the 'ResNet-18 weights' box ({_SETTINGS})",
+}
+
+
+@contextlib.contextmanager
+def tab_hints():
+    """Re-raise a missing-weights error with what to do in this tab."""
+    try:
+        yield
+    except MissingWeightsError as exc:
+        raise exc.with_hint(TAB_WEIGHTS_HINTS.get(exc.kind, "or put the file's path in the weights box")) from None
+
+
+JobFn = Callable[[Callable[[str, int, int], None], Callable[[str], None]], Any]
+
+
+def stream_job(job: JobFn, interval: float = 0.5) -> Iterator[Tuple[str, Optional[Any]]]:
+    """Run ``job(progress, log)`` in a thread and yield ``(log text, None)`` whenever the log or
+    the progress line changes, then ``(log text, result)``; the job's exception is re-raised here."""
+    lines: list = []
+    status = [""]
+    box: dict = {}
+    done = threading.Event()
+
+    def log(message: str) -> None:
+        lines.append(str(message))
+
+    def progress(stage: str, step: int, total: int) -> None:
+        status[0] = f"{stage}: step {step}/{total}"
+
+    def work() -> None:
+        try:
+            box["result"] = job(progress, log)
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="md-evaluate-job", daemon=True).start()
+    shown = None
+    while not done.wait(interval):
+        text = "\n".join(lines + ([status[0]] if status[0] else []))
+        if text != shown:
+            shown = text
+            yield text, None
+    if "error" in box:
+        raise box["error"]
+    yield "\n".join(lines), box["result"]
 
 
 def _optional(ctx: UIContext, text: str):
@@ -65,6 +123,7 @@ def build(ctx: UIContext) -> None:
         return lambda stage, done, total: progress(done / max(total, 1), desc=stage)
 
     @shows_errors
+    @tab_hints()
     def do_fid(r, g, ext, w, m, n, rs, sd, progress=gr.Progress()):
         result = compute_fid(ctx.path(r, must_exist=True), ctx.path(g, must_exist=True), extractor=ext,
                              weights=_optional(ctx, w or default_weights(ext)), mode=m, bootstrap_reps=int(n),
@@ -91,19 +150,25 @@ def build(ctx: UIContext) -> None:
     @shows_errors
     def do_estimate(*values):
         lines = []
-        real_root, specs, out, config = classifier_args(*values)
-        run_experiments(real_root, specs, out, config, log=lines.append, estimate_only=True)
+        with tab_hints():
+            real_root, specs, out, config = classifier_args(*values)
+            run_experiments(real_root, specs, out, config, log=lines.append, estimate_only=True)
         return "\n".join(lines)
 
     @shows_errors
-    def do_classify(*values, progress=gr.Progress()):
-        lines = []
-        real_root, specs, out, config = classifier_args(*values)
-        report = run_experiments(real_root, specs, out, config, log=lines.append, progress=stage_progress(progress))
-        rows = [[m["mix"], "all" if m["n_real"] is None else m["n_real"], m["n_synthetic"], m["runs"],
-                 round(m["mean_auc"], 4), round(m["sd_auc"], 4)] for m in report["mixes"]]
-        roc_path = out / "roc.png"
-        return "\n".join(lines), rows, str(roc_path) if roc_path.is_file() else None
+    def do_classify(*values):
+        with tab_hints():
+            real_root, specs, out, config = classifier_args(*values)
+            job = lambda progress, log: run_experiments(real_root, specs, out, config, log=log,  # noqa: E731
+                                                        progress=progress)
+            for text, report in stream_job(job):
+                if report is None:
+                    yield text, gr.update(), gr.update()
+                    continue
+                rows = [[m["mix"], "all" if m["n_real"] is None else m["n_real"], m["n_synthetic"], m["runs"],
+                         round(m["mean_auc"], 4), round(m["sd_auc"], 4)] for m in report["mixes"]]
+                roc_path = out / "roc.png"
+                yield text, rows, str(roc_path) if roc_path.is_file() else None
 
     estimate_btn.click(do_estimate, cls_inputs, [cls_log])
     cls_btn.click(do_classify, cls_inputs, [cls_log, cls_table, roc])

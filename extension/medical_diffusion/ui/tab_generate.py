@@ -34,8 +34,8 @@ def sampling_controls() -> dict:
 
 def build(ctx: UIContext) -> dict:
     """Add the tab's widgets (images come from :func:`~medical_diffusion.ui.rendering.render_prompts`).
-    Returns the parts the app links: ``last_image`` (state: the last single image), ``to_inpaint``
-    (a button) and ``on_show`` (``(fn, outputs)`` refreshing the embedding lists when the tab is shown)."""
+    Returns the parts the app links: ``last_image`` (state: ``{"cells": [image, ...]}`` of the last
+    result), ``to_inpaint`` (a button), ``cell`` (which cell of a grid or strip it takes) and ``on_show`` (``(fn, outputs)`` refreshing the embedding lists when the tab is shown)."""
     from medical_diffusion.generation.composition import composition_stages
     from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
@@ -66,10 +66,16 @@ def build(ctx: UIContext) -> dict:
         k = gr.Slider(2, 11, value=5, step=1, label="Interpolation steps K")
         grid_btn = gr.Button("Interpolation grid", variant="primary", elem_id="md_gen_grid")
         compose_btn = gr.Button("Composition strip (adds embeddings 1..n to the healthy one)")
-    result = gr.Image(label="Result", type="pil", interactive=False, elem_id="md_gen_result")
+    # no label: it would cover the title a grid or strip carries at its top
+    result = gr.Image(label="Result", show_label=False, type="pil", interactive=False, elem_id="md_gen_result")
     status = gr.Markdown(elem_id="md_gen_status")
-    last_image = gr.State(None)  # the last single generated image (not a grid), for the Inpaint tab
-    to_inpaint = gr.Button("Inpaint the last generated image", elem_id="md_gen_to_inpaint")
+    # the last result's pictures for the Inpaint tab: {"cells": [image, ...]} (one for a single image, one
+    # per frame of a grid or strip)
+    last_image = gr.State(None)
+    pending = gr.State(None)  # a finished result, shown only once its handler succeeded
+    with gr.Row():
+        to_inpaint = gr.Button("Inpaint the last generated image", elem_id="md_gen_to_inpaint")
+        cell = gr.Number(value=1, precision=0, label="Cell of a grid or strip (1 = first)", elem_id="md_gen_cell")
 
     if ctx.send_to_txt2img is not None:
         ctx.send_to_txt2img(send_btn, prompt)
@@ -119,7 +125,7 @@ def build(ctx: UIContext) -> dict:
         _, warn = table_and_warnings(text)
         (image,), used = render_prompts(ctx, [(text, None)], seed=int(seed), progress=progress,
                                         **sample_kwargs(steps, cfg, width, height, negative))
-        return image, format_warnings(warn) or f"Generated `{text}` at seed {used}.", image
+        return {"picture": image, "cells": [image]}, format_warnings(warn) or f"Generated `{text}` at seed {used}."
 
     @shows_errors
     def do_grid(h, d, kk, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
@@ -131,7 +137,8 @@ def build(ctx: UIContext) -> dict:
                                       progress=progress,
                                       **sample_kwargs(steps, cfg, width, height, negative))
         frames = [Frame(t, p, frame_label(t), image) for (t, p), image in zip(items, images)]
-        return frames_grid(frames, title=f"{h} → {d}, seed {used}"), f"{len(frames)} frames at seed {used}."
+        grid = frames_grid(frames, title=f"{h} → {d}, seed {used}")
+        return {"picture": grid, "cells": list(images)}, f"{len(frames)} frames at seed {used}."
 
     @shows_errors
     def do_compose(h, *values, progress=gr.Progress()):
@@ -146,9 +153,19 @@ def build(ctx: UIContext) -> dict:
                                       progress=progress, **kwargs)
         frames = [Frame(float(j), st.prompt, f"{st.label}, cfg {st.cfg_scale:g}", image)
                   for j, (st, image) in enumerate(zip(stages, images))]
-        return frames_grid(frames, title=f"composition, seed {used}"), "\n".join(f.prompt for f in frames)
+        strip = frames_grid(frames, title=f"composition, seed {used}")
+        return {"picture": strip, "cells": list(images)}, "\n".join(f.prompt for f in frames)
 
-    generate_btn.click(do_generate, [prompt, *param_inputs], [result, status, last_image])
-    grid_btn.click(do_grid, [healthy, diseased, k, *param_inputs], [result, status])
-    compose_btn.click(do_compose, [healthy, *slot_names, *slot_weights, *param_inputs], [result, status])
-    return {"last_image": last_image, "to_inpaint": to_inpaint, "on_show": (refresh, [healthy, diseased, *slot_names])}
+    def show(done):
+        return done["picture"], {"cells": done["cells"]}
+
+    # a failed run leaves the shown picture as it was: the picture is updated only after success
+    generate_btn.click(do_generate, [prompt, *param_inputs], [pending, status]).success(
+        show, [pending], [result, last_image])
+    grid_btn.click(do_grid, [healthy, diseased, k, *param_inputs], [pending, status]).success(
+        show, [pending], [result, last_image])
+    compose_btn.click(do_compose, [healthy, *slot_names, *slot_weights, *param_inputs], [pending, status]).success(
+        show, [pending], [result, last_image])
+    return {"last_image": last_image, "to_inpaint": to_inpaint, "cell": cell,
+            "on_show": (refresh, [healthy, diseased, *slot_names]),
+            "generate": do_generate, "grid": do_grid, "show": show}

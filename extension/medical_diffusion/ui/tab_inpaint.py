@@ -25,9 +25,42 @@ def click_to_source(x: float, y: float, source_size: tuple[int, int], unit: str,
     return sx, sy
 
 
+def default_geometry(size: tuple[int, int], spacing: tuple[float, float] | None) -> tuple[str, float, float, float, float]:
+    """Unit, centre and radii a newly loaded picture starts with: its centre and a circle of a
+    twentieth of its shorter side, in mm when its pixel spacing is known, else in its pixels."""
+    w, h = size
+    r = max(1.0, min(w, h) / 20)
+    if spacing:
+        sx, sy = spacing
+        return "mm", round(w / 2 * sx, 2), round(h / 2 * sy, 2), round(r * min(sx, sy), 2), round(r * min(sx, sy), 2)
+    return "px", w / 2, h / 2, round(r, 1), round(r, 1)
+
+
+def size_lines(spec, res) -> list[str]:
+    """Each shape's size in the source's units: mm when it has a pixel spacing, else its pixels."""
+    if res.shape_sizes_mm:
+        return [f"shape {i + 1}: {w:.1f} x {h:.1f} mm" for i, (w, h) in enumerate(res.shape_sizes_mm)]
+    return [f"shape {i + 1}: {2 * s.radii[0]:.1f} x {2 * s.radii[1]:.1f} px (of the {spec.source_size[0]} x "
+            f"{spec.source_size[1]} source)" for i, s in enumerate(spec.shapes)]
+
+
+def pick_cell(last: dict | None, cell) -> Image.Image:
+    """The picture of cell ``cell`` (1 = first) of the last result (a single image has one cell)."""
+    cells = (last or {}).get("cells") or []
+    if not cells:
+        raise ValueError("there is no picture yet: generate an image first")
+    if len(cells) == 1:
+        return cells[0]
+    index = int(cell or 1)
+    if not 1 <= index <= len(cells):
+        raise ValueError(f"cell {index} is not in the last grid or strip: choose 1..{len(cells)}")
+    return cells[index - 1]
+
+
 def build(ctx: UIContext) -> dict:
-    """Add the tab's widgets; returns ``take_image(button, picture_component, tabs)``, which wires a
-    button elsewhere to bring a picture here (and show this tab), and ``on_show`` (``(fn, outputs)``)."""
+    """Add the tab's widgets; returns ``take_image(button, picture_state, tabs, cell)``, which wires a
+    button elsewhere to bring a picture (one cell of a grid or strip) here and show this tab, and
+    ``on_show`` (``(fn, outputs)``)."""
     from medical_diffusion.generation.inpainting import FILL_MODES, inpaint
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
     from medical_diffusion.generation.masks import (MaskShape, MaskSpec, load_source_image, overlay_preview,
@@ -97,10 +130,7 @@ def build(ctx: UIContext) -> dict:
     def render(img, src, extra, *geo):
         spec = spec_of(src, extra, *geo)
         res = render_mask(spec)
-        sizes = res.shape_sizes_mm or res.shape_sizes_px
-        unit_name = "mm" if res.shape_sizes_mm else "px"
-        lines = [f"shape {i + 1}: {w:.1f} x {h:.1f} {unit_name}" for i, (w, h) in enumerate(sizes)]
-        lines += [f"⚠ {w}" for w in res.warnings]
+        lines = size_lines(spec, res) + [f"⚠ {w}" for w in res.warnings]
         return overlay_preview(img, res, spec), "\n\n".join(lines), res, spec
 
     def image_and_mask(img, src, extra, *geo):
@@ -113,9 +143,10 @@ def build(ctx: UIContext) -> dict:
     @shows_errors
     def on_upload(img):
         if img is None:
-            return None, [], "", 0, 0
+            return None, [], "", 0, 0, gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
         w, h = img.size
-        return {"size": [w, h]}, [], "", 0, 0
+        u, x, y, r1, r2 = default_geometry((w, h), None)
+        return {"size": [w, h]}, [], "", 0, 0, u, x, y, r1, r2
 
     @shows_errors
     def on_load(file, index):
@@ -125,7 +156,8 @@ def build(ctx: UIContext) -> dict:
         geo = read_source_geometry(path)
         img = load_source_image(path, None if int(index) < 0 else int(index))
         spx, spy = geo.spacing or (0, 0)
-        return img, {"size": list(img.size)}, spx, spy
+        return (img, {"size": list(img.size)}, [], spx, spy,
+                *default_geometry(img.size, geo.spacing if spx and spy else None))
 
     @shows_errors
     def on_geometry(img, src, extra, *geo):
@@ -185,9 +217,11 @@ def build(ctx: UIContext) -> dict:
         return picture, f"Inpainted with `{the_prompt}` at seed {used_seed}.\n\n{notes}"
 
     redraw = dict(fn=on_geometry, inputs=[image, source, shapes, *geometry], outputs=[overlay, mask_info])
-    image.upload(on_upload, [image], [source, shapes, mask_info, spacing_x, spacing_y]).then(**redraw)
+    upload_outputs = [source, shapes, mask_info, spacing_x, spacing_y, unit, cx, cy, rx, ry]
+    image.upload(on_upload, [image], upload_outputs).then(**redraw)
     image.clear(lambda: (None, [], None, ""), None, [source, shapes, overlay, mask_info])
-    load_btn.click(on_load, [volume_file, slice_index], [image, source, spacing_x, spacing_y]).then(**redraw)
+    load_btn.click(on_load, [volume_file, slice_index],
+                   [image, source, shapes, spacing_x, spacing_y, unit, cx, cy, rx, ry]).then(**redraw)
     for widget in geometry:
         widget.change(**redraw)
     overlay.select(on_click, [image, source, unit, spacing_x, spacing_y], [cx, cy])
@@ -200,17 +234,16 @@ def build(ctx: UIContext) -> dict:
     inpaint_btn.click(on_inpaint, [image, source, shapes, *geometry, emb, prompt, *sample_inputs,
                                    strength, fill, blur, only_masked, padding], [result, status])
 
-    def take_image(button, picture, tabs) -> None:
+    def take_image(button, picture, tabs, cell) -> None:
         @shows_errors
-        def take(img):
-            if img is None:
-                raise ValueError("there is no picture yet: generate an image first")
-            return img, gr.Tabs.update(selected="inpaint")
+        def take(last, index):
+            return pick_cell(last, index), gr.Tabs.update(selected="inpaint")
 
-        button.click(take, [picture], [image, tabs]).success(
-            on_upload, [image], [source, shapes, mask_info, spacing_x, spacing_y]).success(**redraw)
+        button.click(take, [picture, cell], [image, tabs]).success(
+            on_upload, [image], upload_outputs).success(**redraw)
 
     def refresh_names():
         return gr.Dropdown.update(choices=embedding_names(ctx))
 
-    return {"take_image": take_image, "on_show": (refresh_names, [emb])}
+    return {"take_image": take_image, "on_show": (refresh_names, [emb]), "on_upload": on_upload,
+            "on_load": on_load, "render": render}

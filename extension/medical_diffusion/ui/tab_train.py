@@ -49,7 +49,7 @@ def build(ctx: UIContext) -> None:
 
     def config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip):
         return TrainConfig(
-            name=(n or "").strip(), data_dir=str(ctx.path(d, must_exist=True)) if d else "", model=ctx.model_id or "webui",
+            name=(n or "").strip(), data_dir=(d or "").strip(), model=ctx.model_id or "webui",
             n_vectors=int(v), init="text" if (it or "").strip() else "zeros", init_text=(it or "*").strip() or "*",
             learning_rate=str(lr_).strip(), steps=int(st), batch_size=int(b), grad_accumulation=int(acc),
             seed=int(sd), resolution=int(res), save_every=int(se), preview_every=int(pe),

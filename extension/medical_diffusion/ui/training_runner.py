@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medical_diffusion.errors import MedDiffError
+from medical_diffusion.training.progress import format_duration
 from medical_diffusion.ui.context import UIContext
 
 
@@ -55,14 +56,10 @@ class TrainingRunner:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self, config, run_dir: str | Path | None = None, resume: bool = False) -> RunState:
-        """Validate ``config`` (a :class:`TrainConfig`) and start it; raise if a run is going."""
-        from medical_diffusion.training.config import TrainConfig
-
-        if not isinstance(config, TrainConfig):
-            config = TrainConfig.from_dict(dict(config))
-        config.validate()
-        config.data_dir = str(self.ctx.path(config.data_dir, must_exist=True)) if config.data_dir else ""
-        folder = self.ctx.path(run_dir) if run_dir else self.ctx.path(self.ctx.work_dir / "runs" / config.name)
+        """Validate ``config`` (a :class:`TrainConfig` or a dict of its fields) and start it; raise if a
+        run is going. Every path goes through the allowed-roots resolver; ``resume`` keeps the run's
+        own name, vectors, data ... (:func:`~medical_diffusion.training.run_folder.resume_config`)."""
+        config, folder = self.prepare(config, run_dir, resume)
         with self._lock:
             if self.running:
                 raise MedDiffError(f"a training run ({self.state.name}) is already going; stop it first")
@@ -73,6 +70,38 @@ class TrainingRunner:
                                             name=f"meddiff-train-{config.name}", daemon=True)
             self._thread.start()
         return self.state
+
+    def prepare(self, config, run_dir: str | Path | None = None, resume: bool = False):
+        """``(config, run folder)`` of a run about to start, checked; raises :class:`MedDiffError`."""
+        from medical_diffusion.training.config import CONFIG_FILE, TrainConfig
+        from medical_diffusion.training.run_folder import resume_config
+
+        ctx = self.ctx
+        requested = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+        if run_dir is not None and not isinstance(run_dir, (str, Path)):
+            raise MedDiffError(f"run folder must be a path, got {type(run_dir).__name__}")
+        if run_dir is not None and str(run_dir).strip():
+            folder = ctx.path(run_dir, kind="folder", label="run folder")
+        else:
+            name = requested.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise MedDiffError("give the embedding name (or the run folder)")
+            folder = ctx.path(ctx.work_dir / "runs" / name, kind="folder", label="run folder")
+        if resume:
+            if not (folder / CONFIG_FILE).is_file():
+                raise MedDiffError(f"{folder}: no training run to resume here ({CONFIG_FILE} is missing)")
+            config = resume_config(folder, requested)
+        else:
+            config = TrainConfig.from_dict(requested)
+        config.validate()
+        config.data_dir = str(ctx.path(config.data_dir, must_exist=True, kind="folder",
+                                       label="training images folder"))
+        if config.mask not in (None, "alpha"):
+            config.mask = str(ctx.path(config.mask, must_exist=True, kind="folder", label="mask folder"))
+        if config.template_file is not None:
+            config.template_file = str(ctx.path(config.template_file, must_exist=True, kind="file",
+                                                label="template file"))
+        return config, folder
 
     def stop(self) -> RunState:
         if self.running:
@@ -91,7 +120,7 @@ class TrainingRunner:
         s.losses.append((event.step, event.loss))
         if event.preview is not None:
             s.preview = str(event.preview)
-        eta = f", ETA {event.eta_seconds:.0f} s" if event.eta_seconds is not None else ""
+        eta = f", ETA {format_duration(event.eta_seconds)}" if event.eta_seconds is not None else ""
         s.message = f"step {event.step}/{event.total}, loss {event.loss:.4f}, lr {event.lr:g}{eta}"
         self.ctx.on_training_step(event)
 

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import secrets
-
-from fastapi import Depends, HTTPException
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
-
 
 def auth_dependencies() -> list:
-    """HTTP basic auth with the webui's ``--api-auth user:pass[,user:pass]`` when it is set."""
+    """HTTP basic auth with the webui's ``--api-auth user:pass[,user:pass]`` when it is set (the same
+    check as ``meddiff ui --api-auth``: :class:`~medical_diffusion.ui.api_guard.ApiCredentials`)."""
+    from fastapi import Depends
     from modules import shared
+
+    from medical_diffusion.ui.api_guard import ApiCredentials
 
     spec = getattr(shared.cmd_opts, "api_auth", None)
     if not spec:
         return []
-    credentials = dict(item.split(":", 1) for item in spec.strip().split(",") if ":" in item)
-    basic = HTTPBasic()
-
-    def check(given: HTTPBasicCredentials = Depends(basic)):
-        expected = credentials.get(given.username)
-        if expected is None or not secrets.compare_digest(given.password, expected):
-            raise HTTPException(status_code=401, detail="Incorrect username or password",
-                                headers={"WWW-Authenticate": "Basic"})
-        return True
-
-    return [Depends(check)]
+    credentials = ApiCredentials.from_options(spec, use_env=False)
+    return [Depends(credentials.dependency())]
 
 
 def on_app_started(_blocks, app) -> None:

@@ -1,0 +1,82 @@
+"""Upper and lower bounds of every number the UI, the API and run configs accept.
+
+One table so the CLI, the tabs and the HTTP API refuse the same things; a value outside its range is
+an :class:`~medical_diffusion.errors.OutOfRangeError` (the API answers 422 naming the limit); the
+evaluation jobs' own bounds are in :mod:`medical_diffusion.evaluation.limits`, which takes the shared
+ones from here. The
+bounds keep one request from holding the model for hours or allocating gigabytes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+from medical_diffusion.errors import MedDiffError, OutOfRangeError
+
+#: image width/height in pixels (multiples of 8, the VAE factor)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 64, 2048
+#: sampler steps of one image (A1111's UI allows 150)
+MAX_SAMPLER_STEPS = 500
+#: classifier-free guidance scale (A1111's UI allows 30)
+MAX_CFG_SCALE = 50.0
+#: frames of one healthy -> diseased interpolation
+MIN_INTERPOLATION_FRAMES, MAX_INTERPOLATION_FRAMES = 2, 32
+#: seeds (-1: a random one where a route allows it)
+MAX_SEED = 2**32 - 1
+#: bootstrap repetitions of an FID confidence interval (paper: 1000; 0 = no interval; ~0.14 s each at 2048 features)
+MAX_BOOTSTRAP_REPS = 10_000
+#: prompt text length in characters
+MAX_PROMPT_CHARS = 10_000
+#: bytes of one JSON request body
+MAX_BODY_BYTES = 1 << 20
+#: training
+MAX_VECTORS = 75  # one prompt chunk holds 75 tokens
+MAX_TRAIN_STEPS = 1_000_000
+MAX_BATCH_SIZE = 64
+MAX_GRAD_ACCUMULATION = 1024
+MIN_TRAIN_RESOLUTION, MAX_TRAIN_RESOLUTION = 8, 1024
+MAX_PREVIEW_STEPS = 150
+MAX_LEARNING_RATE = 10.0
+MAX_MASK_WEIGHT = 1000.0
+MAX_CLIP = 1e6
+
+#: field name -> (low, high): the training config's numeric settings
+TRAIN_BOUNDS: dict[str, Tuple[float, float]] = {
+    "n_vectors": (1, MAX_VECTORS),
+    "steps": (1, MAX_TRAIN_STEPS),
+    "batch_size": (1, MAX_BATCH_SIZE),
+    "grad_accumulation": (1, MAX_GRAD_ACCUMULATION),
+    "seed": (0, MAX_SEED),
+    "resolution": (MIN_TRAIN_RESOLUTION, MAX_TRAIN_RESOLUTION),
+    "save_every": (0, MAX_TRAIN_STEPS),
+    "preview_every": (0, MAX_TRAIN_STEPS),
+    "preview_steps": (1, MAX_PREVIEW_STEPS),
+    "preview_cfg": (0.0, MAX_CFG_SCALE),
+    "preview_seed": (0, MAX_SEED),
+    "init_random_scale": (0.0, 100.0),
+    "mask_weight": (1e-6, MAX_MASK_WEIGHT),
+    "clip_grad_norm": (1e-12, MAX_CLIP),
+    "clip_grad_value": (1e-12, MAX_CLIP),
+}
+
+
+#: why a limit is what it is, added to its error message
+HINTS = {"n_vectors": " (one prompt chunk holds 75 tokens)"}
+
+
+def check_range(name: str, value, low, high):
+    """Return ``value`` if it is a finite number in ``[low, high]``; raise :class:`OutOfRangeError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MedDiffError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
+        raise OutOfRangeError(name, value, low, high, HINTS.get(name, ""))
+    return value
+
+
+def check_image_size(width: int, height: int, what: str = "image") -> None:
+    """Width and height in range and multiples of 8."""
+    for label, value in (("width", width), ("height", height)):
+        check_range(f"{what} {label}", value, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        if value % 8:
+            raise MedDiffError(f"{what} {label} must be a multiple of 8, got {value}")
