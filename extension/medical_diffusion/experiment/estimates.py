@@ -3,7 +3,8 @@
 GPU rates are for one consumer GPU of the paper's class (RTX 2070, 8 GB): training 3.5 it/s (the
 paper: 50,000 steps in about 4 hours); sampling 5 it/s at 512 px with CFG (assumed). Feature
 extraction and the classifier run on the CPU in this library (rates assumed for a 16-core CPU; the
-FID bootstrap rate is this project's benchmark). Put your own rates under ``estimates:`` in the config
+FID bootstrap rate is this project's benchmark). The tiny model's rates were measured on this project's
+2-core CPU. Put your own rates under ``estimates:`` in the config
 (keys below); ``meddiff classify --estimate-only`` measures the classifier's step time on a machine.
 """
 
@@ -14,8 +15,8 @@ from pathlib import Path
 from medical_diffusion.experiment.graph import Plan, Stage
 
 DEFAULTS = {
-    "train_it_s": {"gpu": 3.5, "cpu": 0.05, "tiny": 8.0},
-    "sample_it_s": {"gpu": 5.0, "cpu": 0.1, "tiny": 40.0},
+    "train_it_s": {"gpu": 3.5, "cpu": 0.05, "tiny": 4.0},
+    "sample_it_s": {"gpu": 5.0, "cpu": 0.1, "tiny": 3.0},
     "features_img_s": {"inception": 15.0, "radimagenet": 20.0, "pixels": 500.0},
     "bootstrap_rep_s": 0.141,  # 1000 x 1000 x 2048 features: 141 s per 1000 reps (benchmarks/bench_frechet.py)
     "classifier_step_s": 1.0,  # batch 32 at 196 px on the CPU (assumed)

@@ -126,7 +126,9 @@ def resolve_metric(cfg: ExperimentConfig, name: str, spec: dict) -> tuple[dict |
         found = str(finder(weights))
     except MissingWeightsError as exc:
         what = "MFID needs RadImageNet weights" if extractor == "radimagenet" else "FID needs Inception weights"
-        return None, f"{name.upper()} stages skipped: {what} ({exc})"
+        where = ", ".join(exc.looked_in) or "the usual places"
+        return None, (f"{name} stages skipped: {what}; {exc.filename} is not in {where} "
+                      f"(set table1.metrics.{name}.weights to the file)")
     return {"extractor": extractor, "weights": found}, ""
 
 

@@ -242,7 +242,7 @@ def stage_classify(s: dict, ctx: StageContext) -> dict:
     from dataclasses import asdict
 
     from medical_diffusion.atomic_io import atomic_write_text
-    from medical_diffusion.evaluation.classifier import ClassifierConfig, mix_seed, train_one_run
+    from medical_diffusion.evaluation.classifier import ClassifierConfig, check_config, mix_seed, train_one_run
     from medical_diffusion.evaluation.classifier_data import balanced_subset, labelled_files, load_image_set
 
     c = s["classifier"]
@@ -252,6 +252,7 @@ def stage_classify(s: dict, ctx: StageContext) -> dict:
     config = ClassifierConfig(steps=int(c["steps"]), batch_size=int(c["batch_size"]), lr=float(c["lr"]),
                               size=int(c["size"]), runs=1, bf16=bool(c["bf16"]), augment=bool(c["augment"]),
                               seed=int(s["seed"]), weights=weights)
+    check_config(config)  # the limits `meddiff classify` applies
     mix = s["mix"]
     real_root = ctx.prepared_root() / "classifier"
     val = load_image_set(labelled_files(real_root / "val"), config.size)
