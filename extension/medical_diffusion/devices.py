@@ -8,13 +8,19 @@ optimizer state always stay fp32, as A1111 keeps them.
 from __future__ import annotations
 
 import argparse
+import logging
+from dataclasses import dataclass
 
 import torch
 
 from medical_diffusion.errors import MedDiffError
 
+log = logging.getLogger(__name__)
+
 DEVICE_CHOICES_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+#: attention kernels: auto = torch's scaled-dot-product attention (flash / memory-efficient kernels)
+ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "classic")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -74,10 +80,66 @@ def describe(device: torch.device, dtype: torch.dtype | None = None) -> str:
     return text
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:
-    """``--device`` (default auto) and, unless ``precision`` is False, ``--precision``."""
+def add_device_arguments(parser: argparse.ArgumentParser, *, precision: bool = True, attention: bool = False) -> None:
+    """``--device`` (default auto), ``--precision`` unless ``precision`` is False, ``--attention`` if asked."""
     parser.add_argument("--device", default="auto", help=f"torch device: {DEVICE_CHOICES_HELP} (default: auto)")
     if precision:
         parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                             help="frozen weights' precision: auto = fp16 on CUDA, fp32 on CPU/MPS "
                                  "(trained vectors stay fp32)")
+    if attention:
+        parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                            help="attention kernel: auto = sdpa (torch's flash/memory-efficient attention), "
+                                 "xformers (if installed), classic (diffusers' plain attention, most memory)")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision a command runs its model."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attention: str = "auto"
+
+    def describe(self) -> str:
+        return describe(self.device, self.dtype)
+
+
+def resolve_runtime(device: str | torch.device | None = "auto", precision: str | None = "auto",
+                    attention: str | None = "auto", *, announce: bool = True) -> Runtime:
+    """Device, weight dtype and attention from command-line values, checked before any model loads.
+
+    ``announce`` logs the one-line description (``device: cuda (NVIDIA ..., 8.0 GiB), weights float16``).
+    CUDA runs also get TF32 matrix maths and cuDNN autotuning (:func:`configure_for_speed`).
+    """
+    dev = resolve_device(device)
+    dtype = weight_dtype(dev, precision or "auto")
+    mode = (attention or "auto").lower()
+    if mode not in ATTENTION_CHOICES:
+        raise MedDiffError(f"--attention {attention}: use one of {', '.join(ATTENTION_CHOICES)}")
+    configure_for_speed(dev)
+    runtime = Runtime(dev, dtype, mode)
+    if announce:
+        log.warning("device: %s", runtime.describe())
+    return runtime
+
+
+def runtime_from_args(args: argparse.Namespace, *, announce: bool = True) -> Runtime:
+    """:func:`resolve_runtime` on the ``--device``/``--precision``/``--attention`` values of ``args``."""
+    return resolve_runtime(getattr(args, "device", "auto"), getattr(args, "precision", "auto"),
+                           getattr(args, "attention", "auto"), announce=announce)
+
+
+def configure_for_speed(device: torch.device) -> None:
+    """TF32 matmuls/convolutions and cuDNN autotuning on CUDA (no effect elsewhere)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give the CUDA caching allocator's unused blocks back (after previews, VAE moves)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -36,6 +36,14 @@ class ModelBackend(abc.ABC):
     dtype: torch.dtype
 
     @property
+    def vae_device(self) -> torch.device:
+        """Where the VAE is (implementations that can move it override this and :meth:`place_vae`)."""
+        return self.device
+
+    def place_vae(self, device: str | torch.device) -> None:
+        """Move the VAE to ``device`` (a no-op for a backend whose host manages its memory)."""
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 

@@ -18,6 +18,7 @@ import torch
 
 from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.backend.emphasis import apply_emphasis
+from medical_diffusion.backend.numerics import check_finite, vae_dtype_for
 from medical_diffusion.backend.prompt_chunks import ChunkSpec, PromptChunk, tokenize_line
 from medical_diffusion.errors import InputFileError, MedDiffError
 
@@ -41,15 +42,22 @@ class DiffusersBackend(ModelBackend):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         label: str = "",
+        attention: str = "auto",
+        vae_dtype: torch.dtype | None = None,
     ):
         from diffusers import DDPMScheduler
 
         self.device = torch.device(device)
         self.dtype = dtype
         self.label = label
+        #: fp32 when the weights are fp16 and the VAE asks to be upcast (diffusers' ``force_upcast``)
+        self.vae_dtype = vae_dtype or vae_dtype_for(dtype, getattr(vae, "config", None))
+        #: where the VAE is now (:meth:`place_vae` moves it off the GPU once training latents are cached)
+        self._vae_device = self.device
         self.unet = unet.to(self.device, dtype).eval().requires_grad_(False)
-        self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
+        self.vae = vae.to(self.device, self.vae_dtype).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(self.device, dtype).eval().requires_grad_(False)
+        self.attention = set_attention(self, attention)
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         scheduler = DDPMScheduler.from_config(self.scheduler_config)
@@ -86,6 +94,15 @@ class DiffusersBackend(ModelBackend):
             "scheduler": DDPMScheduler.from_config(self.scheduler_config),
         }
 
+    def set_prediction_type(self, prediction_type: str) -> None:
+        """Override the scheduler's prediction type; a v-prediction model gets ``upcast_attention``."""
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise MedDiffError(f"unsupported prediction type {prediction_type!r}")
+        self.scheduler_config["prediction_type"] = prediction_type
+        self.prediction_type = prediction_type
+        if prediction_type == "v_prediction":
+            self.enable_upcast_attention()
+
     def make_pipeline(self, own_text_encoder: bool = False):
         """A ``StableDiffusionPipeline`` sharing this backend's modules (no safety checker).
 
@@ -108,6 +125,27 @@ class DiffusersBackend(ModelBackend):
         self.make_pipeline().save_pretrained(folder, safe_serialization=True)
         return folder
 
+    @property
+    def vae_device(self) -> torch.device:
+        return self._vae_device
+
+    def place_vae(self, device: str | torch.device) -> None:
+        """Move the VAE to ``device`` (training: to the CPU once latents are cached, back for previews)."""
+        device = torch.device(device)
+        if device != self._vae_device:
+            self.vae.to(device)
+            self._vae_device = device
+
+    def enable_upcast_attention(self) -> None:
+        """Compute attention scores in fp32 (diffusers' ``upcast_attention``, needed by SD 2.1-v in fp16
+        with the classic attention; torch's SDPA kernels accumulate in fp32 anyway)."""
+        from diffusers.models.attention_processor import Attention
+
+        for module in self.unet.modules():
+            if isinstance(module, Attention):
+                module.upcast_attention = True
+        self.unet.register_to_config(upcast_attention=True)
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Trade compute for memory in the UNet's backward pass (training option)."""
         if enabled:
@@ -117,8 +155,10 @@ class DiffusersBackend(ModelBackend):
 
     # -- text -----------------------------------------------------------------------------
     def _tokenize(self, text: str) -> list[int]:
-        # ``_tokenize`` skips added-token splitting, so "!!" stays one token as in OpenCLIP
-        return self.tokenizer.convert_tokens_to_ids(self.tokenizer._tokenize(text))
+        # ``_tokenize`` skips added-token splitting, so "!!" stays one token as in OpenCLIP; a tokenizer
+        # without it (transformers 5's tokenizers-backed CLIPTokenizer) splits with its own BPE
+        split = getattr(self.tokenizer, "_tokenize", None) or self.tokenizer.tokenize
+        return self.tokenizer.convert_tokens_to_ids(split(text))
 
     @property
     def token_embedding(self) -> torch.nn.Embedding:
@@ -130,7 +170,12 @@ class DiffusersBackend(ModelBackend):
             return self.token_embedding(ids).float().cpu()
 
     def token_embedding_norm(self) -> float:
-        return float(self.token_embedding.weight.detach().float().norm(dim=1).mean())
+        # row blocks: no fp32 copy of the whole (49408, width) table
+        weight = self.token_embedding.weight.detach()
+        total = torch.zeros((), dtype=torch.float64, device=weight.device)
+        for start in range(0, weight.shape[0], 4096):
+            total += weight[start : start + 4096].float().norm(dim=1).sum().double()
+        return float(total / weight.shape[0])
 
     def prompt_chunks(self, prompt: str, embedding_sizes: Mapping[str, int] | None = None) -> list[PromptChunk]:
         """A1111's chunks for ``prompt`` (cached per prompt and embedding sizes)."""
@@ -178,7 +223,9 @@ class DiffusersBackend(ModelBackend):
         b, t = hidden.shape[:2]
         causal = torch.full((t, t), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
         causal = causal.triu(1)[None, None].expand(b, 1, t, t)
-        out = text_model.encoder(inputs_embeds=hidden, causal_attention_mask=causal)
+        # the additive causal mask as ``attention_mask``: transformers 4.x adds it, and 5.x (which dropped
+        # ``causal_attention_mask`` and would ignore it silently) applies it as given
+        out = text_model.encoder(inputs_embeds=hidden, attention_mask=causal)
         last = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
         return text_model.final_layer_norm(last)
 
@@ -186,15 +233,18 @@ class DiffusersBackend(ModelBackend):
     def encode_images(
         self, pixels: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        dist = self.vae.encode(pixels.to(self.vae_device, self.vae_dtype)).latent_dist
         latents = dist.mean
         if sample:
             noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
             latents = latents + dist.std * noise
-        return latents * self.scaling_factor
+        return (latents * self.scaling_factor).to(self.device)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample.clamp(-1, 1)
+        check_finite(latents, "the sampled latents", self.dtype)
+        pixels = self.vae.decode(latents.to(self.vae_device, self.vae_dtype) / self.scaling_factor).sample
+        check_finite(pixels, "the VAE's decoded image", self.vae_dtype)
+        return pixels.clamp(-1, 1).to(self.device)
 
     # -- denoiser -------------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -226,7 +276,8 @@ def _load_tokenizer(folder: Path | None):
     return load_sd2_tokenizer()
 
 
-def load_diffusers_folder(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DiffusersBackend:
+def load_diffusers_folder(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                          attention: str = "auto") -> DiffusersBackend:
     """Load a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -238,7 +289,9 @@ def load_diffusers_folder(folder: str | Path, device: str = "cpu", dtype: torch.
     sched = _read_json(folder / "scheduler" / "scheduler_config.json")
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+        vae_config = AutoencoderKL.load_config(folder, subfolder="vae", local_files_only=True)
+        vae_dtype = vae_dtype_for(dtype, argparse_namespace(vae_config))
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(
             folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True
         )
@@ -253,6 +306,8 @@ def load_diffusers_folder(folder: str | Path, device: str = "cpu", dtype: torch.
         device=device,
         dtype=dtype,
         label=str(folder),
+        attention=attention,
+        vae_dtype=vae_dtype,
     )
 
 
@@ -261,11 +316,14 @@ def load_single_file(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     prediction_type: str | None = None,
+    attention: str = "auto",
 ) -> DiffusersBackend:
     """Load an SD2 ``.ckpt``/``.safetensors`` with the config files shipped in this package.
 
     ``prediction_type`` None detects it as A1111 does (:func:`detect_v_prediction`): SD 2.x
-    768-v checkpoints are v-prediction, the 512 "base" ones epsilon.
+    768-v checkpoints are v-prediction, the 512 "base" ones epsilon. A v-prediction model gets
+    ``upcast_attention`` (the shipped config is the 512-base one, which lacks it; diffusers' own
+    converter sets it for SD 2.1-v).
     """
     from diffusers import StableDiffusionPipeline
 
@@ -289,11 +347,8 @@ def load_single_file(
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputFileError(path, f"cannot load as a Stable Diffusion 2 checkpoint: {first}") from None
     sched = dict(pipe.scheduler.config)
-    if prediction_type is None:
-        prediction_type = "v_prediction" if detect_v_prediction(pipe.unet) else "epsilon"
-        log.info("%s: detected %s", path.name, prediction_type)
-    sched["prediction_type"] = prediction_type
-    return DiffusersBackend(
+    sched["prediction_type"] = prediction_type or "epsilon"
+    backend = DiffusersBackend(
         unet=pipe.unet,
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
@@ -302,7 +357,13 @@ def load_single_file(
         device=device,
         dtype=dtype,
         label=str(path),
+        attention=attention,
     )
+    if prediction_type is None:  # on the target device: a fp16 UNet forward on the CPU is slow or unsupported
+        detected = "v_prediction" if detect_v_prediction(backend.unet) else "epsilon"
+        log.info("%s: detected %s", path.name, detected)
+        backend.set_prediction_type(detected)
+    return backend
 
 
 @torch.no_grad()
@@ -322,25 +383,74 @@ def load_backend(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     prediction_type: str | None = None,
+    attention: str = "auto",
 ) -> ModelBackend:
     """A backend for ``model``: a diffusers folder, a single ``.ckpt``/``.safetensors`` file, or ``"tiny"``.
 
     ``"tiny"`` is a random-weight SD2-shaped model for demos and tests (it makes noise, not images).
+    ``device``/``dtype`` are the frozen weights' (see :mod:`medical_diffusion.devices`); ``attention``
+    is ``auto``/``sdpa``/``xformers``/``classic`` (:func:`set_attention`).
     """
     if str(model).lower() == "tiny":
         from medical_diffusion.backend.tiny import build_tiny_backend
 
         kwargs = {"prediction_type": prediction_type} if prediction_type else {}
-        return build_tiny_backend(device=device, dtype=dtype, **kwargs)
+        return build_tiny_backend(device=device, dtype=dtype, attention=attention, **kwargs)
     path = Path(model).expanduser()
     if path.is_dir():
-        backend = load_diffusers_folder(path, device, dtype)
+        backend = load_diffusers_folder(path, device, dtype, attention)
         if prediction_type and prediction_type != backend.prediction_type:
-            backend.scheduler_config["prediction_type"] = prediction_type
-            backend.prediction_type = prediction_type
+            backend.set_prediction_type(prediction_type)
+        elif backend.prediction_type == "v_prediction" and not backend.unet.config.get("upcast_attention"):
+            backend.enable_upcast_attention()
         return backend
     if path.suffix.lower() in (".ckpt", ".safetensors"):
-        return load_single_file(path, device, dtype, prediction_type)
+        return load_single_file(path, device, dtype, prediction_type, attention)
     if not path.exists():
         raise InputFileError(path, "model not found (give a diffusers folder, a .ckpt/.safetensors file, or 'tiny')")
     raise InputFileError(path, "not a model: expected a diffusers folder or a .ckpt/.safetensors file")
+
+
+def argparse_namespace(config: Mapping[str, Any]):
+    """A config dict seen with attribute access (``force_upcast`` as diffusers' configs expose it)."""
+    import types
+
+    return types.SimpleNamespace(**dict(config))
+
+
+def set_attention(backend: DiffusersBackend, mode: str = "auto") -> str:
+    """Set the UNet's and VAE's attention kernel; returns the one in use.
+
+    ``auto``/``sdpa``: torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels;
+    diffusers' default on torch 2, set explicitly so nothing leaves the classic processor in place);
+    ``xformers``: xformers' memory-efficient attention (must be installed); ``classic``: diffusers'
+    plain attention (the full score matrix: the most memory, but honours ``upcast_attention``).
+    """
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    mode = (mode or "auto").lower()
+    if mode == "auto":
+        mode = "sdpa" if hasattr(F, "scaled_dot_product_attention") else "classic"
+    modules = (backend.unet, backend.vae)
+    if mode == "sdpa":
+        for module in modules:
+            module.set_attn_processor(AttnProcessor2_0())
+    elif mode == "classic":
+        for module in modules:
+            module.set_attn_processor(AttnProcessor())
+    elif mode == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise MedDiffError("--attention xformers: xformers is not installed (pip install xformers, "
+                               "or use --attention sdpa)") from None
+        try:
+            for module in modules:
+                module.enable_xformers_memory_efficient_attention()
+        except Exception as exc:  # xformers built for another torch/CUDA, or no GPU
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise MedDiffError(f"--attention xformers: unusable here ({first}); use --attention sdpa") from None
+    else:
+        raise MedDiffError(f"--attention {mode}: use auto, sdpa, xformers or classic")
+    return mode

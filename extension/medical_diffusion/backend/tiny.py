@@ -53,6 +53,7 @@ def build_tiny_backend(
     text_width: int = 32,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    attention: str = "auto",
 ) -> DiffusersBackend:
     """A tiny SD2-shaped :class:`DiffusersBackend` with random weights fixed by ``seed``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -100,6 +101,7 @@ def build_tiny_backend(
         device=device,
         dtype=dtype,
         label=TINY_LABEL,
+        attention=attention,
     )
 
 

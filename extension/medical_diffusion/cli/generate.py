@@ -20,7 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="diffusers folder, .ckpt/.safetensors file, or 'tiny' (random-weight workflow demo)")
     g.add_argument("--embeddings-dir", help="folder of embedding files; each is used by its name in prompts")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE", help="an embedding file (repeatable)")
-    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    from medical_diffusion.devices import add_device_arguments
+
+    add_device_arguments(g, attention=True)
     s = p.add_argument_group("sampling (Euler ancestral, A1111 semantics)")
     s.add_argument("--negative-prompt", default="", help="shared negative prompt (default: empty)")
     s.add_argument("--seed", type=int, default=0, help="seed (-1: random)")
@@ -31,9 +33,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_inputs(args, out: str | None = None) -> None:
-    """Check the model, embedding paths and output folder before the model loads (that takes a while)."""
+    """Check the device, model, embedding paths and output folder before the model loads (that takes a while)."""
+    from medical_diffusion.devices import runtime_from_args
     from medical_diffusion.generation.loading import check_embedding_sources, check_model_path, check_output_folder
 
+    args.runtime = runtime_from_args(args)  # --device cuda without CUDA: one line, before anything loads
     check_model_path(args.model)
     check_embedding_sources(args.embeddings_dir, args.embedding)
     if out:
@@ -65,7 +69,12 @@ def check_embedding_names(args, sides) -> None:
 def load_model_and_embeddings(args):
     from medical_diffusion.generation.loading import load_embedding_table, load_model, vectors_of
 
-    backend = load_model(args.model, args.device)
+    runtime = getattr(args, "runtime", None)
+    if runtime is None:
+        from medical_diffusion.devices import runtime_from_args
+
+        runtime = args.runtime = runtime_from_args(args)
+    backend = load_model(args.model, runtime)
     table = load_embedding_table(backend, args.embeddings_dir, args.embedding)
     if table:
         log.info("embeddings: %s", ", ".join(f"{n} ({e.vectors.shape[0]} vectors)" for n, e in sorted(table.items())))

@@ -22,7 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="run folder (default: runs/<name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--force", action="store_true", help="start over in an existing run folder")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+    from medical_diffusion.devices import add_device_arguments
+
+    add_device_arguments(p, attention=True)
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the model's")
     g = p.add_argument_group("embedding")
     g.add_argument("--vectors", type=int, help="vectors per token, 1-75 (default 64)")
@@ -51,13 +53,18 @@ def register(subparsers) -> None:
     g = p.add_argument_group("speed and memory")
     g.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed precision for the model's forward pass")
     g.add_argument("--gradient-checkpointing", action="store_true", default=None, help="less memory, slower")
+    g.add_argument("--offload-vae", action=argparse.BooleanOptionalAction, default=None,
+                   help="park the VAE on the CPU once latents are cached, back only for previews "
+                        "(default: on for CUDA)")
+    g.add_argument("--sync-every", type=int,
+                   help="read the loss back from the GPU every N steps (default: 10 on CUDA, 1 elsewhere)")
     p.set_defaults(func=handle)
 
 
 _OVERRIDABLE = (
     "prediction_type", "learning_rate", "steps", "batch_size", "grad_accumulation", "clip_grad_norm",
     "clip_grad_value", "save_every", "preview_every", "preview_steps", "preview_seed", "autocast",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "offload_vae", "sync_every",
 )
 _NEW_RUN = (
     "vectors", "init", "init_text", "seed", "resolution", "latents", "hflip", "mask", "mask_weight",
@@ -66,12 +73,14 @@ _NEW_RUN = (
 
 
 def handle(args: argparse.Namespace) -> int:
+    from medical_diffusion.devices import runtime_from_args
     from medical_diffusion.errors import MedDiffError
     from medical_diffusion.training.config import TrainConfig
     from medical_diffusion.training.loop import run_training
     from medical_diffusion.training.progress import TqdmProgress
     from medical_diffusion.training.run_folder import load_run_config
 
+    runtime = runtime_from_args(args)  # first: --device cuda without CUDA is one line, before anything loads
     if args.resume:
         run_dir = Path(args.resume)
         config = load_run_config(run_dir)
@@ -109,8 +118,8 @@ def handle(args: argparse.Namespace) -> int:
     total = config.total_steps()
     bar = TqdmProgress(total=total, desc=f"train {config.name}")
     try:
-        result = run_training(config, run_dir, resume=bool(args.resume), force=args.force, device=args.device,
-                              progress=bar)
+        result = run_training(config, run_dir, resume=bool(args.resume), force=args.force, device=runtime.device,
+                              dtype=runtime.dtype, attention=runtime.attention, progress=bar)
     finally:
         bar.close()
     state = "stopped" if result.interrupted else "done"

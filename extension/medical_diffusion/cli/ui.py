@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="accept 'Authorization: Bearer TOKEN' on the API (repeatable; also $MEDDIFF_API_TOKEN)")
     p.add_argument("--allowed-roots", nargs="+", metavar="DIR",
                    help="folders the tabs and the API may read and write (default: $MEDDIFF_ALLOWED_ROOTS, else any)")
+    from medical_diffusion.devices import add_device_arguments
+
+    add_device_arguments(p, attention=True)
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without --api-auth (anyone who reaches the port can use it)")
     p.set_defaults(func=run)
@@ -30,10 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medical_diffusion.allowed_roots import ENV_VAR
+    from medical_diffusion.devices import runtime_from_args
     from medical_diffusion.errors import MedDiffError
     from medical_diffusion.ui.api_guard import ApiCredentials, ServerSecurity
     from medical_diffusion.ui.standalone import launch, make_context
 
+    runtime = runtime_from_args(args)  # before the model is built (on first use, by the tabs)
     if args.allowed_roots:
         missing = [d for d in args.allowed_roots if not os.path.isdir(d)]
         if missing:
@@ -41,6 +46,6 @@ def run(args: argparse.Namespace) -> int:
         os.environ[ENV_VAR] = os.pathsep.join(os.path.abspath(d) for d in args.allowed_roots)
     security = ServerSecurity.for_bind(args.host, ApiCredentials.from_options(args.api_auth, args.api_token),
                                        insecure=args.insecure)
-    launch(make_context(args.model, args.work_dir, args.embeddings_dir), host=args.host, port=args.port,
+    launch(make_context(args.model, args.work_dir, args.embeddings_dir, runtime), host=args.host, port=args.port,
            security=security, insecure=args.insecure)
     return 0

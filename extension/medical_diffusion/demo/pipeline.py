@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from medical_diffusion.demo.report import Section, render_report
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,10 @@ class DemoOptions:
     classifier_size: int = 32
     classifier_runs: int = 2
     seed: int = 0
+    #: where the tiny model runs (``meddiff demo --device/--precision``); default: the CPU in fp32
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32
+    attention: str = "auto"
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -82,7 +88,7 @@ def run_demo(opts: DemoOptions) -> Path:
             f"{len(prepared.failures)} failures. Command twin: meddiff prepare picai.",
             [("contact sheet", out / "prepared" / "contact_sheet.png")]))
 
-    backend = build_tiny_backend(seed=opts.seed)
+    backend = build_tiny_backend(seed=opts.seed, device=opts.device, dtype=opts.dtype, attention=opts.attention)
     names = {cls: f"phantom_{cls}" for cls in CLASSES}
     with _stage(opts, "train"):
         train_rows, images = [["embedding", "steps", "final loss", "vectors", "file size"]], []

@@ -16,11 +16,19 @@ from medical_diffusion.generation.prompts import budget_warnings, check_token_bu
 log = logging.getLogger(__name__)
 
 
-def load_model(model: str, device: str = "cpu") -> ModelBackend:
-    """A backend from a diffusers folder, a ``.ckpt``/``.safetensors`` file, or ``"tiny"``."""
-    from medical_diffusion.backend.diffusers_backend import load_backend
+def load_model(model: str, device: "str | torch.device | Runtime" = "cpu") -> ModelBackend:
+    """A backend from a diffusers folder, a ``.ckpt``/``.safetensors`` file, or ``"tiny"``.
 
-    backend = load_backend(model, device=device)
+    ``device`` is a device (fp32 weights) or a resolved :class:`~medical_diffusion.devices.Runtime`
+    (device, weight dtype and attention kernel, from ``--device/--precision/--attention``).
+    """
+    from medical_diffusion.backend.diffusers_backend import load_backend
+    from medical_diffusion.devices import Runtime
+
+    if isinstance(device, Runtime):
+        backend = load_backend(model, device=device.device, dtype=device.dtype, attention=device.attention)
+    else:
+        backend = load_backend(model, device=device)
     label = getattr(backend, "label", "")
     if label:
         log.warning("model: %s", label)

@@ -21,6 +21,7 @@ CONFIG_FILE = "run_config.json"
 _TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,), "str | None": (str, type(None)), "int": (int,), "bool": (bool,),
     "float": (int, float), "float | None": (int, float, type(None)), "dict[str, Any]": (dict,),
+    "bool | None": (bool, type(None)),
 }
 
 
@@ -62,6 +63,10 @@ class TrainConfig:
     # speed / memory
     autocast: str | None = None  # None, "bf16" or "fp16"
     gradient_checkpointing: bool = False
+    #: move the VAE off the GPU once the latents are cached (back only for previews); None: on for CUDA
+    offload_vae: bool | None = None
+    #: read the loss back to the host every N steps (a GPU sync); 0: every step on the CPU, every 10 on CUDA
+    sync_every: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
@@ -89,6 +94,7 @@ class TrainConfig:
             raise MedDiffError("template file: give a file or null for none")
         if self.autocast not in (None, "bf16", "fp16"):
             raise MedDiffError(f"autocast must be bf16 or fp16, got {self.autocast!r}")
+        check_range("sync_every", self.sync_every, 0, 10_000)
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise MedDiffError(f"prediction type must be epsilon or v_prediction, got {self.prediction_type!r}")
         schedule = self.schedule()

@@ -7,7 +7,9 @@ so a run resumed from a checkpoint continues exactly as an uninterrupted run wou
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import math
 import random
 import signal
 import threading
@@ -19,6 +21,8 @@ from typing import Callable, Iterator
 import torch
 
 from medical_diffusion.backend.base import ModelBackend
+from medical_diffusion.backend.numerics import NAN_HINT, nan_message
+from medical_diffusion.devices import configure_for_speed, release_cached_memory
 from medical_diffusion.errors import Cancelled, MedDiffError
 from medical_diffusion.training.config import TrainConfig
 from medical_diffusion.training.dataset import LatentCache, load_training_images
@@ -106,7 +110,8 @@ def _pad_chunks(backend: ModelBackend, conds: list[torch.Tensor]) -> torch.Tenso
 
 
 def _preview(backend, config: TrainConfig, vectors: torch.Tensor, path: Path,
-             should_stop: StopFlag | None = None) -> Path | None:
+             should_stop: StopFlag | None = None, vae_home: torch.device | None = None) -> Path | None:
+    """A preview image; an offloaded VAE comes back to ``vae_home`` for the decode only."""
     try:
         from medical_diffusion.generation.sampling import sample_images
     except ImportError as exc:
@@ -115,15 +120,85 @@ def _preview(backend, config: TrainConfig, vectors: torch.Tensor, path: Path,
     from medical_diffusion.png_io import save_png
 
     prompt = config.preview_prompt or config.name
-    with torch.no_grad():
-        images = sample_images(
-            backend, prompt, embeddings={config.name: vectors.detach().clone()}, seed=config.preview_seed,
-            steps=config.preview_steps, cfg_scale=config.preview_cfg, width=config.resolution,
-            height=config.resolution, batch_size=1, should_stop=should_stop,
-        )
+    parked = getattr(backend, "vae_device", backend.device)
+    try:
+        if vae_home is not None:
+            backend.place_vae(vae_home)
+        with torch.no_grad():
+            images = sample_images(
+                backend, prompt, embeddings={config.name: vectors.detach().clone()}, seed=config.preview_seed,
+                steps=config.preview_steps, cfg_scale=config.preview_cfg, width=config.resolution,
+                height=config.resolution, batch_size=1, should_stop=should_stop,
+            )
+    finally:
+        if vae_home is not None:
+            backend.place_vae(parked)
+        release_cached_memory(backend.device)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(images[0], path)
     return path
+
+
+def offload_vae_wanted(config: TrainConfig, device: torch.device) -> bool:
+    """Whether training parks the VAE on the CPU after caching (default: on CUDA only)."""
+    return bool(config.offload_vae) if config.offload_vae is not None else device.type == "cuda"
+
+
+def sync_interval(config: TrainConfig, device: torch.device) -> int:
+    """Steps between host reads of the loss: every step off the GPU (free there), 10 on CUDA."""
+    if config.sync_every:
+        return int(config.sync_every)
+    return 10 if device.type == "cuda" else 1
+
+
+@dataclass
+class _Pending:
+    step: int  # steps done after this one
+    loss: torch.Tensor  # 0-d, on the device
+    grad_ok: torch.Tensor  # 0-d bool, on the device
+    lr: float
+
+
+class _GoodState:
+    """The vectors and optimizer state at the last step whose loss and gradient were checked finite."""
+
+    def __init__(self, step: int, param: torch.Tensor, optimizer: torch.optim.Optimizer):
+        self.save(step, param, optimizer)
+
+    def save(self, step: int, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        self.step = step
+        self.vectors = param.detach().clone()
+        self.optimizer = copy.deepcopy(optimizer.state_dict())
+
+    def restore(self, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> int:
+        with torch.no_grad():
+            param.copy_(self.vectors)
+        optimizer.load_state_dict(self.optimizer)
+        return self.step
+
+
+def _make_optimizer(param: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+    """AdamW over the fp32 vectors; the fused CUDA kernel (no host sync under a grad scaler) on CUDA."""
+    if param.device.type == "cuda":
+        try:
+            return torch.optim.AdamW([param], lr=lr, weight_decay=0.0, fused=True)
+        except (RuntimeError, TypeError):  # an old torch without the fused kernel
+            pass
+    return torch.optim.AdamW([param], lr=lr, weight_decay=0.0)
+
+
+def _make_scaler(enabled: bool):
+    """A dynamic loss scaler for fp16 backward passes on CUDA (as A1111's training uses); None when off."""
+    if not enabled:
+        return None
+    amp = getattr(torch, "amp", None)
+    if amp is not None and hasattr(amp, "GradScaler"):
+        return amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()  # torch < 2.3 (the webui's pins)
+
+
+#: the loss scale below which fp16 gradients are taken as broken rather than briefly overflowing
+MIN_LOSS_SCALE = 2.0 ** -8
 
 
 def train(
@@ -136,12 +211,20 @@ def train(
     progress: ProgressCallback | None = None,
     stop: StopFlag | None = None,
 ) -> TrainResult:
-    """Train ``config.name`` on ``config.data_dir`` into ``run_dir`` (resuming from its last checkpoint)."""
+    """Train ``config.name`` on ``config.data_dir`` into ``run_dir`` (resuming from its last checkpoint).
+
+    The frozen model stays in its own dtype (fp16 on CUDA by default); the vectors, their gradient,
+    AdamW's state and the loss are fp32 (the vectors are cast to the text encoder's dtype inside the
+    forward pass only). On CUDA the loss is read back every :func:`sync_interval` steps, not each
+    step; a NaN/inf loss or gradient stops the run with a hint, keeping the last finite state.
+    """
     config.validate()
     schedule = config.schedule()
     total = config.total_steps()
     run = RunFolder(run_dir, config.name)
     name = config.name
+    device = backend.device
+    configure_for_speed(device)
 
     if resume and run.config_path.is_file():  # the run's identity stays; only steps, lr, previews ... may change
         resume_config(run.root, config)
@@ -161,10 +244,15 @@ def train(
     else:
         run.create(config, force=force)
 
+    vae_home = getattr(backend, "vae_device", device)
     cache = LatentCache(
         backend, images, sample=config.latents == "sample", hflip=config.hflip, mask_weight=config.mask_weight,
         seed=_mix(config.seed, 2),
     )
+    offload = offload_vae_wanted(config, device)
+    if offload:  # the latents are cached: the VAE is needed again only for previews
+        backend.place_vae("cpu")
+        release_cached_memory(device)
     prompts = PromptSource(name, config.template_file)
     order = _DataOrder(len(cache), config.seed)
 
@@ -173,8 +261,8 @@ def train(
     else:
         vectors = initial_vectors(backend, config.n_vectors, config.init, config.init_text,
                                   seed=_mix(config.seed, 3), random_scale=config.init_random_scale)
-    param = torch.nn.Parameter(vectors.to(backend.device, torch.float32).clone())
-    optimizer = torch.optim.AdamW([param], lr=schedule.rate_at(start_step), weight_decay=0.0)
+    param = torch.nn.Parameter(vectors.to(device, torch.float32).clone())
+    optimizer = _make_optimizer(param, schedule.rate_at(start_step))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
 
@@ -185,17 +273,23 @@ def train(
         else:
             set_ckpt(True)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.autocast or "")
-    device_type = backend.device.type
+    compute_dtype = autocast_dtype or getattr(backend, "dtype", torch.float32)
+    scaler = _make_scaler(device.type == "cuda" and compute_dtype == torch.float16)
+    if scaler is not None and state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
 
     def autocast():
         if autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=autocast_dtype)
+        return torch.autocast(device.type, dtype=autocast_dtype)
 
     last_plot = [time.monotonic()]
 
     def checkpoint(step: int, final: bool = False) -> Path:
-        ck = run.save_checkpoint(param, step, {"optimizer": optimizer.state_dict()},
+        extra = {"optimizer": optimizer.state_dict()}
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
+        ck = run.save_checkpoint(param, step, extra,
                                  checkpoint_name=getattr(backend, "label", None) or config.model,
                                  checkpoint_hash=getattr(backend, "checkpoint_hash", None))
         if final or time.monotonic() - last_plot[0] > 60:  # the curve costs ~0.5 s: at most once a minute
@@ -203,11 +297,58 @@ def train(
             last_plot[0] = time.monotonic()
         return ck.embedding_path
 
+    every = sync_interval(config, device)
     eta = EtaEstimator()
     step = start_step
     last_loss: float | None = None
     interrupted = False
     saved_step = start_step if state is not None else -1
+    good = _GoodState(start_step, param, optimizer)
+    pending: list[_Pending] = []
+    clock = [time.perf_counter()]
+    failed = False
+
+    def flush() -> list[ProgressEvent]:
+        """Read the pending losses back (one host sync), check them, log them; events for the caller."""
+        nonlocal last_loss, step, failed
+        if not pending:
+            return []
+        checks = [torch.stack([p.loss.float(), p.grad_ok.float()]) for p in pending]
+        values = torch.stack(checks).cpu().tolist()
+        scale = float(scaler.get_scale()) if scaler is not None else None
+        now = time.perf_counter()
+        seconds = (now - clock[0]) / len(pending)
+        clock[0] = now
+        for p, (loss, grad_ok) in zip(pending, values):
+            problem = None
+            if not math.isfinite(loss):
+                problem = "the loss"
+            elif not grad_ok and scaler is None:  # under a scaler an overflow only skips the step
+                problem = "the gradient"
+            if problem is not None:
+                pending.clear()
+                failed = True
+                step = good.restore(param, optimizer)
+                raise MedDiffError(f"step {p.step}: {nan_message(problem, compute_dtype)} "
+                                   f"(the run keeps step {step})")
+        if scale is not None and scale < MIN_LOSS_SCALE:
+            last = pending[-1].step
+            pending.clear()
+            failed = True
+            step = good.restore(param, optimizer)
+            raise MedDiffError(f"step {last}: the fp16 gradients keep overflowing (loss scale {scale:g}). "
+                               f"{NAN_HINT} (the run keeps step {step})")
+        events = []
+        for p, (loss, _ok) in zip(pending, values):
+            run.append_loss(p.step, loss, p.lr, seconds)
+            events.append(ProgressEvent(step=p.step, total=total, loss=loss, lr=p.lr,
+                                        eta_seconds=eta.update(seconds, total - p.step),
+                                        it_per_s=1.0 / seconds if seconds > 0 else None))
+            last_loss = loss
+        good.save(pending[-1].step, param, optimizer)
+        pending.clear()
+        return events
+
     with _ctrl_c_as_stop() as ctrl_c:
 
         def should_stop() -> bool:
@@ -218,23 +359,22 @@ def train(
                 if should_stop():
                     interrupted = True
                     break
-                t0 = time.perf_counter()
                 lr = schedule.rate_at(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=device)
                 for micro in range(config.grad_accumulation):
                     gen = torch.Generator().manual_seed(_mix(config.seed, 4, step, micro))
                     first = (step * config.grad_accumulation + micro) * config.batch_size
                     idx = [order.index(first + j) for j in range(config.batch_size)]
                     flips = (torch.rand(config.batch_size, generator=gen) < 0.5).tolist()
                     latents, weight = cache.batch(idx, flips)
-                    latents = latents.to(backend.device)
+                    latents = latents.to(device, non_blocking=True)
                     noise = torch.randn(latents.shape, generator=gen).to(latents)
                     timesteps = torch.randint(0, backend.num_train_timesteps, (len(idx),), generator=gen).float()
                     with autocast():
-                        if prompts.constant:
+                        if prompts.constant:  # one text-encoder pass per micro-batch, shared by its images
                             cond = backend.encode_prompt(name, {name: param})
                             cond = cond.expand(len(idx), -1, -1)
                         else:
@@ -243,34 +383,59 @@ def train(
                             conds = [backend.encode_prompt(t, {name: param}) for t in texts]
                             cond = _pad_chunks(backend, conds)
                         loss = backend.diffusion_loss(latents, cond, noise, timesteps, weight)
-                    (loss / config.grad_accumulation).backward()
-                    step_loss += float(loss.detach()) / config.grad_accumulation
-                if not torch.isfinite(param.grad).all():
-                    raise MedDiffError(f"step {step + 1}: the gradient is not finite (try a lower learning rate)")
+                    scaled = loss.float() / config.grad_accumulation
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    step_loss += loss.detach().float() / config.grad_accumulation
+                clipping = config.clip_grad_value is not None or config.clip_grad_norm is not None
+                if scaler is not None and clipping:
+                    scaler.unscale_(optimizer)
+                grad_ok = torch.isfinite(param.grad).all()
                 if config.clip_grad_value is not None:
                     torch.nn.utils.clip_grad_value_([param], config.clip_grad_value)
                 if config.clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_([param], config.clip_grad_norm)
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 step += 1
-                last_loss = step_loss
-                seconds = time.perf_counter() - t0
-                run.append_loss(step, step_loss, lr, seconds)
-                event = ProgressEvent(step=step, total=total, loss=step_loss, lr=lr,
-                                      eta_seconds=eta.update(seconds, total - step))
-                if config.save_every and step % config.save_every == 0:
+                pending.append(_Pending(step, step_loss, grad_ok, lr))
+                due_save = bool(config.save_every and step % config.save_every == 0)
+                due_preview = bool(config.preview_every and step % config.preview_every == 0)
+                if not (due_save or due_preview or len(pending) >= every or step >= total):
+                    continue
+                events = flush()
+                event = events[-1]
+                if due_save:
                     event.checkpoint = checkpoint(step)
                     saved_step = step
-                if config.preview_every and step % config.preview_every == 0:
+                    log.info("step %d: loss %.4f, %.2f it/s", step, event.loss, event.it_per_s or 0.0)
+                if due_preview:
                     try:
-                        event.preview = _preview(backend, config, param, run.preview_path(step), should_stop)
+                        event.preview = _preview(backend, config, param, run.preview_path(step), should_stop,
+                                                 vae_home if offload else None)
                     except Cancelled:
                         log.info("preview at step %d skipped: stop requested", step)
                     except Exception as exc:  # a failed preview must not end a long run
                         log.warning("preview at step %d failed: %s", step, exc)
+                if due_save or due_preview:
+                    clock[0] = time.perf_counter()  # it/s counts training steps only
                 if progress is not None:
-                    progress(event)
+                    for item in events:
+                        progress(item)
         finally:
+            if pending and not failed:
+                try:  # an error or Ctrl-C mid-interval: keep the steps that are finite
+                    for item in flush():
+                        if progress is not None:
+                            progress(item)
+                except MedDiffError as exc:
+                    log.warning("%s", exc)
+                except Exception:  # the original error matters more
+                    step = good.restore(param, optimizer)
+            if step != good.step:
+                step = good.restore(param, optimizer)
             if step != saved_step and step > 0:
                 checkpoint(step, final=True)  # end of run, stop request, Ctrl-C or error: keep what was learned
             elif step > 0:
@@ -278,6 +443,8 @@ def train(
             run.close()
             if set_ckpt is not None and config.gradient_checkpointing:
                 set_ckpt(False)
+            if offload:
+                backend.place_vae(vae_home)
     return TrainResult(run.root, run.latest_path, step, last_loss, interrupted)
 
 
@@ -288,14 +455,18 @@ def run_training(
     backend: ModelBackend | None = None,
     resume: bool = False,
     force: bool = False,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attention: str = "auto",
     progress: ProgressCallback | None = None,
     stop: StopFlag | None = None,
 ) -> TrainResult:
-    """:func:`train` with the model loaded from ``config.model`` when no backend is given."""
+    """:func:`train` with the model loaded from ``config.model`` when no backend is given
+    (frozen weights on ``device`` in ``dtype``: see :func:`medical_diffusion.devices.resolve_runtime`)."""
     if backend is None:
         from medical_diffusion.backend.diffusers_backend import load_backend
 
         config.validate()
-        backend = load_backend(config.model, device=device, prediction_type=config.prediction_type)
+        backend = load_backend(config.model, device=device, dtype=dtype, prediction_type=config.prediction_type,
+                               attention=attention)
     return train(config, backend, run_dir, resume=resume, force=force, progress=progress, stop=stop)

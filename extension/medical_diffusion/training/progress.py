@@ -16,6 +16,8 @@ class ProgressEvent:
     loss: float
     lr: float
     eta_seconds: float | None = None
+    #: training steps per second over the last host sync (previews and checkpoints excluded)
+    it_per_s: float | None = None
     preview: Path | None = None
     checkpoint: Path | None = None
     message: str = ""

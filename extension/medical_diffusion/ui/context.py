@@ -11,6 +11,7 @@ from typing import Callable, ContextManager
 
 from medical_diffusion.allowed_roots import resolve_user_path
 from medical_diffusion.backend.base import ModelBackend
+from medical_diffusion.devices import Runtime
 
 
 @dataclass
@@ -52,6 +53,8 @@ class UIContext:
     #: the text width of the model when one is loaded, without loading one (None: not loaded yet);
     #: unset: the width of :meth:`backend` (standalone, where building the model at start is fine)
     loaded_text_width: Callable[[], int | None] | None = None
+    #: device, weight dtype and attention the host's model runs with (None: the host decides, e.g. the webui)
+    runtime: Runtime | None = None
     #: called with each training step's event (the webui: its progress bar and status text)
     on_training_step: Callable[[object], None] = lambda event: None
     _backend: ModelBackend | None = field(default=None, init=False, repr=False)
@@ -74,6 +77,16 @@ class UIContext:
             if self._backend is None:
                 self._backend = self.backend_factory()
             return self._backend
+
+    @property
+    def device_label(self) -> str:
+        """``cuda (GPU, GiB), weights float16`` for the tabs (empty when the host decides)."""
+        if self.runtime is None:
+            return ""
+        try:
+            return self.runtime.describe()
+        except Exception:  # describing a CUDA device that went away must not break a tab
+            return str(self.runtime.device)
 
     def text_width_if_ready(self) -> int | None:
         """The model's text width, or None while the host has no model yet (the webui at start-up:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
+from medical_diffusion.devices import Runtime
 from medical_diffusion.ui.api_guard import ApiCredentials, ServerSecurity, is_loopback
 from medical_diffusion.ui.context import UIContext
 
@@ -13,13 +16,19 @@ log = logging.getLogger(__name__)
 JAVASCRIPT_DIR = Path(__file__).resolve().parents[3] / "javascript"
 
 
-def make_context(model: str, work_dir: str | Path, embeddings_dir: str | Path | None = None) -> UIContext:
+def make_context(model: str, work_dir: str | Path, embeddings_dir: str | Path | None = None,
+                 runtime: Runtime | None = None) -> UIContext:
+    """The standalone app's host: the model is built on first use on ``runtime``'s device and precision
+    (default: the CPU in fp32, as before ``--device`` existed)."""
     from medical_diffusion.backend.diffusers_backend import load_backend
 
     work_dir = Path(work_dir).resolve()
     label = "tiny random-weight demo model: a workflow demo, its pictures are noise" if model == "tiny" else model
+    runtime = runtime or Runtime(torch.device("cpu"), torch.float32)
     return UIContext(
-        backend_factory=lambda: load_backend(model),
+        backend_factory=lambda: load_backend(model, device=runtime.device, dtype=runtime.dtype,
+                                             attention=runtime.attention),
+        runtime=runtime,
         work_dir=work_dir,
         embeddings_dir=Path(embeddings_dir).resolve() if embeddings_dir else work_dir / "embeddings",
         model_label=label,

@@ -37,23 +37,27 @@ def build(ctx: UIContext) -> None:
     with gr.Row():
         latents = gr.Radio(["mean", "sample"], value="mean", label="Cached VAE latents")
         hflip = gr.Checkbox(False, label="Horizontal flips (off: anatomy has a side)")
+        gckpt = gr.Checkbox(False, label="Gradient checkpointing (less GPU memory, slower)", elem_id="md_train_gckpt")
         resume = gr.Checkbox(False, label="Resume the run folder's last checkpoint", elem_id="md_train_resume")
     with gr.Row():
         start_btn = gr.Button("Train", variant="primary", elem_id="md_train_start")
         stop_btn = gr.Button("Stop (saves a checkpoint)", elem_id="md_train_stop")
+    if ctx.device_label:
+        gr.Markdown(f"Model on {ctx.device_label} (trained vectors and optimizer state in float32).",
+                    elem_id="md_train_device")
     status = gr.Markdown(elem_id="md_train_status")
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", width=500, height=300,
                                 elem_id="md_train_loss", tooltip=["step", "loss"])
         preview = gr.Image(label="Latest preview", type="filepath", interactive=False, elem_id="md_train_preview")
 
-    def config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip):
+    def config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc=False):
         return TrainConfig(
             name=(n or "").strip(), data_dir=(d or "").strip(), model=ctx.model_id or "webui",
             n_vectors=int(v), init="text" if (it or "").strip() else "zeros", init_text=(it or "*").strip() or "*",
             learning_rate=str(lr_).strip(), steps=int(st), batch_size=int(b), grad_accumulation=int(acc),
             seed=int(sd), resolution=int(res), save_every=int(se), preview_every=int(pe),
-            preview_steps=int(ps), latents=lat, hflip=bool(flip),
+            preview_steps=int(ps), latents=lat, hflip=bool(flip), gradient_checkpointing=bool(gc),
         )
 
     def frame(points):
@@ -62,10 +66,10 @@ def build(ctx: UIContext) -> None:
         return pd.DataFrame(points or [(0, float("nan"))], columns=["step", "loss"])
 
     @shows_errors
-    def start(n, d, r, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, res_flag):
+    def start(n, d, r, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, res_flag):
         if not (d or "").strip() and not res_flag:
             raise ValueError("give the training images folder")
-        config = config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip)
+        config = config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc)
         runner = ctx.trainer
         state = runner.start(config, (r or "").strip() or None, resume=bool(res_flag))
         shown = (-1, None)
@@ -87,6 +91,6 @@ def build(ctx: UIContext) -> None:
         return ctx.trainer.stop().message
 
     start_btn.click(start, [name, data_dir, run_dir, vectors, init_text, lr, steps, batch, accum, seed, resolution,
-                            save_every, preview_every, preview_steps, latents, hflip, resume],
+                            save_every, preview_every, preview_steps, latents, hflip, gckpt, resume],
                     [status, loss_plot, preview])
     stop_btn.click(stop, None, [status], queue=False)

@@ -25,6 +25,8 @@ class RunState:
     loss: float | None = None
     lr: float | None = None
     eta_seconds: float | None = None
+    it_per_s: float | None = None  # training steps per second (previews and checkpoints excluded)
+    device: str = ""  # where the model runs, e.g. "cuda (NVIDIA ..., 8.0 GiB), weights float16"
     preview: str | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     message: str = ""
@@ -117,11 +119,13 @@ class TrainingRunner:
     def _on_event(self, event) -> None:
         s = self.state
         s.step, s.total, s.loss, s.lr, s.eta_seconds = event.step, event.total, event.loss, event.lr, event.eta_seconds
+        s.it_per_s = getattr(event, "it_per_s", None)
         s.losses.append((event.step, event.loss))
         if event.preview is not None:
             s.preview = str(event.preview)
         eta = f", ETA {format_duration(event.eta_seconds)}" if event.eta_seconds is not None else ""
-        s.message = f"step {event.step}/{event.total}, loss {event.loss:.4f}, lr {event.lr:g}{eta}"
+        speed = f", {s.it_per_s:.2f} it/s" if s.it_per_s else ""
+        s.message = f"step {event.step}/{event.total}, loss {event.loss:.4f}, lr {event.lr:g}{speed}{eta}"
         self.ctx.on_training_step(event)
 
     def _work(self, config, folder: Path, resume: bool) -> None:
@@ -132,6 +136,7 @@ class TrainingRunner:
         try:
             with ctx.training_session(f"train {config.name}", config.steps) as host_stop:
                 with ctx.model_work() as backend:
+                    s.device = _describe_backend(backend)
                     result = train(config, backend, folder, resume=resume, progress=self._on_event,
                                    stop=lambda: self._stop.is_set() or host_stop())
                     width = backend.text_width
@@ -149,3 +154,13 @@ class TrainingRunner:
         finally:
             s.finished_at = time.time()
             s.running = False
+
+
+def _describe_backend(backend) -> str:
+    """``cuda (GPU name, GiB), weights float16`` for the status (empty when it cannot be told)."""
+    from medical_diffusion.devices import describe
+
+    try:
+        return describe(backend.device, getattr(backend, "dtype", None))
+    except Exception:  # a fake or half-built backend: the status goes on without it
+        return str(getattr(backend, "device", ""))
