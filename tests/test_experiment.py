@@ -212,24 +212,6 @@ def test_one_worker_process_per_gpu_gives_the_same_results(reference, tmp_path):
     assert _results(cfg.workdir) == _results(workdir)
 
 
-HIDE_PYDANTIC = """import sys
-
-
-class _HideFromRay:
-    # `import pydantic` fails when the importing code is Ray's own; diffusers & co. still see it
-    def find_spec(self, name, path=None, target=None):
-        if name != "pydantic":
-            return None
-        frame = sys._getframe(1)
-        while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen")):
-            frame = frame.f_back
-        if frame is not None and frame.f_globals.get("__name__", "").startswith("ray."):
-            raise ImportError("pydantic is hidden from Ray")
-        return None
-
-
-sys.meta_path.insert(0, _HideFromRay())
-"""
 RAY_DRIVER = """import sys
 import ray
 from medical_diffusion.experiment import load_config, run_experiment
@@ -253,19 +235,6 @@ def test_ray_executor_gives_identical_results(reference, tmp_path):
     (folder / "small.yaml").write_text(SMALL)
     (tmp_path / "driver.py").write_text(RAY_DRIVER)
     paths = [str(ROOT / "extension")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    try:
-        import pydantic
-
-        old_pydantic = str(pydantic.VERSION).startswith("1.")
-    except ImportError:
-        old_pydantic = False
-    if old_pydantic:
-        # Recent Ray refuses pydantic 1, which the ui extra pins for gradio 3.41, in every process it runs
-        # (driver included). Ray works without pydantic (its minimal install), so Ray's own imports of it fail
-        # in this test's driver and in the processes Ray starts.
-        (tmp_path / "hide").mkdir()
-        (tmp_path / "hide" / "sitecustomize.py").write_text(HIDE_PYDANTIC)
-        paths.insert(0, str(tmp_path / "hide"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     done = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(folder / "small.yaml")], env=env,
                           capture_output=True, text=True, timeout=240, cwd=tmp_path)

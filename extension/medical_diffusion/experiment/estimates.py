@@ -19,7 +19,9 @@ DEFAULTS = {
     "sample_it_s": {"gpu": 5.0, "cpu": 0.1, "tiny": 3.0},
     "features_img_s": {"inception": 15.0, "radimagenet": 20.0, "pixels": 500.0},
     "bootstrap_rep_s": 0.141,  # 1000 x 1000 x 2048 features: 141 s per 1000 reps (benchmarks/bench_frechet.py)
-    "classifier_step_s": 1.0,  # batch 32 at 196 px on the CPU (assumed)
+    # batch 32 at 196 px (assumed: CPU about 1 s; a consumer GPU with AMP about 0.05 s; measure yours with
+    # `meddiff classify --estimate-only` and put it under `estimates:`)
+    "classifier_step_s": {"gpu": 0.05, "cpu": 1.0, "tiny": 1.0},
     "prepare_case_s": 1.0,  # PI-CAI paper mode: 0.98 cases/s (benchmarks/bench_prepare_picai.py)
     "model_load_s": {"gpu": 30.0, "cpu": 60.0, "tiny": 5.0},
 }
@@ -74,7 +76,9 @@ def stage_seconds(stage: Stage, plan: Plan) -> float:
         return reps * float(r["bootstrap_rep_s"]) * scale + 5
     if stage.kind == "classify":
         c = s["classifier"]
-        per = float(r["classifier_step_s"]) * (int(c["size"]) / 196) ** 2 * int(c["batch_size"]) / 32
+        step = r["classifier_step_s"]
+        step = step["cpu" if dev == "tiny" else dev] if isinstance(step, dict) else step
+        per = float(step) * (int(c["size"]) / 196) ** 2 * int(c["batch_size"]) / 32
         return int(c["steps"]) * per + 10
     return 1.0
 

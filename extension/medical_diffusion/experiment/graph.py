@@ -228,13 +228,13 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
                 fsettings = {**m, "preprocessing": t1["preprocessing"], "batch_size": int(t1["batch_size"])}
                 real_feat = add(Stage(f"features/{mname}/real-{cls}", "features",
                                       {**fsettings, "set": {"stage": ref, "sub": f"images/{cls}"}},
-                                      deps=[ref], inputs=[m["weights"]] if m["weights"] else []))
+                                      deps=[ref], inputs=[m["weights"]] if m["weights"] else [], gpu=gpu))
                 for row in table1_rows:
                     gen = set_ids[row["set"]]
                     tag = f"{row['set'][0]}-{row['set'][1]}-{cls}"
                     gen_feat = add(Stage(f"features/{mname}/{tag}", "features",
                                          {**fsettings, "set": {"stage": gen, "sub": f"set/{cls}"}},
-                                         deps=[gen], inputs=[m["weights"]] if m["weights"] else []))
+                                         deps=[gen], inputs=[m["weights"]] if m["weights"] else [], gpu=gpu))
                     add(Stage(f"fid/{mname}/{tag}", "fid",
                               {**fsettings, "bootstrap": dict(t1["bootstrap"]), "seed": seed,
                                "real": {"stage": ref, "sub": f"images/{cls}"},
@@ -255,7 +255,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
                             "synthetic": {"stage": set_ids[row["set"]], "sub": "set"} if "set" in row else None}
                 w_inputs = [weights] if weights and weights != "random-init" else []
                 row["stages"].append(add(Stage(f"classify/{row['name']}/run{k:02d}", "classify", settings,
-                                               deps=deps, inputs=w_inputs)))
+                                               deps=deps, inputs=w_inputs, gpu=gpu)))
     for row in table1_rows:
         row["set_stage"] = set_ids[row["set"]]
     for row in table2_rows:

@@ -21,7 +21,8 @@ def _pydantic_hint() -> str:
         return ""
     if str(getattr(pydantic, "VERSION", "2")).startswith("1."):
         return (f" (this environment has pydantic {pydantic.VERSION}, which the ui extra pins for gradio 3.41 and "
-                "recent Ray refuses; install the cluster extra in an environment without the ui extra)")
+                "Ray 2.56 and later refuse; install the cluster extra (ray<2.56), or use an environment without the ui "
+                "extra)")
     return ""
 
 

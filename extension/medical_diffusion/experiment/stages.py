@@ -203,7 +203,8 @@ def stage_features(s: dict, ctx: StageContext) -> dict:
 
     ext = build_extractor(s["extractor"], s["weights"])
     fs = extract_features(collect_images(ctx.ref(s["set"])), ext, s["preprocessing"], int(s["batch_size"]),
-                          FeatureCache(ctx.workdir / "feature_cache"), lambda _st, d, t: ctx.progress(d, t))
+                          FeatureCache(ctx.workdir / "feature_cache"), lambda _st, d, t: ctx.progress(d, t),
+                          device=ctx.torch_device())
     for f in fs.failures:
         log.warning("features: skipped %s: %s", f["path"], f["problem"])
     return {"n": int(fs.features.shape[0]), "failures": len(fs.failures), "extractor_key": ext.key(s["preprocessing"])}
@@ -218,7 +219,8 @@ def stage_fid(s: dict, ctx: StageContext) -> dict:
     ext = build_extractor(s["extractor"], s["weights"])
     result = compute_fid(ctx.ref(s["real"]), ctx.ref(s["generated"]), ext, None, s["preprocessing"], int(b["reps"]),
                          b["resample"], float(b["confidence"]), int(s["seed"]), int(s["batch_size"]),
-                         ctx.workdir / "feature_cache", lambda _st, d, t: ctx.progress(d, t))
+                         ctx.workdir / "feature_cache", lambda _st, d, t: ctx.progress(d, t),
+                         device=ctx.torch_device())
     log.info("%s", result.summary())
     atomic_write_text(ctx.out / "fid.json", json.dumps(result.to_dict(), indent=1))
     return {"fid": "fid.json", "metric": result.metric, "value": result.value, "bootstrap": result.bootstrap,
@@ -251,7 +253,7 @@ def stage_classify(s: dict, ctx: StageContext) -> dict:
         weights = str(_random_resnet18(ctx.out / "resnet18-random-init.pth", int(s["seed"])))
     config = ClassifierConfig(steps=int(c["steps"]), batch_size=int(c["batch_size"]), lr=float(c["lr"]),
                               size=int(c["size"]), runs=1, bf16=bool(c["bf16"]), augment=bool(c["augment"]),
-                              seed=int(s["seed"]), weights=weights)
+                              seed=int(s["seed"]), weights=weights, device=ctx.torch_device())
     check_config(config)  # the limits `meddiff classify` applies
     mix = s["mix"]
     real_root = ctx.prepared_root() / "classifier"
