@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from medical_diffusion.errors import MedDiffError
+from medical_diffusion.progress_bar import StepBar
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +88,6 @@ def warn_prompts(backend, prompts, vectors) -> None:
     for prompt in prompts:
         for warning in prompt_warnings(backend, prompt, vectors):
             log.warning("warning: %s", warning)
-
-
-class StepBar:
-    """A tqdm bar fed by ``progress(done, total)`` callbacks."""
-
-    def __init__(self, desc: str, unit: str = "step"):
-        from tqdm import tqdm
-
-        self.bar = tqdm(desc=desc, unit=unit, leave=True)
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar.total != total:
-            self.bar.reset(total=total)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def sample_kwargs(args) -> dict:

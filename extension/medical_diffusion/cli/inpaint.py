@@ -120,7 +120,8 @@ def load_mask(path: str, size: tuple[int, int]):
 
 def run_inpaint(args) -> int:
     from medical_diffusion.atomic_io import atomic_write_text, check_writable
-    from medical_diffusion.cli.generate import StepBar, check_inputs, load_model_and_embeddings, warn_prompts
+    from medical_diffusion.cli.generate import check_inputs, load_model_and_embeddings, warn_prompts
+    from medical_diffusion.progress_bar import StepBar
     from medical_diffusion.generation.inpainting import inpaint, inpaint_grid
     from medical_diffusion.generation.sampling import resolve_seed
     from medical_diffusion.png_io import load_image, save_png

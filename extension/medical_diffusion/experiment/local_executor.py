@@ -14,29 +14,13 @@ import subprocess
 import sys
 from typing import Callable
 
+from medical_diffusion.progress_bar import StepBar
+
 BAD = ("failed", "blocked")
 
 
 def _blocked(spec: dict, statuses: dict[str, dict]) -> list[str]:
     return [d for d in spec["dep_order"] if statuses.get(d, {}).get("status") in BAD]
-
-
-class StageBar:
-    """A tqdm bar for the running stage."""
-
-    def __init__(self, desc: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(desc=desc, leave=False, dynamic_ncols=True)
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar.total != total:
-            self.bar.reset(total=total)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def run_in_process(specs: list[dict], bars: bool = True, echo: Callable[[str], None] = print) -> list[dict]:
@@ -53,7 +37,7 @@ def run_in_process(specs: list[dict], bars: bool = True, echo: Callable[[str], N
             if bad:
                 statuses[spec["id"]] = {"id": spec["id"], "status": "blocked", "error": f"needs {', '.join(bad)}"}
             else:
-                bar = StageBar(spec["id"]) if bars else None
+                bar = StepBar(spec["id"], leave=False) if bars else None
                 try:
                     statuses[spec["id"]] = run_stage(spec, bar)
                 finally:
