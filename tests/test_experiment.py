@@ -59,6 +59,13 @@ def _copy(reference: Path, dest: Path) -> Path:
     return dest
 
 
+def _copied_plan(reference: Path, dest: Path):
+    """A copy of the reference run: its folder, config, plan and stage store."""
+    folder = _copy(reference, dest)
+    cfg = load_config(folder / "small.yaml")
+    return folder, cfg, build_plan(cfg), StageStore(cfg.workdir)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One complete local run of the small config."""
@@ -122,10 +129,7 @@ def test_changed_fid_setting_reruns_only_fid_stages(reference, tmp_path):
 
 def test_failed_stage_blocks_only_its_dependents_and_the_run_resumes(reference, tmp_path, monkeypatch):
     workdir, _ = reference
-    folder = _copy(workdir, tmp_path / "fail")
-    cfg = load_config(folder / "small.yaml")
-    plan = build_plan(cfg)
-    store = StageStore(cfg.workdir)
+    folder, cfg, plan, store = _copied_plan(workdir, tmp_path / "fail")
     target = "generate/v2-c2/s3-cfg2"
     dependents = plan.dependents(target)
     assert dependents == {"features/px/v2-c2-s3-cfg2-neg", "fid/px/v2-c2-s3-cfg2-neg"}
@@ -171,10 +175,7 @@ def test_stage_killed_after_its_marker_is_recovered(reference, tmp_path):
 @pytest.mark.slow
 def test_kill_9_mid_run_then_run_again_finishes(reference, tmp_path):
     workdir, _ = reference
-    folder = _copy(workdir, tmp_path / "killed")
-    cfg = load_config(folder / "small.yaml")
-    plan = build_plan(cfg)
-    store = StageStore(cfg.workdir)
+    folder, cfg, plan, store = _copied_plan(workdir, tmp_path / "killed")
     for s in plan.stages:  # keep the prepared data and embeddings, so the rerun is short
         if s.kind not in ("prepare", "train"):
             shutil.rmtree(store.final(s.id, s.key))
@@ -199,10 +200,7 @@ def test_kill_9_mid_run_then_run_again_finishes(reference, tmp_path):
 @pytest.mark.slow
 def test_one_worker_process_per_gpu_gives_the_same_results(reference, tmp_path):
     workdir, _ = reference
-    folder = _copy(workdir, tmp_path / "gpus")
-    cfg = load_config(folder / "small.yaml")
-    plan = build_plan(cfg)
-    store = StageStore(cfg.workdir)
+    folder, cfg, plan, store = _copied_plan(workdir, tmp_path / "gpus")
     redo = [s for s in plan.stages if s.id.startswith(("generate/", "features/px/v2", "fid/"))
             or s.id == "classify/real4_syn4/run00"]
     for s in redo:

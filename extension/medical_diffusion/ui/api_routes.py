@@ -22,7 +22,7 @@ from fastapi import APIRouter, HTTPException, Request
 from medical_diffusion.errors import Cancelled, MedDiffError, OutOfRangeError
 from medical_diffusion.ui.api_guard import read_json_object
 from medical_diffusion.ui.api_models import BodyError, FidRequest, InterpolateRequest, TrainRequest, parse_body
-from medical_diffusion.ui.context import UIContext
+from medical_diffusion.ui.context import UIContext, evaluation_device
 
 PREFIX = "/medical-diffusion/v1"
 #: how often a running job looks whether its client is still there (seconds)
@@ -135,7 +135,6 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
 
         def work(stop: threading.Event):
             from medical_diffusion.evaluation.fid import compute_fid
-            from medical_diffusion.ui.tab_evaluate import evaluation_device
 
             real = ctx.path(req.real, must_exist=True, label="real images")
             generated = ctx.path(req.generated, must_exist=True, label="generated images")

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager
 
+import torch
+
 from medical_diffusion.allowed_roots import resolve_user_path
 from medical_diffusion.backend.base import ModelBackend
-from medical_diffusion.devices import Runtime
+from medical_diffusion.devices import Runtime, resolve_device
 
 
 @dataclass
@@ -118,3 +120,13 @@ class UIContext:
         """Hold the host's lock while the model is in use."""
         with self.work_lock():
             yield self.backend()
+
+
+def evaluation_device(ctx: UIContext) -> torch.device:
+    """Where this host's evaluation networks run: the host's evaluation device (the webui's
+    ``modules.devices.device``), else its model's runtime device, else ``auto``."""
+    if ctx.evaluation_device is not None:
+        return resolve_device(ctx.evaluation_device())
+    if ctx.runtime is not None:
+        return ctx.runtime.device
+    return resolve_device("auto")

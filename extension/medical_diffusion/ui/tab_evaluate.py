@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 import gradio as gr
 
 from medical_diffusion.evaluation.weights import MissingWeightsError
-from medical_diffusion.ui.context import UIContext
+from medical_diffusion.ui.context import UIContext, evaluation_device
 from medical_diffusion.ui.feedback import shows_errors
 
 _SETTINGS = "in the webui also: Settings > Medical Diffusion"
@@ -66,18 +66,6 @@ def stream_job(job: JobFn, interval: float = 0.5) -> Iterator[Tuple[str, Optiona
     if "error" in box:
         raise box["error"]
     yield "\n".join(lines), box["result"]
-
-
-def evaluation_device(ctx: UIContext):
-    """Where this host's evaluation networks run: the host's evaluation device (the webui's
-    ``modules.devices.device``), else its model's runtime device, else ``auto``."""
-    from medical_diffusion.devices import resolve_device
-
-    if ctx.evaluation_device is not None:
-        return resolve_device(ctx.evaluation_device())
-    if ctx.runtime is not None:
-        return ctx.runtime.device
-    return resolve_device("auto")
 
 
 def _optional(ctx: UIContext, text: str):
