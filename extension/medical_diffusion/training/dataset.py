@@ -10,6 +10,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,10 +69,35 @@ def _find_mask(mask_dir: Path, image: Path) -> Path:
     raise InputFileError(mask_dir / f"{image.stem}.png", f"no mask for training image {image.name}")
 
 
-def load_training_images(data_dir: str | Path, resolution: int, mask: str | None = None) -> list[TrainImage]:
-    """Load every image in ``data_dir`` resized to ``resolution``; all problems are reported together.
+@dataclass(frozen=True)
+class Placement:
+    """How one image becomes training pixels: resized to ``size`` ``(width, height)``.
 
-    Each file is resolved (symlinks followed) and refused when it lands outside the allowed roots.
+    ``box`` is the part of the image that is resized, as fractions ``(left, top, right, bottom)`` of
+    its width and height (None: the whole image). Masks get the same box in their own size, so they
+    stay aligned with the image whatever their resolution.
+    """
+
+    size: tuple[int, int]
+    box: tuple[float, float, float, float] | None = None
+
+
+def _place(img: Image.Image, placement: Placement, resample: int) -> Image.Image:
+    if placement.box is None:
+        return img.resize(placement.size, resample)
+    w, h = img.size
+    left, top, right, bottom = placement.box
+    return img.resize(placement.size, resample, box=(left * w, top * h, right * w, bottom * h))
+
+
+def load_images(
+    data_dir: str | Path, mask: str | None, placement: Callable[[tuple[int, int]], Placement]
+) -> list[TrainImage]:
+    """Load every image in ``data_dir``, each resized as ``placement(its (width, height))`` says.
+
+    Each file is resolved (symlinks followed) and refused when it lands outside the allowed roots;
+    all problems are reported together. ``mask``: None, ``"alpha"`` or a folder of masks named like
+    the images.
     """
     if not str(data_dir).strip():
         raise MedDiffError("no training images folder given")
@@ -91,7 +117,8 @@ def load_training_images(data_dir: str | Path, resolution: int, mask: str | None
         try:
             _inside_roots(path, "training image")
             img = load_image(path, "RGBA" if mask == "alpha" else "RGB")
-            img = img.resize((resolution, resolution), Image.BICUBIC)
+            where = placement(img.size)
+            img = _place(img, where, Image.BICUBIC)
             tensor = _to_tensor(img)
             pixels = tensor[:3] * 2 - 1
             weight = None
@@ -100,7 +127,7 @@ def load_training_images(data_dir: str | Path, resolution: int, mask: str | None
             elif mask_dir is not None:
                 mpath = _find_mask(mask_dir, path)
                 _inside_roots(mpath, "mask")
-                weight = _to_tensor(load_image(mpath, "L").resize((resolution, resolution), Image.BILINEAR))
+                weight = _to_tensor(_place(load_image(mpath, "L"), where, Image.BILINEAR))
             images.append(TrainImage(path, pixels, weight, caption_for(path)))
         except InputFileError as exc:
             failures.append(exc)
@@ -113,6 +140,16 @@ def load_training_images(data_dir: str | Path, resolution: int, mask: str | None
         more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
         raise MedDiffError(f"{len(failures)} training files are unusable: {listed}{more}")
     return images
+
+
+def load_training_images(data_dir: str | Path, resolution: int, mask: str | None = None) -> list[TrainImage]:
+    """Load every image in ``data_dir`` resized to ``resolution`` x ``resolution`` (the paper's square path).
+
+    See :func:`load_images` for the checks; :func:`medical_diffusion.training.buckets.load_bucketed_images`
+    keeps aspect ratios instead.
+    """
+    square = Placement((resolution, resolution))
+    return load_images(data_dir, mask, lambda _size: square)
 
 
 class LatentCache:
