@@ -152,6 +152,35 @@ def load_training_images(data_dir: str | Path, resolution: int, mask: str | None
     return load_images(data_dir, mask, lambda _size: square)
 
 
+def encode_views(
+    backend: ModelBackend,
+    pixels: torch.Tensor,
+    *,
+    hflip: bool,
+    sample: bool,
+    generator: torch.Generator,
+    encode_batch: int,
+) -> torch.Tensor:
+    """Latents ``(views, N, C, h, w)`` of ``pixels`` ``(N, 3, H, W)``; view 1 (with ``hflip``) is the flipped image."""
+    views = [pixels, pixels.flip(-1)] if hflip else [pixels]
+    encoded = []
+    with torch.no_grad():
+        for view in views:
+            parts = [
+                backend.encode_images(view[i : i + encode_batch], sample=sample, generator=generator).float().cpu()
+                for i in range(0, len(view), encode_batch)
+            ]
+            encoded.append(torch.cat(parts))
+    return torch.stack(encoded)
+
+
+def loss_weights(masks: torch.Tensor, size: tuple[int, int], mask_weight: float, hflip: bool) -> torch.Tensor:
+    """Per-latent-cell loss weights ``(views, N, 1, h, w)`` from masks ``(N, 1, H, W)``: 1 outside, ``mask_weight`` inside."""
+    small = F.adaptive_avg_pool2d(masks.float(), size)
+    weight = 1.0 + (mask_weight - 1.0) * small
+    return torch.stack([weight, weight.flip(-1)] if hflip else [weight])
+
+
 class LatentCache:
     """Scaled latents (and latent-resolution loss weights) of every training image, computed once."""
 
@@ -169,24 +198,13 @@ class LatentCache:
         self.hflip = hflip
         generator = torch.Generator().manual_seed(seed)
         pixels = torch.stack([im.pixels for im in images])
-        views = [pixels, pixels.flip(-1)] if hflip else [pixels]
-        encoded = []
-        with torch.no_grad():
-            for view in views:
-                parts = [
-                    backend.encode_images(view[i : i + encode_batch], sample=sample, generator=generator).float().cpu()
-                    for i in range(0, len(view), encode_batch)
-                ]
-                encoded.append(torch.cat(parts))
         #: (views, N, C, h, w): view 1 is the flipped image
-        self.latents = torch.stack(encoded)
+        self.latents = encode_views(backend, pixels, hflip=hflip, sample=sample, generator=generator,
+                                    encode_batch=encode_batch)
         self.weights: torch.Tensor | None = None
         if any(im.mask is not None for im in images):
             h, w = self.latents.shape[-2:]
-            masks = torch.stack([im.mask for im in images]).float()
-            small = F.adaptive_avg_pool2d(masks, (h, w))
-            weight = 1.0 + (mask_weight - 1.0) * small
-            self.weights = torch.stack([weight, weight.flip(-1)] if hflip else [weight])
+            self.weights = loss_weights(torch.stack([im.mask for im in images]), (h, w), mask_weight, hflip)
         self.captions = [im.caption for im in images]
 
     def __len__(self) -> int:
