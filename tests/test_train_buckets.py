@@ -296,3 +296,44 @@ def test_seeding_mix_is_the_loops():
 
     for values in [(), (0,), (1, 2, 3), (2**70, -5, 7), (123456789, 4, 10**6, 3)]:
         assert mix(*values) == _mix(*values)
+
+
+# -- in the training loop (runs once the loop has TrainConfig.bucketing) --------------------
+
+def test_bucketed_training_resumes_exactly_and_square_data_trains_as_before(backend, tmp_path, monkeypatch):
+    import csv
+    import dataclasses
+
+    from medical_diffusion.embeddings import load_embedding
+    from medical_diffusion.training import buckets
+    from medical_diffusion.training.config import TrainConfig
+    from medical_diffusion.training.loop import train
+
+    if "bucketing" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        pytest.skip("the training loop has no bucketing option yet")
+    monkeypatch.setattr(buckets, "DEFAULT_STEP", STEP)
+    mixed, square = tmp_path / "mixed", tmp_path / "square"
+    mixed.mkdir(), square.mkdir()
+    _write(mixed, SIZES), _write(square, [(64, 64), (96, 96), (32, 32), (64, 64)])
+
+    def config(folder, **kw):
+        base = dict(name="blob", data_dir=str(folder), n_vectors=4, steps=4, resolution=64, save_every=0,
+                    preview_every=0, batch_size=2, learning_rate="0.05", mask="alpha", hflip=True, bucketing=True)
+        return TrainConfig(**dict(base, **kw))
+
+    def vectors(result):
+        return load_embedding(result.embedding_path, expected_width=32).vectors
+
+    def losses(run):
+        return [row[1] for row in csv.reader(open(run / "loss.csv"))]
+
+    full = train(config(mixed, grad_accumulation=2), backend, tmp_path / "full")
+    train(config(mixed, grad_accumulation=2, steps=2, save_every=2), backend, tmp_path / "part")
+    resumed = train(config(mixed, grad_accumulation=2, save_every=2), backend, tmp_path / "part", resume=True)
+    assert resumed.steps_done == 4
+    assert torch.equal(vectors(full), vectors(resumed))
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    # every image square and 4 % batch_size == 0: one bucket, the square path's latents and order
+    on = train(config(square), backend, tmp_path / "on")
+    off = train(config(square, bucketing=False), backend, tmp_path / "off")
+    assert torch.equal(vectors(on), vectors(off)) and losses(tmp_path / "on") == losses(tmp_path / "off")

@@ -131,12 +131,16 @@ def load_bucketed_images(
     resolution: int,
     mask: str | None = None,
     *,
-    step: int = DEFAULT_STEP,
-    max_aspect: float = DEFAULT_MAX_ASPECT,
+    step: int | None = None,
+    max_aspect: float | None = None,
 ) -> list[TrainImage]:
     """Like :func:`~medical_diffusion.training.dataset.load_training_images` (same checks, same order), but each
-    image (and its mask) is resized to its aspect bucket instead of the square."""
-    grid = bucket_grid(resolution, step=step, max_aspect=max_aspect)
+    image (and its mask) is resized to its aspect bucket instead of the square.
+
+    ``step`` and ``max_aspect`` default to :data:`DEFAULT_STEP` and :data:`DEFAULT_MAX_ASPECT` (read at call time).
+    """
+    grid = bucket_grid(resolution, step=DEFAULT_STEP if step is None else step,
+                       max_aspect=DEFAULT_MAX_ASPECT if max_aspect is None else max_aspect)
 
     def place(size: Size) -> Placement:
         return placement_for(size[0], size[1], grid[nearest_bucket(size[0], size[1], grid)])

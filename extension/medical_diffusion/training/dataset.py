@@ -2,6 +2,8 @@
 
 Every image is VAE-encoded once (posterior mean, or one seeded sample) and kept in memory;
 with horizontal flip on, the flipped image is encoded too, so no VAE runs during training.
+Images are resized to the square ``resolution`` (the paper's path) or, with
+:mod:`medical_diffusion.training.buckets`, to aspect-ratio buckets; both load through :func:`load_images`.
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ def encode_views(
 
 
 def loss_weights(masks: torch.Tensor, size: tuple[int, int], mask_weight: float, hflip: bool) -> torch.Tensor:
-    """Per-latent-cell loss weights ``(views, N, 1, h, w)`` from masks ``(N, 1, H, W)``: 1 outside, ``mask_weight`` inside."""
+    """Loss weights ``(views, N, 1, h, w)`` per latent cell from masks ``(N, 1, H, W)``: 1 outside, ``mask_weight`` in."""
     small = F.adaptive_avg_pool2d(masks.float(), size)
     weight = 1.0 + (mask_weight - 1.0) * small
     return torch.stack([weight, weight.flip(-1)] if hflip else [weight])
