@@ -2,6 +2,8 @@
 
 Every image is VAE-encoded once (posterior mean, or one seeded sample) and kept in memory;
 with horizontal flip on, the flipped image is encoded too, so no VAE runs during training.
+Images are resized to the square ``resolution`` (the paper's path) or, with
+:mod:`medical_diffusion.training.buckets`, to aspect-ratio buckets; both load through :func:`load_images`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,10 +71,35 @@ def _find_mask(mask_dir: Path, image: Path) -> Path:
     raise InputFileError(mask_dir / f"{image.stem}.png", f"no mask for training image {image.name}")
 
 
-def load_training_images(data_dir: str | Path, resolution: int, mask: str | None = None) -> list[TrainImage]:
-    """Load every image in ``data_dir`` resized to ``resolution``; all problems are reported together.
+@dataclass(frozen=True)
+class Placement:
+    """How one image becomes training pixels: resized to ``size`` ``(width, height)``.
 
-    Each file is resolved (symlinks followed) and refused when it lands outside the allowed roots.
+    ``box`` is the part of the image that is resized, as fractions ``(left, top, right, bottom)`` of
+    its width and height (None: the whole image). Masks get the same box in their own size, so they
+    stay aligned with the image whatever their resolution.
+    """
+
+    size: tuple[int, int]
+    box: tuple[float, float, float, float] | None = None
+
+
+def _place(img: Image.Image, placement: Placement, resample: int) -> Image.Image:
+    if placement.box is None:
+        return img.resize(placement.size, resample)
+    w, h = img.size
+    left, top, right, bottom = placement.box
+    return img.resize(placement.size, resample, box=(left * w, top * h, right * w, bottom * h))
+
+
+def load_images(
+    data_dir: str | Path, mask: str | None, placement: Callable[[tuple[int, int]], Placement]
+) -> list[TrainImage]:
+    """Load every image in ``data_dir``, each resized as ``placement(its (width, height))`` says.
+
+    Each file is resolved (symlinks followed) and refused when it lands outside the allowed roots;
+    all problems are reported together. ``mask``: None, ``"alpha"`` or a folder of masks named like
+    the images.
     """
     if not str(data_dir).strip():
         raise MedDiffError("no training images folder given")
@@ -91,7 +119,8 @@ def load_training_images(data_dir: str | Path, resolution: int, mask: str | None
         try:
             _inside_roots(path, "training image")
             img = load_image(path, "RGBA" if mask == "alpha" else "RGB")
-            img = img.resize((resolution, resolution), Image.BICUBIC)
+            where = placement(img.size)
+            img = _place(img, where, Image.BICUBIC)
             tensor = _to_tensor(img)
             pixels = tensor[:3] * 2 - 1
             weight = None
@@ -100,7 +129,7 @@ def load_training_images(data_dir: str | Path, resolution: int, mask: str | None
             elif mask_dir is not None:
                 mpath = _find_mask(mask_dir, path)
                 _inside_roots(mpath, "mask")
-                weight = _to_tensor(load_image(mpath, "L").resize((resolution, resolution), Image.BILINEAR))
+                weight = _to_tensor(_place(load_image(mpath, "L"), where, Image.BILINEAR))
             images.append(TrainImage(path, pixels, weight, caption_for(path)))
         except InputFileError as exc:
             failures.append(exc)
@@ -113,6 +142,45 @@ def load_training_images(data_dir: str | Path, resolution: int, mask: str | None
         more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
         raise MedDiffError(f"{len(failures)} training files are unusable: {listed}{more}")
     return images
+
+
+def load_training_images(data_dir: str | Path, resolution: int, mask: str | None = None) -> list[TrainImage]:
+    """Load every image in ``data_dir`` resized to ``resolution`` x ``resolution`` (the paper's square path).
+
+    See :func:`load_images` for the checks; :func:`medical_diffusion.training.buckets.load_bucketed_images`
+    keeps aspect ratios instead.
+    """
+    square = Placement((resolution, resolution))
+    return load_images(data_dir, mask, lambda _size: square)
+
+
+def encode_views(
+    backend: ModelBackend,
+    pixels: torch.Tensor,
+    *,
+    hflip: bool,
+    sample: bool,
+    generator: torch.Generator,
+    encode_batch: int,
+) -> torch.Tensor:
+    """Latents ``(views, N, C, h, w)`` of ``pixels`` ``(N, 3, H, W)``; view 1 (with ``hflip``) is the flipped image."""
+    views = [pixels, pixels.flip(-1)] if hflip else [pixels]
+    encoded = []
+    with torch.no_grad():
+        for view in views:
+            parts = [
+                backend.encode_images(view[i : i + encode_batch], sample=sample, generator=generator).float().cpu()
+                for i in range(0, len(view), encode_batch)
+            ]
+            encoded.append(torch.cat(parts))
+    return torch.stack(encoded)
+
+
+def loss_weights(masks: torch.Tensor, size: tuple[int, int], mask_weight: float, hflip: bool) -> torch.Tensor:
+    """Loss weights ``(views, N, 1, h, w)`` per latent cell from masks ``(N, 1, H, W)``: 1 outside, ``mask_weight`` in."""
+    small = F.adaptive_avg_pool2d(masks.float(), size)
+    weight = 1.0 + (mask_weight - 1.0) * small
+    return torch.stack([weight, weight.flip(-1)] if hflip else [weight])
 
 
 class LatentCache:
@@ -132,24 +200,13 @@ class LatentCache:
         self.hflip = hflip
         generator = torch.Generator().manual_seed(seed)
         pixels = torch.stack([im.pixels for im in images])
-        views = [pixels, pixels.flip(-1)] if hflip else [pixels]
-        encoded = []
-        with torch.no_grad():
-            for view in views:
-                parts = [
-                    backend.encode_images(view[i : i + encode_batch], sample=sample, generator=generator).float().cpu()
-                    for i in range(0, len(view), encode_batch)
-                ]
-                encoded.append(torch.cat(parts))
         #: (views, N, C, h, w): view 1 is the flipped image
-        self.latents = torch.stack(encoded)
+        self.latents = encode_views(backend, pixels, hflip=hflip, sample=sample, generator=generator,
+                                    encode_batch=encode_batch)
         self.weights: torch.Tensor | None = None
         if any(im.mask is not None for im in images):
             h, w = self.latents.shape[-2:]
-            masks = torch.stack([im.mask for im in images]).float()
-            small = F.adaptive_avg_pool2d(masks, (h, w))
-            weight = 1.0 + (mask_weight - 1.0) * small
-            self.weights = torch.stack([weight, weight.flip(-1)] if hflip else [weight])
+            self.weights = loss_weights(torch.stack([im.mask for im in images]), (h, w), mask_weight, hflip)
         self.captions = [im.caption for im in images]
 
     def __len__(self) -> int:
