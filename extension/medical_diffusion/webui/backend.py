@@ -80,7 +80,7 @@ class WebuiBackend(ModelBackend):
         self.text_widths = model_family.text_widths(self.model, self.family)
         self.text_width = int(self.text_to_vectors(",").shape[-1])
         if self.text_width != sum(self.text_widths.values()):
-            raise model_family._fail(self.model, f"text width {self.text_width} is not the sum of its blocks {self.text_widths}")
+            raise model_family.model_error(self.model, f"text width {self.text_width} is not the sum of its blocks {self.text_widths}")
         self.cond_prefix_rows = 0
         self.vector_dim = 0
         #: (width, height) of the images the SDXL size conditioning describes
@@ -118,7 +118,7 @@ class WebuiBackend(ModelBackend):
             return weights[0]
         rows = {int(w.shape[0]) for w in weights}
         if len(rows) != 1:
-            raise model_family._fail(self.model, f"its text encoders' vocabularies differ in size {sorted(rows)}")
+            raise model_family.model_error(self.model, f"its text encoders' vocabularies differ in size {sorted(rows)}")
         return torch.cat([w.detach().float().to(weights[0].device) for w in weights], dim=1)
 
     def token_embedding_norm(self) -> float:
@@ -201,7 +201,7 @@ class WebuiBackend(ModelBackend):
         makes them, without autocast (SDXL's config disables it for the VAE)."""
         vae = getattr(self.model, "first_stage_model", None)
         if not (hasattr(vae, "encoder") and hasattr(vae, "quant_conv")):
-            raise model_family._fail(self.model, "its VAE (first_stage_model) has no encoder/quant_conv to read the posterior from")
+            raise model_family.model_error(self.model, "its VAE (first_stage_model) has no encoder/quant_conv to read the posterior from")
         with torch.no_grad():
             moments = vae.quant_conv(vae.encoder(pixels.to(self.device, self._vae_dtype()))).float()
         mean, logvar = moments.chunk(2, dim=1)  # as ldm's DiagonalGaussianDistribution

@@ -25,7 +25,8 @@ def model_name(model: Any) -> str:
     return getattr(info, "model_name", None) or getattr(info, "title", None) or type(model).__name__
 
 
-def _fail(model: Any, problem: str) -> MedDiffError:
+def model_error(model: Any, problem: str) -> MedDiffError:
+    """``loaded model <name>: <problem>`` as a MedDiffError (the Train tab shows it)."""
     return MedDiffError(f"loaded model {model_name(model)!r}: {problem}")
 
 
@@ -35,7 +36,7 @@ def detect_family(model: Any) -> str:
     if model is None:
         raise MedDiffError("no Stable Diffusion checkpoint is loaded in the webui")
     if getattr(model, "is_sd3", False):
-        raise _fail(model, "SD3 is not supported: its conditioning (CLIP-L + CLIP-G + T5, MMDiT) has no "
+        raise model_error(model, "SD3 is not supported: its conditioning (CLIP-L + CLIP-G + T5, MMDiT) has no "
                            "textual-inversion path in A1111; load an SD 1.x, SD 2.x or SDXL checkpoint")
     if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
         family = "SDXL"
@@ -50,7 +51,7 @@ def detect_family(model: Any) -> str:
         elif hasattr(wrapped, "transformer") or hasattr(wrapped, "roberta"):
             family = "SD1"
         else:
-            raise _fail(model, f"unknown model type {type(model).__name__} (no is_sd1/is_sd2/is_sdxl flag and no "
+            raise model_error(model, f"unknown model type {type(model).__name__} (no is_sd1/is_sd2/is_sdxl flag and no "
                                "A1111 CLIP/OpenCLIP text encoder in cond_stage_model); SD 1.x, SD 2.x and SDXL "
                                "are supported")
     _check_supported(model, family)
@@ -60,32 +61,32 @@ def detect_family(model: Any) -> str:
 def _check_supported(model: Any, family: str) -> None:
     cond = getattr(model, "cond_stage_model", None)
     if cond is None or not hasattr(cond, "encode_embedding_init_text"):
-        raise _fail(model, "it has no A1111 text encoder (cond_stage_model with encode_embedding_init_text), "
+        raise model_error(model, "it has no A1111 text encoder (cond_stage_model with encode_embedding_init_text), "
                            "so trainable vectors cannot reach its conditioning")
     for method in ("apply_model", "encode_first_stage", "decode_first_stage"):
         if not callable(getattr(model, method, None)):
-            raise _fail(model, f"it has no {method}()")
+            raise model_error(model, f"it has no {method}()")
     if getattr(model, "is_sdxl_inpaint", False):
-        raise _fail(model, "SDXL inpainting UNets take 9 input channels (latent + mask + masked image); "
+        raise model_error(model, "SDXL inpainting UNets take 9 input channels (latent + mask + masked image); "
                            "train on the SDXL base checkpoint and use the embedding with the inpainting model")
     latent = int(getattr(model, "latent_channels", 4))
     if latent != 4:
-        raise _fail(model, f"latents have {latent} channels; only 4-channel (SD 1.x/2.x/SDXL) VAEs are supported")
+        raise model_error(model, f"latents have {latent} channels; only 4-channel (SD 1.x/2.x/SDXL) VAEs are supported")
     wrapper = getattr(model, "model", None)
     key = getattr(wrapper, "conditioning_key", "crossattn")
     if key not in ("crossattn", None):
-        raise _fail(model, f"its UNet is conditioned as {key!r} (inpainting, depth, instruct-pix2pix or unCLIP "
+        raise model_error(model, f"its UNet is conditioned as {key!r} (inpainting, depth, instruct-pix2pix or unCLIP "
                            "models take extra image inputs); train on a text-to-image checkpoint of the same family")
     in_channels = getattr(getattr(wrapper, "diffusion_model", None), "in_channels", latent)
     if isinstance(in_channels, int) and in_channels != latent:
-        raise _fail(model, f"its UNet takes {in_channels} input channels, not {latent} (an inpainting or "
+        raise model_error(model, f"its UNet takes {in_channels} input channels, not {latent} (an inpainting or "
                            "instruct-pix2pix UNet); train on a text-to-image checkpoint of the same family")
     if family == "SDXL":
         if not callable(getattr(model, "get_learned_conditioning", None)):
-            raise _fail(model, "SDXL model without get_learned_conditioning (A1111's sd_models_xl patch)")
+            raise model_error(model, "SDXL model without get_learned_conditioning (A1111's sd_models_xl patch)")
         keys = [sdxl_block_key(e) for e in sdxl_text_embedders(model)]
         if keys != list(SDXL_BLOCKS):
-            raise _fail(model, f"SDXL text encoders {keys} are not the base model's clip_l + clip_g (an SDXL "
+            raise model_error(model, f"SDXL text encoders {keys} are not the base model's clip_l + clip_g (an SDXL "
                                "refiner has only clip_g); train on an SDXL base checkpoint")
 
 
@@ -94,7 +95,7 @@ def sdxl_text_embedders(model: Any) -> list:
     conditioner = getattr(model, "conditioner", None)
     embedders = getattr(conditioner, "embedders", None)
     if embedders is None:
-        raise _fail(model, "SDXL model without conditioner.embedders")
+        raise model_error(model, "SDXL model without conditioner.embedders")
     return [e for e in embedders if hasattr(e, "encode_embedding_init_text")]
 
 
@@ -107,7 +108,7 @@ def token_embedding_module(embedder: Any, model: Any = None):
         return wrapped.transformer.text_model.embeddings.token_embedding
     if hasattr(wrapped, "roberta"):  # XLM-R (AltDiffusion)
         return wrapped.roberta.embeddings.token_embedding
-    raise _fail(model, f"text encoder {type(embedder).__name__} exposes no token-embedding matrix")
+    raise model_error(model, f"text encoder {type(embedder).__name__} exposes no token-embedding matrix")
 
 
 def sdxl_block_key(embedder: Any) -> str:
