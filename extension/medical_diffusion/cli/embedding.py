@@ -95,12 +95,12 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
+    from medical_diffusion.embeddings.inspection import compare_report, format_compare_report
     from medical_diffusion.embeddings.readers import load_embedding
-    from medical_diffusion.embeddings.similarity import compare_embeddings, format_comparison
 
-    result = compare_embeddings(load_embedding(args.a, args.expected_width), load_embedding(args.b, args.expected_width))
+    result = compare_report(load_embedding(args.a, args.expected_width), load_embedding(args.b, args.expected_width))
     result["files"] = [str(args.a), str(args.b)]
-    print(json.dumps(result, indent=2) if args.json else format_comparison(result))
+    print(json.dumps(result, indent=2) if args.json else format_compare_report(result))
     return 0
 
 

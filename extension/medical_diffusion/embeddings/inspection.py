@@ -25,6 +25,49 @@ from medical_diffusion.errors import InputFileError, MedDiffError
 #: users change it with ``--tolerance``.
 DEFAULT_TOLERANCE = 3.0
 _TOKEN_KEY_SUFFIX = "token_embedding.weight"
+#: which model an embedding's vectors fit, by :attr:`Embedding.family`
+FAMILY_FITS = {
+    "SD1": "SD 1.x (CLIP ViT-L, 768)",
+    "SD2": "SD 2.x (OpenCLIP ViT-H, 1024)",
+    "SDXL": "SDXL (clip_l 768 + clip_g 1280)",
+}
+
+
+def fits(emb: Embedding) -> str:
+    """The model family ``emb`` fits, in words (``"unknown width N (a custom or tiny model)"`` otherwise)."""
+    return FAMILY_FITS.get(emb.family or "", f"unknown width {emb.width} (a custom or tiny model)")
+
+
+def family_mismatch(a: Embedding, b: Embedding) -> str | None:
+    """Why ``a`` and ``b`` cannot be compared vector by vector, or None when they can."""
+    pa, pb = a.parts(), b.parts()
+    if list(pa) == list(pb) and all(pa[k].shape[1] == pb[k].shape[1] for k in pa):
+        return None
+    return (f"{a.name!r} fits {fits(a)} and {b.name!r} fits {fits(b)}: they were made for different models, "
+            "whose text encoders have different token spaces (widths "
+            f"{'+'.join(str(int(t.shape[1])) for t in pa.values())} vs "
+            f"{'+'.join(str(int(t.shape[1])) for t in pb.values())}), so their vectors cannot be compared "
+            "vector by vector; compare embeddings trained for the same model family")
+
+
+def compare_report(a: Embedding, b: Embedding) -> dict[str, Any]:
+    """:func:`~medical_diffusion.embeddings.similarity.compare_embeddings` plus the family each fits;
+    :class:`MedDiffError` saying why when they belong to different model families."""
+    from medical_diffusion.embeddings.similarity import compare_embeddings
+
+    reason = family_mismatch(a, b)
+    if reason:
+        raise MedDiffError(reason)
+    result = compare_embeddings(a, b)
+    result["fits_a"], result["fits_b"] = fits(a), fits(b)
+    return result
+
+
+def format_compare_report(result: dict[str, Any]) -> str:
+    """Text of :func:`compare_report`: which family A and B fit, then the similarity figures."""
+    from medical_diffusion.embeddings.similarity import format_comparison
+
+    return f"fits: A {result['fits_a']}, B {result['fits_b']}\n" + format_comparison(result)
 
 
 def human_size(n_bytes: int) -> str:
@@ -154,6 +197,7 @@ def inspect_embedding(
         "vectors": emb.n_vectors,
         "width": emb.width,
         "family": emb.family or f"unknown (width {emb.width})",
+        "fits": fits(emb),
         "step": emb.step,
         "sd_checkpoint": emb.sd_checkpoint,
         "sd_checkpoint_name": emb.sd_checkpoint_name,
@@ -188,6 +232,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"  name        {report['name']}",
         f"  format      {report['format']}",
         f"  vectors     {report['vectors']} x {report['width']}  ({report['family']})",
+        f"  fits        {report['fits']}",
         f"  step        {report['step'] if report['step'] is not None else '-'}",
         f"  checkpoint  {report['sd_checkpoint'] or '-'}  {report['sd_checkpoint_name'] or ''}".rstrip(),
         f"  file size   {report['file_size']}",

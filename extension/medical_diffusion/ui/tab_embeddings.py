@@ -33,13 +33,23 @@ def _resolve(ctx: UIContext, upload, choice: str | None) -> Path:
     raise ValueError("choose an embedding from the list or upload a file")
 
 
+def model_token_scale(backend) -> float | dict[str, float] | None:
+    """The model's token-vector scale for the norm check: one number, or per SDXL block
+    (``block_token_norms``); None when a multi-block model cannot say per block."""
+    widths = getattr(backend, "text_widths", None) or {}
+    if len(widths) > 1:
+        per_block = getattr(backend, "block_token_norms", None)
+        return per_block() if per_block is not None else None
+    return backend.token_embedding_norm()
+
+
 def build(ctx: UIContext) -> dict:
     """Add the Embeddings tab's widgets to the current Blocks context; returns ``on_show``
     (``(fn, outputs)`` refreshing the file lists when the tab is shown)."""
     from medical_diffusion.embeddings import load_embedding, save_embedding
     from medical_diffusion.embeddings.blend import blend_embeddings
-    from medical_diffusion.embeddings.inspection import format_report, inspect_embedding
-    from medical_diffusion.embeddings.similarity import compare_embeddings, format_comparison
+    from medical_diffusion.embeddings.inspection import (compare_report, format_compare_report, format_report,
+                                                          inspect_embedding)
 
     def width() -> int | None:
         """The loaded model's text width (None in the webui before a checkpoint has loaded)."""
@@ -51,7 +61,7 @@ def build(ctx: UIContext) -> dict:
     def inspect(path) -> tuple[str, dict]:
         """Text and JSON report, with the norm check against the loaded model's token vectors."""
         model_width = width()
-        scale = ctx.backend().token_embedding_norm() if model_width is not None else None
+        scale = model_token_scale(ctx.backend()) if model_width is not None else None
         report = inspect_embedding(path, expected_width=model_width, token_scale=scale,
                                    scale_hint="load a Stable Diffusion model")
         return format_report(report), json.loads(json.dumps(report, default=str))
@@ -83,8 +93,8 @@ def build(ctx: UIContext) -> dict:
 
     @shows_errors
     def do_compare(ua, ca, ub, cb):
-        result = compare_embeddings(load(_resolve(ctx, ua, ca)), load(_resolve(ctx, ub, cb)))
-        return format_comparison(result), json.loads(json.dumps(result, default=str))
+        result = compare_report(load(_resolve(ctx, ua, ca)), load(_resolve(ctx, ub, cb)))
+        return format_compare_report(result), json.loads(json.dumps(result, default=str))
 
     inspect_btn.click(do_inspect, [upload_a, choice_a], [report_text, report_json])
     compare_btn.click(do_compare, [upload_a, choice_a, upload_b, choice_b], [report_text, report_json])
@@ -125,4 +135,4 @@ def build(ctx: UIContext) -> dict:
         return str(save_embedding(emb, target, fmt=f, force=True))
 
     convert_btn.click(do_convert, [upload_a, choice_a, fmt], [converted])
-    return {"on_show": (refresh, [choice_a, choice_b]), "inspect": do_inspect, "blend": do_blend}
+    return {"on_show": (refresh, [choice_a, choice_b]), "inspect": do_inspect, "compare": do_compare, "blend": do_blend}

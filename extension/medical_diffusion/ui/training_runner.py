@@ -141,7 +141,8 @@ class TrainingRunner:
                                    stop=lambda: self._stop.is_set() or host_stop())
                     width = backend.text_width
             final = load_embedding(result.embedding_path, expected_width=width)
-            target = save_embedding(final, ctx.path(ctx.embeddings_dir / f"{config.name}.pt"), force=True)
+            fmt, suffix = ("safetensors", ".safetensors") if final.is_sdxl else ("a1111", ".pt")  # SDXL: clip_l + clip_g
+            target = save_embedding(final, ctx.path(ctx.embeddings_dir / f"{config.name}{suffix}"), fmt=fmt, force=True)
             ctx.on_embedding_saved(target)
             s.embedding, s.interrupted = str(target), result.interrupted
             loss = f" (loss {result.last_loss:.4f})" if result.last_loss is not None else ""

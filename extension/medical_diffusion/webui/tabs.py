@@ -87,13 +87,16 @@ def report_training_step(event) -> None:
 
 
 def loaded_text_width() -> int | None:
-    """The loaded checkpoint's text width, or None while none is loaded (never starts a load)."""
+    """The loaded checkpoint's text width as A1111's ``EmbeddingDatabase.get_expected_shape`` reads it
+    (SDXL: 768 + 1280 = 2048, which the embedding lists match to clip_l/clip_g pair files), or None
+    while none is loaded or the model has no A1111 text encoder (never starts a load)."""
     from modules import sd_models
 
     model = sd_models.model_data.sd_model
-    if model is None:
+    encode = getattr(getattr(model, "cond_stage_model", None), "encode_embedding_init_text", None)
+    if encode is None:
         return None
-    return int(model.cond_stage_model.encode_embedding_init_text(",", 1).shape[-1])
+    return int(encode(",", 1).shape[-1])
 
 
 def webui_device():
