@@ -477,3 +477,25 @@ def test_tab_fields_map_to_the_config():
                                                           ema_decay=None, log_with="none")
     assert quality_options(" auto ", 50, 5, 0.999, "tensorboard") == dict(
         val_data="auto", val_every=50, min_snr_gamma=5.0, ema_decay=0.999, log_with="tensorboard")
+
+
+def test_tab_trains_with_the_options_and_plots_both_losses(data_dir, val_dir, tmp_path, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    from medical_diffusion.ui import tab_train
+    from medical_diffusion.ui.context import UIContext
+
+    monkeypatch.setenv("MEDDIFF_ALLOWED_ROOTS", f"{tmp_path}:{data_dir}:{val_dir}")
+    ctx = UIContext(backend_factory=ToyBackend, work_dir=tmp_path, embeddings_dir=tmp_path / "emb")
+    with gr.Blocks() as demo:
+        tab_train.build(ctx)
+    start = next(f.fn for f in demo.fns if f.fn.__name__ == "start")
+    # name, data, run, vectors, init text, lr, steps, batch, accumulation, seed, resolution, save/preview every,
+    # preview steps, latents, hflip, gradient checkpointing, resume, then val data, val every, min-SNR, EMA, log
+    outputs = list(start("toy", str(data_dir), str(tmp_path / "run"), 1, "", "0.1", 4, 2, 1, 0, 64, 0, 0, 2,
+                         "mean", False, False, False, str(val_dir), 2, 5, 0.9, "none"))
+    message, plot, _preview = outputs[-1]
+    assert message.startswith("finished at step 4") and "best validation loss" in message and "EMA" in message
+    assert sorted(set(plot["series"])) == ["training", "validation"]
+    assert plot[plot["series"] == "validation"]["step"].tolist() == [2, 4]
+    saved = TrainConfig.load(tmp_path / "run" / "run_config.json")
+    assert (saved.min_snr_gamma, saved.ema_decay, saved.val_every) == (5.0, 0.9, 2)
