@@ -136,8 +136,8 @@ def test_val_loss_uses_fixed_draws_and_leaves_training_alone(backend, data_dir, 
     assert a.loss(vec * 2) != first
     t = a.timesteps[0]
     assert t.shape == (4,) and [int(x) // 250 for x in t] == [0, 1, 2, 3]  # stratified over [0, T)
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(stratified_timesteps(5, 1000, g), stratified_timesteps(5, 1000, torch.Generator().manual_seed(0)))
+    draw = lambda: stratified_timesteps(5, 1000, torch.Generator().manual_seed(0))  # noqa: E731
+    assert torch.equal(draw(), draw())
 
     # a run with validation trains exactly as one without; both runs' validation rows are the same
     plain = train(_config(data_dir), backend, tmp_path / "plain")
@@ -245,7 +245,8 @@ def test_min_snr_weights_match_the_formula():
     torch.testing.assert_close(eps, torch.tensor([1.0, 1.0, 1.0, 0.1]))
     torch.testing.assert_close(v, torch.tensor([0.0, 0.5 / 1.5, 5 / 6, 5 / 51]))
     acp = torch.tensor([0.5, 0.8, 0.2])
-    torch.testing.assert_close(snr_at(acp, torch.tensor([0.0, 1.0, 2.0, 0.5])), torch.tensor([1.0, 4.0, 0.25, 1.857142857]))
+    snr = snr_at(acp, torch.tensor([0.0, 1.0, 2.0, 0.5]))  # t = 0.5: alpha_bar 0.65 -> 0.65 / 0.35
+    torch.testing.assert_close(snr, torch.tensor([1.0, 4.0, 0.25, 0.65 / 0.35]))
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -499,3 +500,14 @@ def test_tab_trains_with_the_options_and_plots_both_losses(data_dir, val_dir, tm
     assert plot[plot["series"] == "validation"]["step"].tolist() == [2, 4]
     saved = TrainConfig.load(tmp_path / "run" / "run_config.json")
     assert (saved.min_snr_gamma, saved.ema_decay, saved.val_every) == (5.0, 0.9, 2)
+
+
+def test_empty_validation_folder_is_named(data_dir, tmp_path):
+    from medical_diffusion.errors import InputFileError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputFileError, match="no validation images found"):
+        train(_toy_config(data_dir, val_data=str(tmp_path / "empty")), ToyBackend(), tmp_path / "run")
+    with pytest.raises(InputFileError, match="validation images folder not found"):
+        train(_toy_config(data_dir, val_data=str(tmp_path / "nope")), ToyBackend(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

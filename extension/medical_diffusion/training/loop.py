@@ -557,6 +557,7 @@ def run_training(
         from medical_diffusion.backend.diffusers_backend import load_backend
 
         config.validate()
+        tb_logging.check_log_with(config.log_with)  # before the slow model load
         backend = load_backend(config.model, device=device, dtype=dtype, prediction_type=config.prediction_type,
                                attention=attention)
     return train(config, backend, run_dir, resume=resume, force=force, progress=progress, stop=stop)

@@ -24,7 +24,7 @@ from typing import Callable, ContextManager
 import torch
 
 from medical_diffusion.backend.base import ModelBackend
-from medical_diffusion.errors import MedDiffError
+from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.training.config import VAL_AUTO
 from medical_diffusion.training.dataset import LatentCache, TrainImage
 from medical_diffusion.training.prompts import PromptSource
@@ -64,7 +64,11 @@ def resolve_val_dir(val_data: str | None, data_dir: str | Path) -> Path | None:
     if folder == train_dir:
         raise MedDiffError(f"val data {folder}: the validation images must not be the training images")
     if not folder.is_dir():
-        raise MedDiffError(f"val data {folder}: folder not found")
+        raise InputFileError(folder, "validation images folder not found")
+    from medical_diffusion.png_io import list_images
+
+    if not list_images(folder):
+        raise InputFileError(folder, "no validation images found (expected .png/.jpg/... files directly inside)")
     return folder
 
 

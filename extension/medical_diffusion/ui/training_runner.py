@@ -104,6 +104,9 @@ class TrainingRunner:
         else:
             config = TrainConfig.from_dict(requested)
         config.validate()
+        from medical_diffusion.training.tb_logging import check_log_with
+
+        check_log_with(config.log_with)
         config.data_dir = str(ctx.path(config.data_dir, must_exist=True, kind="folder",
                                        label="training images folder"))
         if config.mask not in (None, "alpha"):
