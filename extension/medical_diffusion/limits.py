@@ -40,6 +40,12 @@ MAX_PREVIEW_STEPS = 150
 MAX_LEARNING_RATE = 10.0
 MAX_MASK_WEIGHT = 1000.0
 MAX_CLIP = 1e6
+#: fixed timesteps per validation image (each evaluation runs images x this many denoiser passes)
+MAX_VAL_TIMESTEPS = 32
+#: min-SNR-gamma loss weighting (Hang et al. 2023 use 5)
+MIN_SNR_GAMMA, MAX_SNR_GAMMA = 1e-3, 1e4
+#: EMA decay of the trained vectors: strictly between 0 and 1
+MIN_EMA_DECAY, MAX_EMA_DECAY = 1e-6, 1 - 1e-9
 
 #: field name -> (low, high): the training config's numeric settings
 TRAIN_BOUNDS: dict[str, Tuple[float, float]] = {
@@ -58,11 +64,19 @@ TRAIN_BOUNDS: dict[str, Tuple[float, float]] = {
     "mask_weight": (1e-6, MAX_MASK_WEIGHT),
     "clip_grad_norm": (1e-12, MAX_CLIP),
     "clip_grad_value": (1e-12, MAX_CLIP),
+    "val_every": (0, MAX_TRAIN_STEPS),
+    "val_timesteps": (1, MAX_VAL_TIMESTEPS),
+    "min_snr_gamma": (MIN_SNR_GAMMA, MAX_SNR_GAMMA),
+    "ema_decay": (MIN_EMA_DECAY, MAX_EMA_DECAY),
 }
 
 
 #: why a limit is what it is, added to its error message
-HINTS = {"n_vectors": " (one prompt chunk holds 75 tokens)"}
+HINTS = {
+    "n_vectors": " (one prompt chunk holds 75 tokens)",
+    "ema_decay": " (strictly between 0 and 1, e.g. 0.999; leave it out for no EMA)",
+    "min_snr_gamma": " (Hang et al. 2023 use 5; leave it out for the paper's unweighted loss)",
+}
 
 
 def check_range(name: str, value, low, high):

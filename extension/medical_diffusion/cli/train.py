@@ -45,6 +45,15 @@ def register(subparsers) -> None:
     g.add_argument("--mask", help="'alpha' (PNG alpha channel) or a folder of masks named like the images")
     g.add_argument("--mask-weight", type=float, help="loss weight inside the mask (outside 1)")
     g.add_argument("--template", dest="template_file", help="A1111 template file with [name]/[filewords] lines")
+    g = p.add_argument_group("validation and training quality (all off by default: the paper's run)")
+    g.add_argument("--val-data", help="folder of held-out images for a validation loss on fixed noise and "
+                   "timesteps (keeps best.pt); 'auto': the val split beside a `meddiff prepare --splits` folder")
+    g.add_argument("--val-every", type=int, help="validate every N steps (default 500; 0 = at the start and end)")
+    g.add_argument("--val-timesteps", type=int, help="fixed timesteps per validation image, 1-32 (default 8)")
+    g.add_argument("--min-snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023; e.g. 5)")
+    g.add_argument("--ema-decay", type=float, help="keep an EMA of the vectors as <name>-ema.pt (e.g. 0.999)")
+    g.add_argument("--log-with", choices=["none", "tensorboard"],
+                   help="also log loss, val loss, lr, vector norm and previews (tensorboard: RUN/tensorboard)")
     g = p.add_argument_group("outputs")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (default 500; 0 = only at the end)")
     g.add_argument("--preview-every", type=int, help="preview image every N steps (default 500; 0 = off)")
@@ -64,11 +73,11 @@ def register(subparsers) -> None:
 _OVERRIDABLE = (
     "prediction_type", "learning_rate", "steps", "batch_size", "grad_accumulation", "clip_grad_norm",
     "clip_grad_value", "save_every", "preview_every", "preview_steps", "preview_seed", "autocast",
-    "gradient_checkpointing", "offload_vae", "sync_every",
+    "gradient_checkpointing", "offload_vae", "sync_every", "val_every", "log_with",
 )
 _NEW_RUN = (
     "vectors", "init", "init_text", "seed", "resolution", "latents", "hflip", "mask", "mask_weight",
-    "template_file",
+    "template_file", "val_data", "val_timesteps", "min_snr_gamma", "ema_decay",
 ) + _OVERRIDABLE
 
 
@@ -108,6 +117,10 @@ def handle(args: argparse.Namespace) -> int:
         values = {k: getattr(args, k) for k in _NEW_RUN if getattr(args, k, None) is not None}
         if "vectors" in values:
             values["n_vectors"] = values.pop("vectors")
+        if values.get("val_data") and values["val_data"].strip().lower() != "auto":
+            if not Path(values["val_data"]).is_dir():
+                raise InputFileError(values["val_data"], "not a folder (--val-data: the validation images)")
+            values["val_data"] = str(Path(values["val_data"]).resolve())
         config = TrainConfig(name=args.name, data_dir=str(Path(args.data).resolve()), model=args.model, **values)
         if config.model.lower() != "tiny":
             config.model = str(Path(config.model).resolve())
@@ -125,4 +138,8 @@ def handle(args: argparse.Namespace) -> int:
     state = "stopped" if result.interrupted else "done"
     loss = f", last loss {result.last_loss:.4f}" if result.last_loss is not None else ""
     print(f"{state}: {result.steps_done}/{total} steps{loss}; embedding {result.embedding_path}; run folder {result.run_dir}")
+    if result.best_path is not None:
+        print(f"best validation loss {result.best_val_loss:.4f} at step {result.best_step}: {result.best_path}")
+    if result.ema_path is not None:
+        print(f"EMA of the vectors: {result.ema_path}")
     return 0

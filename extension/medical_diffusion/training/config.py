@@ -15,6 +15,9 @@ from medical_diffusion.training.lr_schedule import LearnRateSchedule
 __all__ = ["CONFIG_FILE", "MAX_VECTORS", "TrainConfig"]
 INIT_MODES = ("text", "zeros", "random")
 LATENT_MODES = ("mean", "sample")
+LOG_WITH = ("none", "tensorboard")
+#: ``val_data`` value that picks the ``val`` split beside a ``meddiff prepare --splits`` training folder
+VAL_AUTO = "auto"
 CONFIG_FILE = "run_config.json"
 
 
@@ -53,6 +56,13 @@ class TrainConfig:
     mask: str | None = None  # None, "alpha", or a folder of masks named like the images
     mask_weight: float = 1.0  # loss weight inside the mask (outside: 1)
     template_file: str | None = None  # None: the prompt is the embedding name alone
+    # validation (off unless val_data is given): loss on fixed noise and timesteps, best.pt
+    val_data: str | None = None  # a folder of held-out images, or "auto": the prepared val split
+    val_every: int = 500  # steps between validations (0: only at the start and the end)
+    val_timesteps: int = 8  # fixed timesteps per validation image, stratified over [0, T)
+    # loss and vector averaging (off: the paper's plain MSE and the raw vectors)
+    min_snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023), e.g. 5
+    ema_decay: float | None = None  # EMA of the vectors, saved as <name>-ema.pt, e.g. 0.999
     # outputs
     save_every: int = 500
     preview_every: int = 500
@@ -67,6 +77,8 @@ class TrainConfig:
     offload_vae: bool | None = None
     #: read the loss back to the host every N steps (a GPU sync); 0: every step on the CPU, every 10 on CUDA
     sync_every: int = 0
+    #: "tensorboard": loss, val loss, lr, vector norm and previews under <run>/tensorboard/
+    log_with: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
@@ -95,6 +107,10 @@ class TrainConfig:
         if self.autocast not in (None, "bf16", "fp16"):
             raise MedDiffError(f"autocast must be bf16 or fp16, got {self.autocast!r}")
         check_range("sync_every", self.sync_every, 0, 10_000)
+        if self.val_data is not None and not self.val_data.strip():
+            raise MedDiffError(f"val data: give a folder of held-out images, {VAL_AUTO!r}, or null for none")
+        if self.log_with not in LOG_WITH:
+            raise MedDiffError(f"log_with must be one of {', '.join(LOG_WITH)}, got {self.log_with!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise MedDiffError(f"prediction type must be epsilon or v_prediction, got {self.prediction_type!r}")
         schedule = self.schedule()

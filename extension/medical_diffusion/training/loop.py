@@ -2,6 +2,10 @@
 
 Randomness is derived from ``(seed, step)`` alone (data order per epoch, noise, timesteps, flips),
 so a run resumed from a checkpoint continues exactly as an uninterrupted run would.
+
+Options that are off by default and leave the paper's run bit for bit unchanged when off: validation
+on held-out images with ``best.pt`` (:mod:`.validation`), min-SNR-gamma loss weighting
+(:mod:`.loss_weighting`), an EMA of the vectors (:mod:`.ema`) and TensorBoard logging (:mod:`.tb_logging`).
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.backend.numerics import NAN_HINT, nan_message
 from medical_diffusion.devices import configure_for_speed, release_cached_memory
 from medical_diffusion.errors import Cancelled, MedDiffError
+from medical_diffusion.training import tb_logging
 from medical_diffusion.training.config import TrainConfig
 from medical_diffusion.training.dataset import LatentCache, load_training_images
+from medical_diffusion.training.ema import VectorEma
 from medical_diffusion.training.embedding_init import initial_vectors
+from medical_diffusion.training.loss_weighting import min_snr_weights, snr_at, weighted_diffusion_loss
 from medical_diffusion.training.progress import EtaEstimator, ProgressCallback, ProgressEvent
 from medical_diffusion.training.prompts import PromptSource
 from medical_diffusion.training.run_folder import RunFolder, resume_config
+from medical_diffusion.training.seeds import mix as _mix
+from medical_diffusion.training.validation import BestTracker, Validator, resolve_val_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +52,13 @@ class TrainResult:
     steps_done: int
     last_loss: float | None
     interrupted: bool
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix64-style), stable across runs and platforms."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF
+    #: with validation: ``best.pt``, its step and validation loss, and the last validation loss
+    best_path: Path | None = None
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+    #: with an EMA: ``<name>-ema.pt``
+    ema_path: Path | None = None
 
 
 class _DataOrder:
@@ -157,23 +164,30 @@ class _Pending:
     loss: torch.Tensor  # 0-d, on the device
     grad_ok: torch.Tensor  # 0-d bool, on the device
     lr: float
+    norm: torch.Tensor | None = None  # 0-d mean L2 norm of the vectors (only when a logger wants it)
 
 
 class _GoodState:
-    """The vectors and optimizer state at the last step whose loss and gradient were checked finite."""
+    """The vectors, optimizer state (and EMA) at the last step whose loss and gradient were checked finite."""
 
-    def __init__(self, step: int, param: torch.Tensor, optimizer: torch.optim.Optimizer):
+    def __init__(self, step: int, param: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 ema: VectorEma | None = None):
+        self.ema = ema
         self.save(step, param, optimizer)
 
     def save(self, step: int, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         self.step = step
         self.vectors = param.detach().clone()
         self.optimizer = copy.deepcopy(optimizer.state_dict())
+        if self.ema is not None:
+            self.ema_vectors = self.ema.copy()
 
     def restore(self, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> int:
         with torch.no_grad():
             param.copy_(self.vectors)
         optimizer.load_state_dict(self.optimizer)
+        if self.ema is not None:
+            self.ema.restore(self.ema_vectors)
         return self.step
 
 
@@ -228,7 +242,10 @@ def train(
 
     if resume and run.config_path.is_file():  # the run's identity stays; only steps, lr, previews ... may change
         resume_config(run.root, config)
+    tb_logging.check_log_with(config.log_with)
     images = load_training_images(config.data_dir, config.resolution, config.mask)  # before touching the run folder
+    val_dir = resolve_val_dir(config.val_data, config.data_dir)
+    val_images = load_training_images(val_dir, config.resolution) if val_dir is not None else None
     start_step, state = 0, None
     if resume:
         found = run.load_latest()
@@ -241,6 +258,7 @@ def train(
             log.info("no checkpoint in %s: starting from step 0", run.root)
         run.write_config(config)
         run.truncate_losses(start_step)
+        run.truncate_val_losses(start_step if start_step > 0 else -1)  # step 0 is validated again
     else:
         run.create(config, force=force)
 
@@ -249,11 +267,17 @@ def train(
         backend, images, sample=config.latents == "sample", hflip=config.hflip, mask_weight=config.mask_weight,
         seed=_mix(config.seed, 2),
     )
+    prompts = PromptSource(name, config.template_file)
+    validator = None
+    if val_images is not None:
+        validator = Validator(backend, val_images, name=name, prompts=prompts, seed=config.seed,
+                              timesteps_per_image=config.val_timesteps, sample_latents=config.latents == "sample")
+        log.info("validation: %d images x %d fixed timesteps every %s steps", len(validator),
+                 config.val_timesteps, config.val_every or "(start and end)")
     offload = offload_vae_wanted(config, device)
     if offload:  # the latents are cached: the VAE is needed again only for previews
         backend.place_vae("cpu")
         release_cached_memory(device)
-    prompts = PromptSource(name, config.template_file)
     order = _DataOrder(len(cache), config.seed)
 
     if state is not None:
@@ -265,6 +289,16 @@ def train(
     optimizer = _make_optimizer(param, schedule.rate_at(start_step))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+    ema = VectorEma(param, config.ema_decay) if config.ema_decay is not None else None
+    if ema is not None and state is not None:
+        if "ema" in state:
+            ema.load_state_dict(state["ema"], str(ck.state_path))
+        else:
+            log.warning("%s holds no EMA state: the EMA restarts from the resumed vectors", ck.state_path)
+    snr_weighting = None
+    if config.min_snr_gamma is not None:
+        snr_weighting = min_snr_weights(snr_at(backend.alphas_cumprod, torch.arange(backend.num_train_timesteps)),
+                                        config.min_snr_gamma, backend.prediction_type)
 
     set_ckpt = getattr(backend, "set_gradient_checkpointing", None)
     if config.gradient_checkpointing:
@@ -284,14 +318,18 @@ def train(
         return torch.autocast(device.type, dtype=autocast_dtype)
 
     last_plot = [time.monotonic()]
+    model_id = dict(checkpoint_name=getattr(backend, "label", None) or config.model,
+                    checkpoint_hash=getattr(backend, "checkpoint_hash", None))
 
     def checkpoint(step: int, final: bool = False) -> Path:
         extra = {"optimizer": optimizer.state_dict()}
         if scaler is not None:
             extra["scaler"] = scaler.state_dict()
-        ck = run.save_checkpoint(param, step, extra,
-                                 checkpoint_name=getattr(backend, "label", None) or config.model,
-                                 checkpoint_hash=getattr(backend, "checkpoint_hash", None))
+        if ema is not None:
+            extra["ema"] = ema.state_dict()
+        ck = run.save_checkpoint(param, step, extra, **model_id)
+        if ema is not None:
+            run.write_embedding(ema.shadow, run.ema_path, step, **model_id)
         if final or time.monotonic() - last_plot[0] > 60:  # the curve costs ~0.5 s: at most once a minute
             run.plot_losses()
             last_plot[0] = time.monotonic()
@@ -303,10 +341,31 @@ def train(
     last_loss: float | None = None
     interrupted = False
     saved_step = start_step if state is not None else -1
-    good = _GoodState(start_step, param, optimizer)
+    good = _GoodState(start_step, param, optimizer, ema)
     pending: list[_Pending] = []
     clock = [time.perf_counter()]
     failed = False
+    tb = None
+    if config.log_with == "tensorboard":
+        tb = tb_logging.TrainLogger(tb_logging.open_tensorboard(run.tensorboard_dir,
+                                                                purge_step=start_step + 1 if start_step else None))
+    best = None
+    last_val: float | None = None
+    if validator is not None:
+        found = run.best_until(start_step) if start_step > 0 else None
+        best = BestTracker(*found) if found is not None else BestTracker()
+
+    def validate(step: int) -> float:
+        """Validation loss of the current vectors: logged, and ``best.pt`` when it is a new best."""
+        nonlocal last_val
+        value = validator.loss(param.detach(), autocast)
+        run.append_val_loss(step, value)
+        if best.offer(step, value):
+            run.save_best(param, step, value, **model_id)
+        if tb is not None:
+            tb.validation(step, value)
+        last_val = value
+        return value
 
     def flush() -> list[ProgressEvent]:
         """Read the pending losses back (one host sync), check them, log them; events for the caller."""
@@ -315,6 +374,9 @@ def train(
             return []
         checks = [torch.stack([p.loss.float(), p.grad_ok.float()]) for p in pending]
         values = torch.stack(checks).cpu().tolist()
+        norms = [None] * len(pending)
+        if tb is not None:
+            norms = torch.stack([p.norm for p in pending]).cpu().tolist()
         scale = float(scaler.get_scale()) if scaler is not None else None
         now = time.perf_counter()
         seconds = (now - clock[0]) / len(pending)
@@ -339,8 +401,10 @@ def train(
             raise MedDiffError(f"step {last}: the fp16 gradients keep overflowing (loss scale {scale:g}). "
                                f"{NAN_HINT} (the run keeps step {step})")
         events = []
-        for p, (loss, _ok) in zip(pending, values):
+        for p, (loss, _ok), norm in zip(pending, values, norms):
             run.append_loss(p.step, loss, p.lr, seconds)
+            if tb is not None:
+                tb.step(p.step, loss, p.lr, norm)
             events.append(ProgressEvent(step=p.step, total=total, loss=loss, lr=p.lr,
                                         eta_seconds=eta.update(seconds, total - p.step),
                                         it_per_s=1.0 / seconds if seconds > 0 else None))
@@ -355,6 +419,9 @@ def train(
             return bool((stop is not None and stop()) or ctrl_c())
 
         try:
+            if validator is not None and start_step == 0:
+                log.info("step 0: validation loss %.4f", validate(0))
+                clock[0] = time.perf_counter()
             while step < total:
                 if should_stop():
                     interrupted = True
@@ -382,7 +449,12 @@ def train(
                             texts = prompts.prompts([cache.captions[i] for i in idx], rng)
                             conds = [backend.encode_prompt(t, {name: param}) for t in texts]
                             cond = _pad_chunks(backend, conds)
-                        loss = backend.diffusion_loss(latents, cond, noise, timesteps, weight)
+                        if snr_weighting is None:
+                            loss = backend.diffusion_loss(latents, cond, noise, timesteps, weight)
+                        else:
+                            sample_weight = snr_weighting[timesteps.long()].to(device)
+                            loss = weighted_diffusion_loss(backend, latents, cond, noise, timesteps, weight,
+                                                           sample_weight)
                     scaled = loss.float() / config.grad_accumulation
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     step_loss += loss.detach().float() / config.grad_accumulation
@@ -399,14 +471,22 @@ def train(
                     scaler.update()
                 else:
                     optimizer.step()
+                if ema is not None:
+                    ema.update(param)
                 step += 1
-                pending.append(_Pending(step, step_loss, grad_ok, lr))
+                norm = param.detach().norm(dim=1).mean() if tb is not None else None
+                pending.append(_Pending(step, step_loss, grad_ok, lr, norm))
                 due_save = bool(config.save_every and step % config.save_every == 0)
                 due_preview = bool(config.preview_every and step % config.preview_every == 0)
-                if not (due_save or due_preview or len(pending) >= every or step >= total):
+                due_val = validator is not None and (step >= total or bool(config.val_every and
+                                                                           step % config.val_every == 0))
+                if not (due_save or due_preview or due_val or len(pending) >= every or step >= total):
                     continue
                 events = flush()
                 event = events[-1]
+                if due_val:
+                    event.val_loss = validate(step)
+                    event.best_step, event.best_val_loss = best.step, best.loss
                 if due_save:
                     event.checkpoint = checkpoint(step)
                     saved_step = step
@@ -419,7 +499,9 @@ def train(
                         log.info("preview at step %d skipped: stop requested", step)
                     except Exception as exc:  # a failed preview must not end a long run
                         log.warning("preview at step %d failed: %s", step, exc)
-                if due_save or due_preview:
+                    if tb is not None and event.preview is not None:
+                        tb.preview(step, event.preview)
+                if due_save or due_preview or due_val:
                     clock[0] = time.perf_counter()  # it/s counts training steps only
                 if progress is not None:
                     for item in events:
@@ -441,11 +523,19 @@ def train(
             elif step > 0:
                 run.plot_losses()
             run.close()
+            if tb is not None:
+                tb.close()
             if set_ckpt is not None and config.gradient_checkpointing:
                 set_ckpt(False)
             if offload:
                 backend.place_vae(vae_home)
-    return TrainResult(run.root, run.latest_path, step, last_loss, interrupted)
+    result = TrainResult(run.root, run.latest_path, step, last_loss, interrupted)
+    if best is not None:
+        result.best_path = run.best_path if run.best_path.is_file() else None
+        result.best_step, result.best_val_loss, result.last_val_loss = best.step, best.loss, last_val
+    if ema is not None:
+        result.ema_path = run.ema_path
+    return result
 
 
 def run_training(
@@ -467,6 +557,7 @@ def run_training(
         from medical_diffusion.backend.diffusers_backend import load_backend
 
         config.validate()
+        tb_logging.check_log_with(config.log_with)  # before the slow model load
         backend = load_backend(config.model, device=device, dtype=dtype, prediction_type=config.prediction_type,
                                attention=attention)
     return train(config, backend, run_dir, resume=resume, force=force, progress=progress, stop=stop)

@@ -21,6 +21,11 @@ class ProgressEvent:
     preview: Path | None = None
     checkpoint: Path | None = None
     message: str = ""
+    #: validation loss, on the steps where it was computed (``val_every``)
+    val_loss: float | None = None
+    #: step and validation loss of ``best.pt`` after this validation
+    best_step: int | None = None
+    best_val_loss: float | None = None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -33,9 +38,14 @@ class TqdmProgress:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+        self.val: str | None = None
 
     def __call__(self, event: ProgressEvent) -> None:
-        self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2g}", refresh=False)
+        if event.val_loss is not None:
+            best = f" (best {event.best_val_loss:.4f} @ {event.best_step})" if event.best_step is not None else ""
+            self.val = f"{event.val_loss:.4f}{best}"
+        extra = {"val": self.val} if self.val is not None else {}
+        self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2g}", **extra, refresh=False)
         self.bar.update(event.step - self.bar.n)
         if event.checkpoint is not None:
             self.bar.write(f"step {event.step}: saved {event.checkpoint}")

@@ -7,19 +7,28 @@ Layout::
     embeddings/<name>-<step>.pt        checkpoint (A1111 format, loads in the webui and diffusers)
     embeddings/<name>-<step>.pt.optim  optimizer state + exact vectors, for --resume
     loss.csv                   step,loss,lr,seconds (one line per step, flushed)
-    loss.png                   loss curve (rewritten at each checkpoint)
+    loss.png                   loss curve (rewritten at each checkpoint; validation loss beside it)
     previews/<name>-<step>.png preview at a fixed seed
 
-Every file except the append-only ``loss.csv`` is written atomically; the state file is
-written before its ``.pt``, so a checkpoint whose ``.pt`` exists is complete. A torn last line
-in ``loss.csv`` is dropped on resume.
+With the options on, also::
+
+    val_loss.csv               step,val_loss (validation)
+    best.pt, best.json         the vectors with the lowest validation loss so far, their step and loss
+    <name>-ema.pt              EMA of the vectors (rewritten at each checkpoint)
+    tensorboard/               TensorBoard event files
+
+Every file except the append-only ``loss.csv``/``val_loss.csv`` is written atomically; the state file is
+written before its ``.pt``, so a checkpoint whose ``.pt`` exists is complete (``best.json`` likewise
+after ``best.pt``). A torn last line in a ``.csv`` is dropped on resume.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +44,7 @@ from medical_diffusion.training.config import CONFIG_FILE, TrainConfig
 log = logging.getLogger(__name__)
 
 LOSS_HEADER = ["step", "loss", "lr", "seconds"]
+VAL_HEADER = ["step", "val_loss"]
 
 
 @dataclass
@@ -56,7 +66,21 @@ class RunFolder:
         self.loss_csv = self.root / "loss.csv"
         self.loss_png = self.root / "loss.png"
         self.latest_path = self.root / f"{name}.pt"
+        self.val_csv = self.root / "val_loss.csv"
+        self.best_meta_path = self.root / "best.json"
+        self.tensorboard_dir = self.root / "tensorboard"
         self._loss_file: io.TextIOBase | None = None
+        self._val_file: io.TextIOBase | None = None
+
+    @property
+    def best_path(self) -> Path:
+        """The embedding with the lowest validation loss so far."""
+        return self.root / "best.pt"
+
+    @property
+    def ema_path(self) -> Path:
+        """The EMA of the vectors, rewritten at each checkpoint."""
+        return self.root / f"{self.name}-ema.pt"
 
     # -- setup ----------------------------------------------------------------------------
     def create(self, config: TrainConfig, force: bool = False) -> None:
@@ -70,7 +94,10 @@ class RunFolder:
         if force:
             for old in list(self.ckpt_dir.glob("*.pt")) + list(self.ckpt_dir.glob("*.optim")):
                 old.unlink()
-            self.loss_csv.unlink(missing_ok=True)
+            for old in (self.loss_csv, self.val_csv, self.best_meta_path, self.best_path, self.ema_path):
+                old.unlink(missing_ok=True)
+            for old in self.tensorboard_dir.glob("events.out.tfevents.*") if self.tensorboard_dir.is_dir() else []:
+                old.unlink()
         self.write_config(config)
 
     def write_config(self, config: TrainConfig) -> None:
@@ -88,19 +115,61 @@ class RunFolder:
     ) -> Checkpoint:
         """Write optimizer/RNG state, then the A1111 ``.pt``, then refresh ``<name>.pt``; the model's
         name and short hash go into the ``.pt`` as A1111 writes them."""
-        from medical_diffusion.embeddings import Embedding, save_embedding
-
         ck = self.checkpoint_paths(step)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         vec = vectors.detach().to("cpu", torch.float32).clone()
         with atomic_path(ck.state_path) as tmp:
             torch.save(dict(state, step=step, vectors=vec), tmp)
-        model = dict(step=step, sd_checkpoint=checkpoint_hash, sd_checkpoint_name=checkpoint_name)
-        save_embedding(Embedding(name=ck.embedding_path.stem, vectors=vec, **model), ck.embedding_path,
-                       fmt="a1111", force=True)
-        latest = Embedding(name=self.name, vectors=vec, **model)
-        save_embedding(latest, self.latest_path, fmt="a1111", force=True)
+        self.write_embedding(vec, ck.embedding_path, step, checkpoint_name, checkpoint_hash)
+        self.write_embedding(vec, self.latest_path, step, checkpoint_name, checkpoint_hash)
         return ck
+
+    def write_embedding(self, vectors: torch.Tensor, path: Path, step: int, checkpoint_name: str | None = None,
+                        checkpoint_hash: str | None = None) -> Path:
+        """Write ``vectors`` as an embedding file at ``path`` (atomically; the stored name is the file stem).
+
+        Every embedding file of a run (checkpoints, latest, best, EMA) is written here."""
+        from medical_diffusion.embeddings import Embedding, save_embedding
+
+        vec = vectors.detach().to("cpu", torch.float32).clone()
+        model = dict(step=step, sd_checkpoint=checkpoint_hash, sd_checkpoint_name=checkpoint_name)
+        return save_embedding(Embedding(name=Path(path).stem, vectors=vec, **model), path, fmt="a1111", force=True)
+
+    # -- best by validation loss ----------------------------------------------------------
+    def save_best(self, vectors: torch.Tensor, step: int, val_loss: float, checkpoint_name: str | None = None,
+                  checkpoint_hash: str | None = None) -> Path:
+        """``best.pt`` then ``best.json`` (``{"step", "val_loss", "embedding"}``), each atomically."""
+        path = self.write_embedding(vectors, self.best_path, step, checkpoint_name, checkpoint_hash)
+        meta = {"step": int(step), "val_loss": float(val_loss), "embedding": path.name}
+        atomic_write_text(self.best_meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return path
+
+    def read_best(self) -> tuple[int, float] | None:
+        """``(step, val_loss)`` of ``best.json`` when it and ``best.pt`` are there and readable."""
+        if not (self.best_meta_path.is_file() and self.best_path.is_file()):
+            return None
+        try:
+            meta = json.loads(self.best_meta_path.read_text("utf-8"))
+            step, loss = int(meta["step"]), float(meta["val_loss"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: unreadable (%s); the best is taken from %s", self.best_meta_path, exc, self.val_csv.name)
+            return None
+        return (step, loss) if math.isfinite(loss) else None
+
+    def best_until(self, step: int) -> tuple[int, float] | None:
+        """The best ``(step, val_loss)`` of a run resumed at ``step``: ``best.json`` when it is not from a
+        later step, else the lowest logged validation loss up to ``step`` (ties: the earlier step)."""
+        found = self.read_best()
+        if found is not None and found[0] <= step:
+            return found
+        rows = [(s, v) for s, v in self.read_val_losses() if s <= step and math.isfinite(v)]
+        if found is not None:
+            log.warning("%s is from step %d, after the resumed step %d; it is replaced once the run passes a "
+                        "lower validation loss", self.best_path, found[0], step)
+        if not rows:
+            return None
+        best = min(rows, key=lambda r: (r[1], r[0]))
+        return best
 
     def checkpoints(self) -> list[Checkpoint]:
         """Complete checkpoints (``.pt`` and state present), oldest first."""
@@ -159,10 +228,43 @@ class RunFolder:
         self._loss_file.write(f"{step},{loss:.8g},{lr:.8g},{seconds:.4f}\n")
         self._loss_file.flush()
 
+    def read_val_losses(self) -> list[tuple[int, float]]:
+        rows: list[tuple[int, float]] = []
+        if not self.val_csv.is_file():
+            return rows
+        with open(self.val_csv, newline="", encoding="utf-8") as fh:
+            for row in csv.reader(fh):
+                try:
+                    rows.append((int(row[0]), float(row[1])))
+                except (ValueError, IndexError):
+                    continue  # header or a torn last line
+        return rows
+
+    def truncate_val_losses(self, step: int) -> None:
+        """Keep validation lines up to ``step`` (none when ``step`` < 0); nothing to do without the file."""
+        if not self.val_csv.exists():
+            return
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(VAL_HEADER)
+        writer.writerows((s, f"{v:.8g}") for s, v in self.read_val_losses() if s <= step)
+        atomic_write_text(self.val_csv, buf.getvalue())
+
+    def append_val_loss(self, step: int, val_loss: float) -> None:
+        if self._val_file is None:
+            new = not self.val_csv.exists()
+            self._val_file = open(self.val_csv, "a", encoding="utf-8", newline="")
+            if new:
+                self._val_file.write(",".join(VAL_HEADER) + "\n")
+        self._val_file.write(f"{step},{val_loss:.8g}\n")
+        self._val_file.flush()
+
     def close(self) -> None:
-        if self._loss_file is not None:
-            self._loss_file.close()
-            self._loss_file = None
+        for attr in ("_loss_file", "_val_file"):
+            handle = getattr(self, attr)
+            if handle is not None:
+                handle.close()
+                setattr(self, attr, None)
 
     def plot_losses(self) -> Path | None:
         """Write ``loss.png`` (raw loss and a moving average); None when nothing is logged."""
@@ -182,9 +284,12 @@ class RunFolder:
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         ax.plot(steps, losses, lw=0.6, alpha=0.4, label="loss")
         ax.plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+        val = self.read_val_losses()
+        if val:
+            ax.plot([r[0] for r in val], [r[1] for r in val], lw=1.5, marker="o", ms=3, label="validation")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.set_title(f"{self.name}: training loss")
+        ax.set_title(f"{self.name}: training loss" + (" and validation loss" if val else ""))
         ax.legend(loc="upper right")
         fig.tight_layout()
         with atomic_path(self.loss_png) as tmp:
@@ -208,11 +313,13 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 RESUME_FIXED = (
     "name", "data_dir", "model", "n_vectors", "init", "init_text", "init_random_scale", "seed", "resolution",
     "latents", "hflip", "mask", "mask_weight", "template_file",
+    # validation set and its draws, loss weighting and EMA define what the run's numbers mean
+    "val_data", "val_timesteps", "min_snr_gamma", "ema_decay",
 )
 
 
 def _same(key: str, old: Any, new: Any) -> bool:
-    if key in ("data_dir", "mask", "template_file") and old and new and new != "alpha":
+    if key in ("data_dir", "mask", "template_file", "val_data") and old and new and new not in ("alpha", "auto"):
         return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
     return old == new
 

@@ -30,7 +30,9 @@ class _Body(BaseModel):
 
 
 class TrainRequest(_Body):
-    """``POST /train``: the config's fields are checked by ``TrainConfig.validate`` (shared with CLI and tab)."""
+    """``POST /train``: the config's fields are checked by ``TrainConfig.validate`` (shared with CLI and tab):
+    every number within :data:`medical_diffusion.limits.TRAIN_BOUNDS` (422 otherwise), including the
+    training-quality options ``val_every``, ``val_timesteps``, ``min_snr_gamma`` and ``ema_decay``."""
 
     config: Dict[str, Any] = {}
     run_dir: Optional[PathText] = None

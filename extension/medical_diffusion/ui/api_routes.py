@@ -117,6 +117,8 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
 
     @router.get("/train/status")
     def training_status(losses: bool = False):
+        """The run's state: step, loss, ``val_loss``, ``best_step``/``best_val_loss`` (with validation), the
+        ``best``/``ema`` files once finished; ``?losses=true`` adds ``losses`` and ``val_losses``."""
         return ctx.trainer.state.to_dict(with_losses=losses)
 
     @router.post("/interpolate")

@@ -10,6 +10,18 @@ from medical_diffusion.ui.context import UIContext
 from medical_diffusion.ui.feedback import shows_errors
 
 
+def quality_options(val_data, val_every, min_snr_gamma, ema_decay, log_with) -> dict:
+    """The tab's validation / min-SNR / EMA / logging fields as :class:`TrainConfig` settings (0 or empty: off)."""
+    def number(value):
+        return None if value in (None, "") or float(value) == 0 else float(value)
+
+    return dict(
+        val_data=(val_data or "").strip() or None,
+        val_every=int(val_every if val_every not in (None, "") else 500),
+        min_snr_gamma=number(min_snr_gamma), ema_decay=number(ema_decay), log_with=log_with or "none",
+    )
+
+
 def build(ctx: UIContext) -> None:
     from medical_diffusion.training.config import TrainConfig
 
@@ -39,6 +51,19 @@ def build(ctx: UIContext) -> None:
         hflip = gr.Checkbox(False, label="Horizontal flips (off: anatomy has a side)")
         gckpt = gr.Checkbox(False, label="Gradient checkpointing (less GPU memory, slower)", elem_id="md_train_gckpt")
         resume = gr.Checkbox(False, label="Resume the run folder's last checkpoint", elem_id="md_train_resume")
+    with gr.Accordion("Validation and training quality (all off: the paper's run)", open=False):
+        with gr.Row():
+            val_data = gr.Textbox(label="Validation images folder (empty: none; 'auto': the prepared val split)",
+                                  elem_id="md_train_val_data")
+            val_every = gr.Number(value=500, precision=0, label="Validate every N steps (0: start and end)",
+                                  elem_id="md_train_val_every")
+        with gr.Row():
+            min_snr = gr.Number(value=0, label="Min-SNR-gamma loss weighting (0: off; e.g. 5)",
+                                elem_id="md_train_min_snr")
+            ema_decay = gr.Number(value=0, label="EMA decay of the vectors (0: off; e.g. 0.999)",
+                                  elem_id="md_train_ema")
+            log_with = gr.Radio(["none", "tensorboard"], value="none", label="Also log with",
+                                elem_id="md_train_log_with")
     with gr.Row():
         start_btn = gr.Button("Train", variant="primary", elem_id="md_train_start")
         stop_btn = gr.Button("Stop (saves a checkpoint)", elem_id="md_train_stop")
@@ -47,29 +72,32 @@ def build(ctx: UIContext) -> None:
                     elem_id="md_train_device")
     status = gr.Markdown(elem_id="md_train_status")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", width=500, height=300,
-                                elem_id="md_train_loss", tooltip=["step", "loss"])
+        loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", width=500, height=300,
+                                elem_id="md_train_loss", tooltip=["step", "loss", "series"])
         preview = gr.Image(label="Latest preview", type="filepath", interactive=False, elem_id="md_train_preview")
 
-    def config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc=False):
+    def config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc=False,
+                    vd=None, ve=500, snr=0, ema=0, lw="none"):
         return TrainConfig(
             name=(n or "").strip(), data_dir=(d or "").strip(), model=ctx.model_id or "webui",
             n_vectors=int(v), init="text" if (it or "").strip() else "zeros", init_text=(it or "*").strip() or "*",
             learning_rate=str(lr_).strip(), steps=int(st), batch_size=int(b), grad_accumulation=int(acc),
             seed=int(sd), resolution=int(res), save_every=int(se), preview_every=int(pe),
             preview_steps=int(ps), latents=lat, hflip=bool(flip), gradient_checkpointing=bool(gc),
+            **quality_options(vd, ve, snr, ema, lw),
         )
 
-    def frame(points):
+    def frame(points, val_points=()):
         import pandas as pd
 
-        return pd.DataFrame(points or [(0, float("nan"))], columns=["step", "loss"])
+        rows = [(s, v, "training") for s, v in points] + [(s, v, "validation") for s, v in val_points]
+        return pd.DataFrame(rows or [(0, float("nan"), "training")], columns=["step", "loss", "series"])
 
     @shows_errors
-    def start(n, d, r, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, res_flag):
+    def start(n, d, r, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, res_flag, vd, ve, snr, ema, lw):
         if not (d or "").strip() and not res_flag:
             raise ValueError("give the training images folder")
-        config = config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc)
+        config = config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, vd, ve, snr, ema, lw)
         runner = ctx.trainer
         state = runner.start(config, (r or "").strip() or None, resume=bool(res_flag))
         shown = (-1, None)
@@ -77,13 +105,13 @@ def build(ctx: UIContext) -> None:
             snapshot = (len(state.losses), state.message)
             if snapshot != shown:
                 shown = snapshot
-                yield state.message, frame(list(state.losses)), state.preview
+                yield state.message, frame(list(state.losses), list(state.val_losses)), state.preview
             if not state.running:
                 break
             time.sleep(0.5)
         if state.error:
             raise ValueError(state.error)
-        yield state.message, frame(list(state.losses)), state.preview
+        yield state.message, frame(list(state.losses), list(state.val_losses)), state.preview
 
     def stop():
         if not ctx.trainer.running:
@@ -91,6 +119,7 @@ def build(ctx: UIContext) -> None:
         return ctx.trainer.stop().message
 
     start_btn.click(start, [name, data_dir, run_dir, vectors, init_text, lr, steps, batch, accum, seed, resolution,
-                            save_every, preview_every, preview_steps, latents, hflip, gckpt, resume],
+                            save_every, preview_every, preview_steps, latents, hflip, gckpt, resume,
+                            val_data, val_every, min_snr, ema_decay, log_with],
                     [status, loss_plot, preview])
     stop_btn.click(stop, None, [status], queue=False)

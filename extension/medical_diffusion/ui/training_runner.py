@@ -29,6 +29,13 @@ class RunState:
     device: str = ""  # where the model runs, e.g. "cuda (NVIDIA ..., 8.0 GiB), weights float16"
     preview: str | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    #: with validation: the last validation loss, best.pt's step and loss, and every (step, val loss)
+    val_loss: float | None = None
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    best: str | None = None  # best.pt in the run folder, once finished
+    ema: str | None = None  # <name>-ema.pt in the run folder, once finished
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
     message: str = ""
     error: str | None = None
     embedding: str | None = None  # the saved embedding, once finished
@@ -40,6 +47,7 @@ class RunState:
         d = dict(self.__dict__)
         if not with_losses:
             d.pop("losses")
+            d.pop("val_losses")
         return d
 
 
@@ -96,10 +104,16 @@ class TrainingRunner:
         else:
             config = TrainConfig.from_dict(requested)
         config.validate()
+        from medical_diffusion.training.tb_logging import check_log_with
+
+        check_log_with(config.log_with)
         config.data_dir = str(ctx.path(config.data_dir, must_exist=True, kind="folder",
                                        label="training images folder"))
         if config.mask not in (None, "alpha"):
             config.mask = str(ctx.path(config.mask, must_exist=True, kind="folder", label="mask folder"))
+        if config.val_data is not None and config.val_data.strip().lower() != "auto":
+            config.val_data = str(ctx.path(config.val_data, must_exist=True, kind="folder",
+                                           label="validation images folder"))
         if config.template_file is not None:
             config.template_file = str(ctx.path(config.template_file, must_exist=True, kind="file",
                                                 label="template file"))
@@ -121,11 +135,15 @@ class TrainingRunner:
         s.step, s.total, s.loss, s.lr, s.eta_seconds = event.step, event.total, event.loss, event.lr, event.eta_seconds
         s.it_per_s = getattr(event, "it_per_s", None)
         s.losses.append((event.step, event.loss))
+        if getattr(event, "val_loss", None) is not None:
+            s.val_loss, s.best_step, s.best_val_loss = event.val_loss, event.best_step, event.best_val_loss
+            s.val_losses.append((event.step, event.val_loss))
         if event.preview is not None:
             s.preview = str(event.preview)
         eta = f", ETA {format_duration(event.eta_seconds)}" if event.eta_seconds is not None else ""
         speed = f", {s.it_per_s:.2f} it/s" if s.it_per_s else ""
-        s.message = f"step {event.step}/{event.total}, loss {event.loss:.4f}, lr {event.lr:g}{speed}{eta}"
+        s.message = (f"step {event.step}/{event.total}, loss {event.loss:.4f}{_val_text(s)}, lr {event.lr:g}"
+                     f"{speed}{eta}")
         self.ctx.on_training_step(event)
 
     def _work(self, config, folder: Path, resume: bool) -> None:
@@ -147,14 +165,30 @@ class TrainingRunner:
             s.embedding, s.interrupted = str(target), result.interrupted
             loss = f" (loss {result.last_loss:.4f})" if result.last_loss is not None else ""
             verb = "stopped" if result.interrupted else "finished"
+            extras = ""
+            if result.best_path is not None:
+                s.best, s.best_step, s.best_val_loss = str(result.best_path), result.best_step, result.best_val_loss
+                extras += (f"; best validation loss {result.best_val_loss:.4f} at step {result.best_step} "
+                           f"in {result.best_path}")
+            if result.ema_path is not None:
+                s.ema = str(result.ema_path)
+                extras += f"; EMA in {result.ema_path}"
             s.message = (f"{verb} at step {result.steps_done}{loss}; saved {target}, usable in prompts now "
-                         f"(run folder {result.run_dir})")
+                         f"(run folder {result.run_dir}){extras}")
         except Exception as exc:  # reported to the tab / API, not lost in a thread
             s.error = str(exc) or exc.__class__.__name__
             s.message = f"failed: {s.error}"
         finally:
             s.finished_at = time.time()
             s.running = False
+
+
+def _val_text(s: RunState) -> str:
+    """``, val 0.1234 (best 0.1200 at step 500)`` once a validation ran, else empty."""
+    if s.val_loss is None:
+        return ""
+    best = f" (best {s.best_val_loss:.4f} at step {s.best_step})" if s.best_step is not None else ""
+    return f", val {s.val_loss:.4f}{best}"
 
 
 def _describe_backend(backend) -> str:
