@@ -292,7 +292,7 @@ def test_one_bucket_order_is_the_square_order():
 
 def test_seeding_mix_is_the_loops():
     from medical_diffusion.training.loop import _mix
-    from medical_diffusion.training.seeding import mix
+    from medical_diffusion.training.seeds import mix
 
     for values in [(), (0,), (1, 2, 3), (2**70, -5, 7), (123456789, 4, 10**6, 3)]:
         assert mix(*values) == _mix(*values)

@@ -42,6 +42,10 @@ def register(subparsers) -> None:
     g.add_argument("--resolution", type=int, help="training image size in pixels (default 512)")
     g.add_argument("--latents", choices=["mean", "sample"], help="cache the VAE posterior mean or one sample")
     g.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips (off by default)")
+    g.add_argument("--bucketing", action="store_true", default=None,
+                   help="keep each image's aspect ratio: train on size buckets of about resolution^2 pixels (sides "
+                        "multiples of 64, 1:2 to 2:1, e.g. 448x576 for portrait X-rays) instead of resizing every "
+                        "image to a square (off: the paper's square resize)")
     g.add_argument("--mask", help="'alpha' (PNG alpha channel) or a folder of masks named like the images")
     g.add_argument("--mask-weight", type=float, help="loss weight inside the mask (outside 1)")
     g.add_argument("--template", dest="template_file", help="A1111 template file with [name]/[filewords] lines")
@@ -76,7 +80,7 @@ _OVERRIDABLE = (
     "gradient_checkpointing", "offload_vae", "sync_every", "val_every", "log_with",
 )
 _NEW_RUN = (
-    "vectors", "init", "init_text", "seed", "resolution", "latents", "hflip", "mask", "mask_weight",
+    "vectors", "init", "init_text", "seed", "resolution", "latents", "hflip", "bucketing", "mask", "mask_weight",
     "template_file", "val_data", "val_timesteps", "min_snr_gamma", "ema_decay",
 ) + _OVERRIDABLE
 

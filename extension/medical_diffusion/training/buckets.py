@@ -45,7 +45,7 @@ from medical_diffusion.training.dataset import (
     load_images,
     loss_weights,
 )
-from medical_diffusion.training.seeding import mix
+from medical_diffusion.training.seeds import mix
 
 log = logging.getLogger(__name__)
 

@@ -53,6 +53,7 @@ class TrainConfig:
     resolution: int = 512
     latents: str = "mean"  # VAE posterior "mean" or one "sample", encoded once and cached
     hflip: bool = False  # anatomy has a side: off by default
+    bucketing: bool = False  # aspect-ratio buckets of ~resolution^2 pixels instead of the paper's square resize
     mask: str | None = None  # None, "alpha", or a folder of masks named like the images
     mask_weight: float = 1.0  # loss weight inside the mask (outside: 1)
     template_file: str | None = None  # None: the prompt is the embedding name alone

@@ -212,6 +212,10 @@ class LatentCache:
     def __len__(self) -> int:
         return int(self.latents.shape[1])
 
+    def latent(self, index: int, flipped: bool = False) -> torch.Tensor:
+        """The cached latent ``(C, h, w)`` of image ``index`` (its flipped view when ``flipped`` and hflip is on)."""
+        return self.latents[1 if flipped and self.hflip else 0, index]
+
     def batch(self, indices: list[int], flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Latents ``(B, C, h, w)`` and weights ``(B, 1, h, w)`` or None."""
         views = [1 if f and self.hflip else 0 for f in flips]

@@ -30,6 +30,7 @@ from medical_diffusion.devices import configure_for_speed, release_cached_memory
 from medical_diffusion.errors import Cancelled, MedDiffError
 from medical_diffusion.training import tb_logging
 from medical_diffusion.training.config import TrainConfig
+from medical_diffusion.training.buckets import BucketBatchOrder, BucketedLatentCache, load_bucketed_images
 from medical_diffusion.training.dataset import LatentCache, load_training_images
 from medical_diffusion.training.ema import VectorEma
 from medical_diffusion.training.embedding_init import initial_vectors
@@ -243,9 +244,10 @@ def train(
     if resume and run.config_path.is_file():  # the run's identity stays; only steps, lr, previews ... may change
         resume_config(run.root, config)
     tb_logging.check_log_with(config.log_with)
-    images = load_training_images(config.data_dir, config.resolution, config.mask)  # before touching the run folder
+    load = load_bucketed_images if config.bucketing else load_training_images
+    images = load(config.data_dir, config.resolution, config.mask)  # before touching the run folder
     val_dir = resolve_val_dir(config.val_data, config.data_dir)
-    val_images = load_training_images(val_dir, config.resolution) if val_dir is not None else None
+    val_images = load(val_dir, config.resolution) if val_dir is not None else None
     start_step, state = 0, None
     if resume:
         found = run.load_latest()
@@ -263,7 +265,7 @@ def train(
         run.create(config, force=force)
 
     vae_home = getattr(backend, "vae_device", device)
-    cache = LatentCache(
+    cache = (BucketedLatentCache if config.bucketing else LatentCache)(
         backend, images, sample=config.latents == "sample", hflip=config.hflip, mask_weight=config.mask_weight,
         seed=_mix(config.seed, 2),
     )
@@ -271,14 +273,18 @@ def train(
     validator = None
     if val_images is not None:
         validator = Validator(backend, val_images, name=name, prompts=prompts, seed=config.seed,
-                              timesteps_per_image=config.val_timesteps, sample_latents=config.latents == "sample")
+                              timesteps_per_image=config.val_timesteps, sample_latents=config.latents == "sample",
+                              bucketing=config.bucketing)
         log.info("validation: %d images x %d fixed timesteps every %s steps", len(validator),
                  config.val_timesteps, config.val_every or "(start and end)")
     offload = offload_vae_wanted(config, device)
     if offload:  # the latents are cached: the VAE is needed again only for previews
         backend.place_vae("cpu")
         release_cached_memory(device)
-    order = _DataOrder(len(cache), config.seed)
+    if config.bucketing:
+        order = BucketBatchOrder(cache.bucket_of, config.batch_size, config.seed)
+    else:
+        order = _DataOrder(len(cache), config.seed)
 
     if state is not None:
         vectors = state["vectors"].float()
@@ -434,7 +440,10 @@ def train(
                 for micro in range(config.grad_accumulation):
                     gen = torch.Generator().manual_seed(_mix(config.seed, 4, step, micro))
                     first = (step * config.grad_accumulation + micro) * config.batch_size
-                    idx = [order.index(first + j) for j in range(config.batch_size)]
+                    if config.bucketing:  # one aspect bucket per micro-batch; a bucket's last one may be smaller
+                        idx = order.indices(step * config.grad_accumulation + micro)
+                    else:
+                        idx = [order.index(first + j) for j in range(config.batch_size)]
                     flips = (torch.rand(config.batch_size, generator=gen) < 0.5).tolist()
                     latents, weight = cache.batch(idx, flips)
                     latents = latents.to(device, non_blocking=True)

@@ -312,7 +312,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 #: settings a resumed run keeps from its ``run_config.json`` (changing them would mix two runs)
 RESUME_FIXED = (
     "name", "data_dir", "model", "n_vectors", "init", "init_text", "init_random_scale", "seed", "resolution",
-    "latents", "hflip", "mask", "mask_weight", "template_file",
+    "latents", "hflip", "bucketing", "mask", "mask_weight", "template_file",
     # validation set and its draws, loss weighting and EMA define what the run's numbers mean
     "val_data", "val_timesteps", "min_snr_gamma", "ema_decay",
 )

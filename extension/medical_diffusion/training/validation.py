@@ -26,6 +26,7 @@ import torch
 from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.training.config import VAL_AUTO
+from medical_diffusion.training.buckets import BucketedLatentCache
 from medical_diffusion.training.dataset import LatentCache, TrainImage
 from medical_diffusion.training.prompts import PromptSource
 from medical_diffusion.training.seeds import mix
@@ -83,19 +84,19 @@ class Validator:
     """The validation set's cached latents with its fixed noise, timesteps and prompts."""
 
     def __init__(self, backend: ModelBackend, images: list[TrainImage], *, name: str, prompts: PromptSource,
-                 seed: int, timesteps_per_image: int, sample_latents: bool = False):
+                 seed: int, timesteps_per_image: int, sample_latents: bool = False, bucketing: bool = False):
         if not images:
             raise MedDiffError("no validation images")
         self.backend, self.name = backend, name
-        self.cache = LatentCache(backend, images, sample=sample_latents, seed=mix(seed, _LATENT_SEED))
+        cache_type = BucketedLatentCache if bucketing else LatentCache
+        self.cache = cache_type(backend, images, sample=sample_latents, seed=mix(seed, _LATENT_SEED))
         k, steps = int(timesteps_per_image), backend.num_train_timesteps
         self.noise: list[torch.Tensor] = []
         self.timesteps: list[torch.Tensor] = []
-        latents = self.cache.latents[0]
         for i in range(len(self.cache)):
             gen = torch.Generator().manual_seed(mix(seed, _DRAW_SEED, i))
             self.timesteps.append(stratified_timesteps(k, steps, gen))
-            self.noise.append(torch.randn((k,) + tuple(latents.shape[1:]), generator=gen))
+            self.noise.append(torch.randn((k,) + tuple(self.cache.latent(i).shape), generator=gen))
         self.constant = prompts.constant
         self.texts = [name] * len(self.cache) if prompts.constant else [
             prompts.prompts([caption], random.Random(mix(seed, _PROMPT_SEED, i)))[0]
@@ -113,7 +114,7 @@ class Validator:
         losses, shared = [], None
         for i in range(len(self.cache)):
             k = self.timesteps[i].shape[0]
-            latents = self.cache.latents[0, i].unsqueeze(0).expand(k, -1, -1, -1).to(device)
+            latents = self.cache.latent(i).unsqueeze(0).expand(k, -1, -1, -1).to(device)
             noise = self.noise[i].to(latents)
             t = self.timesteps[i].to(device)
             with autocast():
