@@ -71,10 +71,12 @@ def inspect_command(args: argparse.Namespace) -> int:
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     if tolerance <= 1:
         raise MedDiffError(f"--tolerance {tolerance} must be greater than 1")
-    if args.model == "tiny" and args.expected_width is None:  # the demo model's width is no SD width
+    from medical_diffusion.backend.families import tiny_family
+
+    if tiny_family(args.model) and args.expected_width is None:  # the demo models' widths are no SD widths
         from medical_diffusion.backend.tiny import build_tiny_backend
 
-        args.expected_width = build_tiny_backend().text_width
+        args.expected_width = build_tiny_backend(family=tiny_family(args.model)).text_width
     reports, failures = [], []
     for path in args.files:
         try:

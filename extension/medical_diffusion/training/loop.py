@@ -221,7 +221,7 @@ def train(
     config.validate()
     schedule = config.schedule()
     total = config.total_steps()
-    run = RunFolder(run_dir, config.name)
+    run = RunFolder(run_dir, config.name, text_widths=getattr(backend, "text_widths", None))
     name = config.name
     device = backend.device
     configure_for_speed(device)

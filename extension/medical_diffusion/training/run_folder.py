@@ -6,6 +6,11 @@ Layout::
     <name>.pt                  latest embedding (A1111 format)
     embeddings/<name>-<step>.pt        checkpoint (A1111 format, loads in the webui and diffusers)
     embeddings/<name>-<step>.pt.optim  optimizer state + exact vectors, for --resume
+
+An SDXL run (``text_widths`` with ``clip_l``/``clip_g``) writes ``.safetensors`` with keys
+``clip_l`` and ``clip_g`` instead of ``.pt`` (``<name>.safetensors``,
+``embeddings/<name>-<step>.safetensors`` + ``.safetensors.optim``); the state file keeps the one
+concatenated tensor the backend trains.
     loss.csv                   step,loss,lr,seconds (one line per step, flushed)
     loss.png                   loss curve (rewritten at each checkpoint)
     previews/<name>-<step>.png preview at a fixed seed
@@ -47,15 +52,21 @@ class Checkpoint:
 class RunFolder:
     """Paths and file operations of one training run."""
 
-    def __init__(self, root: str | Path, name: str):
+    def __init__(self, root: str | Path, name: str, text_widths: dict[str, int] | None = None):
+        from medical_diffusion.embeddings.vector_blocks import embedding_format, embedding_suffix
+
         self.root = Path(root)
         self.name = name
+        #: the backend's vector blocks (None: one block, SD1/SD2) and the embedding files they give
+        self.text_widths = dict(text_widths) if text_widths else None
+        self.suffix = embedding_suffix(self.text_widths)
+        self.embedding_format = embedding_format(self.text_widths)
         self.ckpt_dir = self.root / "embeddings"
         self.preview_dir = self.root / "previews"
         self.config_path = self.root / CONFIG_FILE
         self.loss_csv = self.root / "loss.csv"
         self.loss_png = self.root / "loss.png"
-        self.latest_path = self.root / f"{name}.pt"
+        self.latest_path = self.root / f"{name}{self.suffix}"
         self._loss_file: io.TextIOBase | None = None
 
     # -- setup ----------------------------------------------------------------------------
@@ -68,7 +79,7 @@ class RunFolder:
             )
         self.root.mkdir(parents=True, exist_ok=True)
         if force:
-            for old in list(self.ckpt_dir.glob("*.pt")) + list(self.ckpt_dir.glob("*.optim")):
+            for old in list(self.ckpt_dir.glob(f"*{self.suffix}")) + list(self.ckpt_dir.glob("*.optim")):
                 old.unlink()
             self.loss_csv.unlink(missing_ok=True)
         self.write_config(config)
@@ -79,34 +90,41 @@ class RunFolder:
 
     # -- checkpoints ----------------------------------------------------------------------
     def checkpoint_paths(self, step: int) -> Checkpoint:
-        pt = self.ckpt_dir / f"{self.name}-{step}.pt"
+        pt = self.ckpt_dir / f"{self.name}-{step}{self.suffix}"
         return Checkpoint(step, pt, pt.with_name(pt.name + ".optim"))
 
     def save_checkpoint(
         self, vectors: torch.Tensor, step: int, state: dict[str, Any], checkpoint_name: str | None = None,
         checkpoint_hash: str | None = None,
     ) -> Checkpoint:
-        """Write optimizer/RNG state, then the A1111 ``.pt``, then refresh ``<name>.pt``; the model's
-        name and short hash go into the ``.pt`` as A1111 writes them."""
-        from medical_diffusion.embeddings import Embedding, save_embedding
-
+        """Write optimizer/RNG state, then the A1111 ``.pt`` (SDXL: ``.safetensors``), then refresh
+        ``<name>.pt``; the model's name and short hash go into the file as A1111 writes them."""
         ck = self.checkpoint_paths(step)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         vec = vectors.detach().to("cpu", torch.float32).clone()
         with atomic_path(ck.state_path) as tmp:
             torch.save(dict(state, step=step, vectors=vec), tmp)
         model = dict(step=step, sd_checkpoint=checkpoint_hash, sd_checkpoint_name=checkpoint_name)
-        save_embedding(Embedding(name=ck.embedding_path.stem, vectors=vec, **model), ck.embedding_path,
-                       fmt="a1111", force=True)
-        latest = Embedding(name=self.name, vectors=vec, **model)
-        save_embedding(latest, self.latest_path, fmt="a1111", force=True)
+        self._write_embedding(ck.embedding_path.stem, vec, ck.embedding_path, model)
+        self._write_embedding(self.name, vec, self.latest_path, model)
         return ck
+
+    def _write_embedding(self, name: str, vectors: torch.Tensor, path: Path, meta: dict[str, Any]) -> Path:
+        """One embedding file of this run's family (A1111 ``.pt``, or SDXL ``clip_l``/``clip_g`` ``.safetensors``)."""
+        from medical_diffusion.embeddings import Embedding, save_embedding
+        from medical_diffusion.embeddings.vector_blocks import embedding_from_vectors
+
+        if self.text_widths is None:
+            emb = Embedding(name=name, vectors=vectors, **meta)
+        else:
+            emb = embedding_from_vectors(name, vectors, self.text_widths, **meta)
+        return save_embedding(emb, path, fmt=self.embedding_format, force=True)
 
     def checkpoints(self) -> list[Checkpoint]:
         """Complete checkpoints (``.pt`` and state present), oldest first."""
-        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)\.pt$")
+        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+){re.escape(self.suffix)}$")
         found = []
-        for path in self.ckpt_dir.glob(f"{self.name}-*.pt") if self.ckpt_dir.is_dir() else []:
+        for path in self.ckpt_dir.glob(f"{self.name}-*{self.suffix}") if self.ckpt_dir.is_dir() else []:
             m = pattern.match(path.name)
             if m:
                 ck = self.checkpoint_paths(int(m.group(1)))
