@@ -312,7 +312,8 @@ def test_family_mismatch_messages(tmp_path, sdxl):
         embedding_from_vectors("x", torch.randn(2, 79), {"clip_l": 32, "clip_g": 48})
 
 
-def test_blend_and_compare_sdxl_pairs():
+def test_blend_and_compare_sdxl_pairs(tmp_path):
+    from medical_diffusion.cli import main
     from medical_diffusion.embeddings.blend import blend_embeddings
     from medical_diffusion.embeddings.similarity import compare_embeddings
 
@@ -322,6 +323,12 @@ def test_blend_and_compare_sdxl_pairs():
     mid = blend_embeddings(a, b, 0.5)
     assert torch.allclose(vectors_from_embedding(mid, widths), (vectors_from_embedding(a) + vectors_from_embedding(b)) / 2)
     assert set(compare_embeddings(a, b)["parts"]) == {"clip_l", "clip_g"}
+    for emb in (a, b):
+        save_embedding(emb, tmp_path / f"{emb.name}.safetensors", fmt="safetensors")
+    assert main(["embedding", "blend", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                 "--weight", "0.5", "--name", "mid", "--expected-width", "80"]) == 0
+    written = load_embedding(tmp_path / "mid.safetensors", expected_widths=widths)
+    assert torch.allclose(vectors_from_embedding(written), vectors_from_embedding(mid))
 
 
 # -- family detection ----------------------------------------------------------------------------

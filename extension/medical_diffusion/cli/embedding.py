@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("linear", "slerp"), default="linear")
     p.add_argument("--name", required=True, help="name of the new embedding (lowercase; also the file stem)")
     p.add_argument("-o", "--output", type=Path, help="output file/folder (default: NAME beside A)")
-    p.add_argument("--to", choices=FORMAT_CHOICES, default="a1111", dest="fmt")
+    p.add_argument("--to", choices=FORMAT_CHOICES, default=None, dest="fmt",
+                   help="output format (default: a1111 .pt; an SDXL pair: safetensors with clip_l/clip_g)")
     p.add_argument("--expected-width", type=int, help="accept this token width (a custom or tiny model)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=blend_command)
@@ -134,8 +135,9 @@ def blend_command(args: argparse.Namespace) -> int:
     a = load_embedding(args.a, args.expected_width)
     b = load_embedding(args.b, args.expected_width)
     mixed = blend_embeddings(a, b, args.weight, args.mode, args.name)
-    output = args.output or args.a.parent / (args.name + _SUFFIX[args.fmt])
-    if args.fmt != "diffusers" and output.stem != args.name:
+    fmt = args.fmt or ("safetensors" if mixed.is_sdxl else "a1111")
+    output = args.output or args.a.parent / (args.name + _SUFFIX[fmt])
+    if fmt != "diffusers" and output.stem != args.name:
         raise MedDiffError(f"{output}: file stem differs from --name {args.name!r}; the file name is the embedding's name")
-    _save(mixed, output, args.fmt, args.force)
+    _save(mixed, output, fmt, args.force)
     return 0

@@ -145,7 +145,7 @@ def run_generate(args) -> int:
         classes=classes, seed=resolve_seed(seed), steps=args.steps, cfg_scale=args.cfg,
         negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         paired_seeds=args.paired_seeds, model=str(args.model),
-        embeddings={name: embedding_fingerprint(emb.vectors) for name, emb in sorted(table.items())
+        embeddings={name: embedding_fingerprint(emb) for name, emb in sorted(table.items())
                     if used_in(name, [*classes.values(), args.negative_prompt])},
     )
     bar = StepBar("generate", unit="image")

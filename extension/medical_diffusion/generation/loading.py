@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import torch
 
 from medical_diffusion.backend.base import ModelBackend
-from medical_diffusion.errors import InputFileError, MedDiffError
+from medical_diffusion.errors import InputFileError
 from medical_diffusion.generation.prompts import budget_warnings, check_token_budget, parse_composable
 
 log = logging.getLogger(__name__)
