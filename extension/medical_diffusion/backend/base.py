@@ -3,11 +3,21 @@
 Conventions shared by every implementation:
 
 - pixels are float tensors ``(B, 3, H, W)`` in ``[-1, 1]``;
-- latents are already multiplied by the VAE scaling factor (0.18215 for SD2);
+- latents are already multiplied by the VAE scaling factor (0.18215 for SD1/SD2, 0.13025 SDXL);
 - ``timesteps`` are the model's discrete training timesteps as a float tensor ``(B,)``
   (fractional values are allowed: k-diffusion style samplers interpolate between them);
-- conditioning is ``(B, 77 * chunks, text_width)``; an embedding's vectors are spliced in
-  wherever its name appears in the prompt, A1111 style, and gradients flow into them.
+- ``family`` is ``"SD1"``, ``"SD2"`` or ``"SDXL"``;
+- ``text_widths`` are the blocks of one token vector, in order: ``{"vectors": W}`` for SD1/SD2,
+  ``{"clip_l": 768, "clip_g": 1280}`` for SDXL (smaller for the tiny test models); ``text_width``
+  is their sum, so an SDXL embedding is ONE tensor ``(n, 768 + 1280)``, the CLIP-L block first
+  (as A1111's ``encode_embedding_init_text`` concatenates them);
+- conditioning is ``(B, cond_prefix_rows + 77 * chunks, text_width)``: the first
+  ``cond_prefix_rows`` rows (0 for SD1/SD2; 1 for SDXL: its pooled CLIP-G embedding, zero-padded)
+  carry per-prompt vector conditioning that :meth:`ModelBackend.predict` unpacks, the rest are
+  token rows. An embedding's vectors are spliced in wherever its name appears in the prompt, A1111
+  style, and gradients flow into them. Code that batches conditionings of different chunk counts
+  pads the token rows only (:meth:`ModelBackend.pad_conditionings`); padding by repeating the last
+  row (A1111's ``stack_conds``) keeps the prefix rows in front as well.
 """
 
 from __future__ import annotations
@@ -34,6 +44,28 @@ class ModelBackend(abc.ABC):
     alphas_cumprod: torch.Tensor
     device: torch.device
     dtype: torch.dtype
+    #: leading conditioning rows that are not token rows (SDXL: 1, the pooled text embedding)
+    cond_prefix_rows: int = 0
+    #: an empty negative prompt conditions on zeros (SDXL in A1111 and diffusers), not on ""'s encoding
+    zero_empty_negative: bool = False
+
+    @property
+    def family(self) -> str:
+        """``"SD1"``, ``"SD2"`` or ``"SDXL"`` (implementations set it; else told from ``text_width``)."""
+        return getattr(self, "_family", None) or ("SD1" if int(self.text_width) == 768 else "SD2")
+
+    @family.setter
+    def family(self, value: str) -> None:
+        self._family = value
+
+    @property
+    def text_widths(self) -> dict[str, int]:
+        """The blocks of one token vector in order (``{"vectors": text_width}`` unless set)."""
+        return dict(getattr(self, "_text_widths", None) or {"vectors": int(self.text_width)})
+
+    @text_widths.setter
+    def text_widths(self, value: dict[str, int]) -> None:
+        self._text_widths = dict(value)
 
     @property
     def vae_device(self) -> torch.device:
@@ -63,6 +95,15 @@ class ModelBackend(abc.ABC):
         ``embeddings`` maps a name to its vectors ``(n, text_width)``; each occurrence of the
         name in the prompt is replaced by those vectors (which may require grad).
         """
+
+    def pad_conditionings(self, conds: list[torch.Tensor]) -> torch.Tensor:
+        """Batch conditionings ``(1, prefix + 77 * chunks, width)`` of different chunk counts into one
+        tensor, padding the token rows with the empty prompt's chunks (A1111); the prefix rows stay first."""
+        length = max(c.shape[1] for c in conds)
+        if all(c.shape[1] == length for c in conds):
+            return torch.cat(conds)
+        empty = self.encode_prompt("")[:, self.cond_prefix_rows :]
+        return torch.cat([torch.cat([c] + [empty] * ((length - c.shape[1]) // empty.shape[1]), 1) for c in conds])
 
     # -- images ---------------------------------------------------------------------------
     @abc.abstractmethod

@@ -105,12 +105,13 @@ def measure_training_step(backend, resolution: int = 512, n_vectors: int = 64, b
     latents = torch.randn(batch_size, backend.latent_channels, h, h, device=device)
     noise = torch.randn_like(latents)
     t = torch.full((batch_size,), 500.0, device=device)
-    weights = [p for m in (backend.unet, backend.text_encoder, backend.vae) for p in m.parameters()]
+    encoders = getattr(backend, "text_encoders", [backend.text_encoder])
+    weights = [p for m in (backend.unet, *encoders, backend.vae) for p in m.parameters()]
     with SavedTensorCounter(exclude=weights) as counter:
         cond = backend.encode_prompt(prompt_name, {prompt_name: param}).expand(batch_size, -1, -1)
         loss = backend.diffusion_loss(latents, cond, noise, t)
     del loss, cond
-    parts = {"unet": parameter_bytes(backend.unet), "text_encoder": parameter_bytes(backend.text_encoder)}
+    parts = {"unet": parameter_bytes(backend.unet), "text_encoder": sum(parameter_bytes(m) for m in encoders)}
     if not offload_vae:
         parts["vae"] = parameter_bytes(backend.vae)
     return MemoryEstimate(weights=parts, trained_state=trained_state_bytes(n_vectors, backend.text_width),

@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("linear", "slerp"), default="linear")
     p.add_argument("--name", required=True, help="name of the new embedding (lowercase; also the file stem)")
     p.add_argument("-o", "--output", type=Path, help="output file/folder (default: NAME beside A)")
-    p.add_argument("--to", choices=FORMAT_CHOICES, default="a1111", dest="fmt")
+    p.add_argument("--to", choices=FORMAT_CHOICES, default=None, dest="fmt",
+                   help="output format (default: a1111 .pt; an SDXL pair: safetensors with clip_l/clip_g)")
     p.add_argument("--expected-width", type=int, help="accept this token width (a custom or tiny model)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=blend_command)
@@ -71,10 +72,12 @@ def inspect_command(args: argparse.Namespace) -> int:
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     if tolerance <= 1:
         raise MedDiffError(f"--tolerance {tolerance} must be greater than 1")
-    if args.model == "tiny" and args.expected_width is None:  # the demo model's width is no SD width
+    from medical_diffusion.backend.families import tiny_family
+
+    if tiny_family(args.model) and args.expected_width is None:  # the demo models' widths are no SD widths
         from medical_diffusion.backend.tiny import build_tiny_backend
 
-        args.expected_width = build_tiny_backend().text_width
+        args.expected_width = build_tiny_backend(family=tiny_family(args.model)).text_width
     reports, failures = [], []
     for path in args.files:
         try:
@@ -132,8 +135,9 @@ def blend_command(args: argparse.Namespace) -> int:
     a = load_embedding(args.a, args.expected_width)
     b = load_embedding(args.b, args.expected_width)
     mixed = blend_embeddings(a, b, args.weight, args.mode, args.name)
-    output = args.output or args.a.parent / (args.name + _SUFFIX[args.fmt])
-    if args.fmt != "diffusers" and output.stem != args.name:
+    fmt = args.fmt or ("safetensors" if mixed.is_sdxl else "a1111")
+    output = args.output or args.a.parent / (args.name + _SUFFIX[fmt])
+    if fmt != "diffusers" and output.stem != args.name:
         raise MedDiffError(f"{output}: file stem differs from --name {args.name!r}; the file name is the embedding's name")
-    _save(mixed, output, args.fmt, args.force)
+    _save(mixed, output, fmt, args.force)
     return 0

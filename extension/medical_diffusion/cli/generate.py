@@ -18,7 +18,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every sampling command."""
     g = p.add_argument_group("model and embeddings")
     g.add_argument("--model", required=True,
-                   help="diffusers folder, .ckpt/.safetensors file, or 'tiny' (random-weight workflow demo)")
+                   help="diffusers folder, .ckpt/.safetensors file (SD1/SD2/SDXL), or 'tiny' / 'tiny-sd1' / "
+                        "'tiny-sdxl' (random-weight workflow demos)")
     g.add_argument("--embeddings-dir", help="folder of embedding files; each is used by its name in prompts")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE", help="an embedding file (repeatable)")
     from medical_diffusion.devices import add_device_arguments
@@ -144,7 +145,7 @@ def run_generate(args) -> int:
         classes=classes, seed=resolve_seed(seed), steps=args.steps, cfg_scale=args.cfg,
         negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         paired_seeds=args.paired_seeds, model=str(args.model),
-        embeddings={name: embedding_fingerprint(emb.vectors) for name, emb in sorted(table.items())
+        embeddings={name: embedding_fingerprint(emb) for name, emb in sorted(table.items())
                     if used_in(name, [*classes.values(), args.negative_prompt])},
     )
     bar = StepBar("generate", unit="image")

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from medical_diffusion.backend.families import is_tiny_model, tiny_family
+
 log = logging.getLogger(__name__)
 
 
@@ -16,7 +18,8 @@ def register(subparsers) -> None:
         description="Train an embedding on a folder of images. Defaults follow de Wilde et al. 2024: "
         "prompt = the embedding name alone, 64 vectors, AdamW lr 0.005, 50000 steps, batch size 1.",
     )
-    p.add_argument("--model", help="diffusers folder, SD2 .ckpt/.safetensors file, or 'tiny' (random-weight demo)")
+    p.add_argument("--model", help="diffusers folder, SD1/SD2/SDXL .ckpt/.safetensors file, or 'tiny' / 'tiny-sd1' / "
+                                   "'tiny-sdxl' (random-weight demos)")
     p.add_argument("--data", help="folder of training images")
     p.add_argument("--name", help="embedding name (lowercase; the word you type in prompts)")
     p.add_argument("--out", help="run folder (default: runs/<name>)")
@@ -126,12 +129,13 @@ def handle(args: argparse.Namespace) -> int:
                 raise InputFileError(values["val_data"], "not a folder (--val-data: the validation images)")
             values["val_data"] = str(Path(values["val_data"]).resolve())
         config = TrainConfig(name=args.name, data_dir=str(Path(args.data).resolve()), model=args.model, **values)
-        if config.model.lower() != "tiny":
+        if not is_tiny_model(config.model):
             config.model = str(Path(config.model).resolve())
         run_dir = Path(args.out) if args.out else Path("runs") / args.name
     config.validate()
-    if config.model.lower() == "tiny":
-        log.info("model: tiny random-weight SD2-shaped model (workflow demo: it learns noise, not anatomy)")
+    if is_tiny_model(config.model):
+        log.info("model: tiny random-weight %s-shaped model (workflow demo: it learns noise, not anatomy)",
+                 tiny_family(config.model))
     total = config.total_steps()
     bar = TqdmProgress(total=total, desc=f"train {config.name}")
     try:

@@ -12,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "It answers on 127.0.0.1 only unless --host says otherwise; another address "
                               "needs --api-auth (or --insecure).")
     p.add_argument("--model", default="tiny",
-                   help="diffusers folder, .ckpt/.safetensors file, or 'tiny' (random-weight workflow demo; default)")
+                   help="diffusers folder, .ckpt/.safetensors file (SD1/SD2/SDXL), or 'tiny' (default) / 'tiny-sd1' / "
+                        "'tiny-sdxl' (random-weight workflow demos)")
     p.add_argument("--work-dir", default="meddiff-work", help="folder the tabs write to (default: ./meddiff-work)")
     p.add_argument("--embeddings-dir", default=None, help="embeddings folder (default: WORK_DIR/embeddings)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

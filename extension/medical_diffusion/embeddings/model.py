@@ -84,11 +84,32 @@ def name_from_token(token: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "_", name).strip("_") or "embedding"
 
 
-def validate(emb: Embedding, path: str | os.PathLike, expected_width: int | None = None) -> Embedding:
+def _model_label(widths: dict[str, int]) -> str:
+    """``"SDXL (clip_l 768 + clip_g 1280)"``, ``"SD2 (1024 wide)"``, ``"a 32-wide model"``."""
+    if "clip_g" in widths:
+        return f"SDXL (clip_l {widths['clip_l']} + clip_g {widths['clip_g']})"
+    width = int(next(iter(widths.values())))
+    family = FAMILY_BY_WIDTH.get(width)
+    return f"{family} ({width} wide)" if family else f"{width} wide (no SD family)"
+
+
+def _embedding_label(emb: Embedding) -> str:
+    return _model_label({part: int(t.shape[1]) for part, t in emb.parts().items()})
+
+
+def validate(
+    emb: Embedding,
+    path: str | os.PathLike,
+    expected_width: int | None = None,
+    expected_widths: dict[str, int] | None = None,
+) -> Embedding:
     """Raise :class:`InputFileError` naming ``path`` when ``emb`` is unusable.
 
     Checks: at least one vector, finite values, and a width that matches a known model
-    (768 SD1, 1024 SD2, 768+1280 SDXL) or ``expected_width`` when given.
+    (768 SD1, 1024 SD2, 768+1280 SDXL), or the model's: ``expected_widths`` (a backend's
+    ``text_widths``, e.g. a tiny SDXL model's ``{"clip_l": 32, "clip_g": 48}``: then the blocks must
+    be exactly those, and a message names both families on a mismatch) or ``expected_width`` (one
+    total width: an SD1/SD2-style width, or an SDXL pair's sum; 2048 keeps the strict 768/1280 check).
     """
     path = Path(path)
     for part, tensor in emb.parts().items():
@@ -98,18 +119,31 @@ def validate(emb: Embedding, path: str | os.PathLike, expected_width: int | None
         bad = (~torch.isfinite(tensor)).sum().item()
         if bad:
             raise InputFileError(path, f"embedding{label} contains {bad} NaN/inf value(s) in {tensor.numel()}")
-    if emb.is_sdxl:
-        for part, want in SDXL_WIDTHS.items():
-            got = emb.parts()[part].shape[1]
-            if got != want:
-                raise InputFileError(path, f"SDXL embedding block {part} has width {got}, expected {want}")
-        if emb.extra["clip_g"].shape[0] != emb.vectors.shape[0]:
+    if emb.is_sdxl and emb.extra["clip_g"].shape[0] != emb.vectors.shape[0]:
+        raise InputFileError(
+            path,
+            f"SDXL embedding blocks disagree on vector count: clip_l {emb.vectors.shape[0]}, clip_g {emb.extra['clip_g'].shape[0]}",
+        )
+    if expected_widths is not None:
+        want = {str(k): int(v) for k, v in dict(expected_widths).items()}
+        have = {part: int(t.shape[1]) for part, t in emb.parts().items()}
+        if have != want:
             raise InputFileError(
                 path,
-                f"SDXL embedding blocks disagree on vector count: clip_l {emb.vectors.shape[0]}, clip_g {emb.extra['clip_g'].shape[0]}",
+                f"the embedding is for {_embedding_label(emb)} but the model is {_model_label(want)}"
+                + ("; an SDXL embedding is a .safetensors with clip_l and clip_g" if "clip_g" in want else ""),
             )
-        if expected_width is not None and expected_width not in (768 + 1280,):
-            raise InputFileError(path, f"SDXL embedding (768+1280) does not fit a model of width {expected_width}")
+        return emb
+    if emb.is_sdxl:
+        total = emb.width
+        custom = expected_width is not None and expected_width != sum(SDXL_WIDTHS.values())
+        if custom and expected_width != total:
+            raise InputFileError(path, f"SDXL embedding ({_embedding_label(emb)}) does not fit a model of width {expected_width}")
+        if not custom:
+            for part, want_width in SDXL_WIDTHS.items():
+                got = emb.parts()[part].shape[1]
+                if got != want_width:
+                    raise InputFileError(path, f"SDXL embedding block {part} has width {got}, expected {want_width}")
         return emb
     width = emb.vectors.shape[1]
     if expected_width is not None:

@@ -146,7 +146,8 @@ def describe_data(data: Any, path: Path, image_source: str | None = None) -> str
     return f"single tensor {key!r} in {path.suffix.lower()}"
 
 
-def read_embedding(path: str | os.PathLike, expected_width: int | None = None) -> tuple[Embedding, str, Path]:
+def read_embedding(path: str | os.PathLike, expected_width: int | None = None,
+                   expected_widths: dict[str, int] | None = None) -> tuple[Embedding, str, Path]:
     """Like :func:`load_embedding`, also returning the format label and the file actually read."""
     path = Path(path)
     if not path.exists():
@@ -176,22 +177,27 @@ def read_embedding(path: str | os.PathLike, expected_width: int | None = None) -
     else:
         raise InputFileError(path, f"unsupported embedding file type {suffix or '(none)'}; expected one of {', '.join(EMBEDDING_SUFFIXES)}")
     emb = embedding_from_data(data, path, name, metadata)
-    return validate(emb, path, expected_width), describe_data(data, path, image_source), path
+    return validate(emb, path, expected_width, expected_widths), describe_data(data, path, image_source), path
 
 
-def load_embedding(path: str | os.PathLike, expected_width: int | None = None) -> Embedding:
+def load_embedding(path: str | os.PathLike, expected_width: int | None = None,
+                   expected_widths: dict[str, int] | None = None) -> Embedding:
     """Read an embedding file of any supported format.
 
     The name is the lowercased file stem, as the webui names embeddings (a diffusers
     ``learned_embeds.*`` is "learned_embeds" there too, whatever token it stores), except for
     images (the name stored inside, as the webui reads it).
     ``expected_width`` admits a custom text width (e.g. a tiny test model); otherwise the width
-    must match SD1, SD2 or SDXL. Raises :class:`InputFileError` naming the file and problem.
+    must match SD1, SD2 or SDXL. ``expected_widths`` (a backend's ``text_widths``) asks for exactly
+    that model's blocks: an SDXL pair for an SDXL model, one tensor of that width otherwise (see
+    :func:`~medical_diffusion.embeddings.model.validate`). Raises :class:`InputFileError` naming the
+    file and problem.
     """
-    return read_embedding(path, expected_width)[0]
+    return read_embedding(path, expected_width, expected_widths)[0]
 
 
-def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = None) -> dict[str, Embedding]:
+def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = None,
+                        expected_widths: dict[str, int] | None = None) -> dict[str, Embedding]:
     """Every readable embedding under ``folder`` (recursively), keyed by name.
 
     Unreadable files are logged as warnings and skipped; images without an embedding and
@@ -205,7 +211,7 @@ def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = 
     candidates: dict[str, list[tuple[int, Path, Embedding]]] = {}
     for path in _candidate_files(folder):
         try:
-            emb, fmt, _ = read_embedding(path, expected_width)
+            emb, fmt, _ = read_embedding(path, expected_width, expected_widths)
         except NoEmbeddingInImage:
             continue
         except MedDiffError as exc:

@@ -69,7 +69,7 @@ def save_embedding(emb: Embedding, path: str | os.PathLike, fmt: str = "a1111", 
     if fmt not in FORMATS:
         raise MedDiffError(f"unknown embedding format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
-    validate(emb, f"<embedding {emb.name!r}>", expected_width=None if emb.is_sdxl else emb.vectors.shape[1])
+    validate(emb, f"<embedding {emb.name!r}>", expected_widths={k: int(v.shape[1]) for k, v in emb.parts().items()})
 
     if fmt == "diffusers":
         if path.suffix.lower() in (".safetensors", ".bin"):

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from medical_diffusion.backend.families import is_tiny_model
 from medical_diffusion.errors import InputFileError, MedDiffError
 
 PRESETS = ("tiny", "paper-table1", "paper-table2")
@@ -39,7 +40,7 @@ class ExperimentConfig:
 
     def path(self, value: str | None) -> str | None:
         """A config path made absolute (``tiny`` and empty values are kept)."""
-        if value is None or str(value).lower() == "tiny" or str(value) == "random-init":
+        if value is None or is_tiny_model(value) or str(value) == "random-init":
             return value
         p = Path(str(value)).expanduser()
         return str(p if p.is_absolute() else (self.base_dir / p).resolve())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medical_diffusion.backend.families import is_tiny_model
 from medical_diffusion.experiment.graph import Plan, Stage
 
 DEFAULTS = {
@@ -45,7 +46,7 @@ def device_of(stage: Stage, plan: Plan) -> str:
 def stage_seconds(stage: Stage, plan: Plan) -> float:
     r = _rates(plan)
     s = stage.settings
-    tiny = str(plan.config.data.get("model")).lower() == "tiny"
+    tiny = is_tiny_model(plan.config.data.get("model"))
     dev = "tiny" if tiny else ("gpu" if stage.gpu else "cpu")
     if stage.kind == "prepare":
         data = s["data"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medical_diffusion import __version__
+from medical_diffusion.backend.families import is_tiny_model
 from medical_diffusion.experiment.config import ExperimentConfig
 
 GPU_KINDS = ("train", "generate")
@@ -138,7 +139,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     stages: dict[str, Stage] = {}
     notes: list[str] = []
     model = cfg.path(str(d["model"]))
-    model_inputs = [] if model.lower() == "tiny" else [model]
+    model_inputs = [] if is_tiny_model(model) else [model]
     device = str(d.get("device", "auto"))
     gpu = device.lower() != "cpu"
     seed = int(d["seed"])

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medical_diffusion.atomic_io import atomic_write_text
+from medical_diffusion.backend.families import is_tiny_model
 from medical_diffusion.experiment.graph import Plan
 from medical_diffusion.experiment.paper_figures import (APPENDIX_A_MFID_CI, PARAMETER_LABELS, TABLE1, TABLE2,
                                                         TABLE2_ROWS)
@@ -240,7 +241,7 @@ def write_results(plan: Plan, store: StageStore) -> Path:
     sections.append(Section("Stages", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ". Details: "
                             "`meddiff experiment status`.", [], None))
     intro = " ".join(res["notes"]) or "All metrics computed."
-    if str(plan.config.data.get("model")).lower() == "tiny":
+    if is_tiny_model(plan.config.data.get("model")):
         intro = ("Tiny random-weight model and phantom data: the workflow runs for real, the numbers say nothing "
                  "about medical image quality. " + intro)
     return render_report(out / "report.html", f"Experiment {res['experiment']}", intro, sections)

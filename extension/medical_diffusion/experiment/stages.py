@@ -150,7 +150,7 @@ def stage_generate(s: dict, ctx: StageContext) -> dict:
     params = SetParams(classes=dict(s["classes"]), seed=int(sm["seed"]), steps=int(sm["steps"]),
                        cfg_scale=float(sm["cfg"]), negative_prompt=sm["negative_prompt"], width=int(sm["width"]),
                        height=int(sm["height"]), sampler=sm["sampler"], model=str(s["model"]),
-                       embeddings={n: embedding_fingerprint(e.vectors) for n, e in sorted(table.items())})
+                       embeddings={n: embedding_fingerprint(e) for n, e in sorted(table.items())})
     result = generate_set(backend, params, ctx.out / "set", int(s["n"]), embeddings=vectors_of(table),
                           batch_size=int(s["batch_size"]), progress=ctx.progress)
     if result.failures:

@@ -49,11 +49,18 @@ def encode_composable(
     negative_prompt: str = "",
     embeddings: Mapping[str, torch.Tensor] | None = None,
 ) -> ComposableConditioning:
-    """Split ``prompt`` on ``AND`` (A1111 rules) and encode each distinct part once."""
+    """Split ``prompt`` on ``AND`` (A1111 rules) and encode each distinct part once.
+
+    An empty negative prompt is all zeros (text and pooled rows) for a backend with
+    ``zero_empty_negative`` (SDXL, as A1111's ``force_zero_negative_prompt`` and diffusers'
+    ``force_zeros_for_empty_prompt``).
+    """
     (parts,), texts, _ = get_multicond_prompt_list([prompt])
     with torch.no_grad():
         conds = stack_conds([backend.encode_prompt(text, embeddings)[0] for text in texts])
         uncond = backend.encode_prompt(negative_prompt, embeddings)
+        if negative_prompt == "" and getattr(backend, "zero_empty_negative", False):
+            uncond = torch.zeros_like(uncond)
     return ComposableConditioning(texts=texts, parts=parts, conds=conds, uncond=uncond)
 
 

@@ -86,6 +86,7 @@ def interpolate_embeddings(
     """One image per ``t`` from a single blended embedding (``Embedding`` objects in, via
     ``medical_diffusion.embeddings.blend``); ``template`` places it in the prompt (``"{}"``)."""
     from medical_diffusion.embeddings.blend import blend_embeddings
+    from medical_diffusion.embeddings.vector_blocks import vectors_from_embedding
 
     if "{}" not in template:
         raise MedDiffError(f"the prompt template {template!r} needs a {{}} where the blended embedding goes")
@@ -93,7 +94,7 @@ def interpolate_embeddings(
     for j, t in enumerate(interpolation_steps(k)):
         blended = blend_embeddings(healthy, diseased, t, mode=mode, name=BLEND_NAME)
         table = dict(embeddings or {})
-        table[BLEND_NAME] = blended.vectors
+        table[BLEND_NAME] = vectors_from_embedding(blended, getattr(backend, "text_widths", None))
         prompt = template.replace("{}", BLEND_NAME)
         (image,) = sample_images(backend, prompt, embeddings=table, seed=seed, batch_size=1,
                                  progress=_progress_for(progress, j, k), **sample_kwargs)

@@ -10,14 +10,15 @@ from typing import Mapping, Sequence
 import torch
 
 from medical_diffusion.backend.base import ModelBackend
-from medical_diffusion.errors import InputFileError, MedDiffError
+from medical_diffusion.errors import InputFileError
 from medical_diffusion.generation.prompts import budget_warnings, check_token_budget, parse_composable
 
 log = logging.getLogger(__name__)
 
 
 def load_model(model: str, device: "str | torch.device | Runtime" = "cpu") -> ModelBackend:
-    """A backend from a diffusers folder, a ``.ckpt``/``.safetensors`` file, or ``"tiny"``.
+    """A backend from a diffusers folder, a ``.ckpt``/``.safetensors`` file, or a tiny demo model
+    (``"tiny"``, ``"tiny-sd1"``, ``"tiny-sdxl"``).
 
     ``device`` is a device (fp32 weights) or a resolved :class:`~medical_diffusion.devices.Runtime`
     (device, weight dtype and attention kernel, from ``--device/--precision/--attention``).
@@ -37,11 +38,14 @@ def load_model(model: str, device: "str | torch.device | Runtime" = "cpu") -> Mo
 
 def check_model_path(model: str) -> None:
     """Fail at once (before the slow model load) when ``model`` names no model."""
-    if str(model).lower() == "tiny":
+    from medical_diffusion.backend.families import is_tiny_model
+
+    if is_tiny_model(model):
         return
     path = Path(model).expanduser()
     if not path.exists():
-        raise InputFileError(path, "model not found (give a diffusers folder, a .ckpt/.safetensors file, or 'tiny')")
+        raise InputFileError(path, "model not found (give a diffusers folder, a .ckpt/.safetensors file, "
+                                   "or 'tiny' / 'tiny-sd1' / 'tiny-sdxl')")
     if not path.is_dir() and path.suffix.lower() not in (".ckpt", ".safetensors"):
         raise InputFileError(path, "not a model: expected a diffusers folder or a .ckpt/.safetensors file")
 
@@ -64,26 +68,32 @@ def check_output_folder(out: str) -> None:
 def load_embedding_table(
     backend: ModelBackend, embeddings_dir: str | None = None, files: Sequence[str] = ()
 ) -> dict:
-    """``{name: Embedding}`` from a folder (all readable files) and single files (later wins)."""
-    from medical_diffusion.embeddings import load_embedding, load_embeddings_dir
+    """``{name: Embedding}`` from a folder (all readable files) and single files (later wins).
 
+    Only embeddings of the backend's family load: its ``text_widths`` blocks (an SDXL model takes
+    clip_l + clip_g pairs; a file of another family is refused naming the file and both families,
+    a folder's skipped with that warning).
+    """
+    from medical_diffusion.embeddings import load_embedding, load_embeddings_dir
+    from medical_diffusion.embeddings.vector_blocks import vectors_from_embedding
+
+    widths = dict(backend.text_widths)
     table = {}
     if embeddings_dir:
-        table.update(load_embeddings_dir(embeddings_dir, expected_width=backend.text_width))
+        table.update(load_embeddings_dir(embeddings_dir, expected_widths=widths))
     for path in files or ():
-        emb = load_embedding(path, expected_width=backend.text_width)
+        emb = load_embedding(path, expected_widths=widths)
         table[emb.name] = emb
-    for name, emb in table.items():
-        if int(emb.vectors.shape[1]) != backend.text_width:
-            raise MedDiffError(
-                f"embedding {name!r} has width {emb.vectors.shape[1]} but the model needs {backend.text_width}"
-            )
+    for emb in table.values():
+        vectors_from_embedding(emb, widths)  # the blocks fit (MedDiffError naming both layouts if not)
     return table
 
 
 def vectors_of(table: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """``{name: vectors}`` as the sampler wants it."""
-    return {name: emb.vectors for name, emb in table.items()}
+    """``{name: vectors}`` as the sampler wants it (an SDXL pair as one ``(n, clip_l + clip_g)`` tensor)."""
+    from medical_diffusion.embeddings.vector_blocks import vectors_from_embedding
+
+    return {name: vectors_from_embedding(emb) for name, emb in table.items()}
 
 
 def backend_token_counter(backend: ModelBackend):

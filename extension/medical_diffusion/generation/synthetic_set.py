@@ -55,8 +55,13 @@ class SetResult:
     manifest: Path
 
 
-def embedding_fingerprint(vectors: torch.Tensor) -> str:
-    """sha256 of an embedding's float32 vectors (identifies it in manifests)."""
+def embedding_fingerprint(vectors) -> str:
+    """sha256 of an embedding's float32 vectors (identifies it in manifests); an ``Embedding`` counts
+    with all its blocks (an SDXL pair: clip_l then clip_g, as the sampler gets them)."""
+    if not isinstance(vectors, torch.Tensor):
+        from medical_diffusion.embeddings.vector_blocks import vectors_from_embedding
+
+        vectors = vectors_from_embedding(vectors)
     return hashlib.sha256(vectors.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 

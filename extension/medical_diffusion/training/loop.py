@@ -108,15 +108,6 @@ def _check_width(vectors: torch.Tensor, backend: ModelBackend, source: str) -> N
         )
 
 
-def _pad_chunks(backend: ModelBackend, conds: list[torch.Tensor]) -> torch.Tensor:
-    """Batch conditionings of different chunk counts, padding with empty-prompt chunks (A1111)."""
-    width = max(c.shape[1] for c in conds)
-    if all(c.shape[1] == width for c in conds):
-        return torch.cat(conds)
-    empty = backend.encode_prompt("")
-    return torch.cat([torch.cat([c] + [empty] * ((width - c.shape[1]) // empty.shape[1]), 1) for c in conds])
-
-
 def _preview(backend, config: TrainConfig, vectors: torch.Tensor, path: Path,
              should_stop: StopFlag | None = None, vae_home: torch.device | None = None) -> Path | None:
     """A preview image; an offloaded VAE comes back to ``vae_home`` for the decode only."""
@@ -236,7 +227,7 @@ def train(
     config.validate()
     schedule = config.schedule()
     total = config.total_steps()
-    run = RunFolder(run_dir, config.name)
+    run = RunFolder(run_dir, config.name, text_widths=getattr(backend, "text_widths", None))
     name = config.name
     device = backend.device
     configure_for_speed(device)
@@ -264,6 +255,9 @@ def train(
     else:
         run.create(config, force=force)
 
+    set_size = getattr(backend, "set_image_size", None)
+    if set_size is not None:  # SDXL in the webui: its size conditioning describes the training images
+        set_size(config.resolution, config.resolution)
     vae_home = getattr(backend, "vae_device", device)
     cache = (BucketedLatentCache if config.bucketing else LatentCache)(
         backend, images, sample=config.latents == "sample", hflip=config.hflip, mask_weight=config.mask_weight,
@@ -457,7 +451,7 @@ def train(
                             rng = random.Random(_mix(config.seed, 5, step, micro))
                             texts = prompts.prompts([cache.captions[i] for i in idx], rng)
                             conds = [backend.encode_prompt(t, {name: param}) for t in texts]
-                            cond = _pad_chunks(backend, conds)
+                            cond = backend.pad_conditionings(conds)
                         if snr_weighting is None:
                             loss = backend.diffusion_loss(latents, cond, noise, timesteps, weight)
                         else:

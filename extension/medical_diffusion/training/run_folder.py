@@ -20,6 +20,11 @@ With the options on, also::
 Every file except the append-only ``loss.csv``/``val_loss.csv`` is written atomically; the state file is
 written before its ``.pt``, so a checkpoint whose ``.pt`` exists is complete (``best.json`` likewise
 after ``best.pt``). A torn last line in a ``.csv`` is dropped on resume.
+
+An SDXL run (``text_widths`` with ``clip_l``/``clip_g``) writes every embedding file as ``.safetensors``
+with keys ``clip_l`` and ``clip_g`` instead of ``.pt`` (``<name>.safetensors``, ``best.safetensors``,
+``embeddings/<name>-<step>.safetensors`` + ``.safetensors.optim``); the state file keeps the one
+concatenated tensor the backend trains.
 """
 
 from __future__ import annotations
@@ -57,15 +62,21 @@ class Checkpoint:
 class RunFolder:
     """Paths and file operations of one training run."""
 
-    def __init__(self, root: str | Path, name: str):
+    def __init__(self, root: str | Path, name: str, text_widths: dict[str, int] | None = None):
+        from medical_diffusion.embeddings.vector_blocks import embedding_format, embedding_suffix
+
         self.root = Path(root)
         self.name = name
+        #: the backend's vector blocks (None: one block, SD1/SD2) and the embedding files they give
+        self.text_widths = dict(text_widths) if text_widths else None
+        self.suffix = embedding_suffix(self.text_widths)
+        self.embedding_format = embedding_format(self.text_widths)
         self.ckpt_dir = self.root / "embeddings"
         self.preview_dir = self.root / "previews"
         self.config_path = self.root / CONFIG_FILE
         self.loss_csv = self.root / "loss.csv"
         self.loss_png = self.root / "loss.png"
-        self.latest_path = self.root / f"{name}.pt"
+        self.latest_path = self.root / f"{name}{self.suffix}"
         self.val_csv = self.root / "val_loss.csv"
         self.best_meta_path = self.root / "best.json"
         self.tensorboard_dir = self.root / "tensorboard"
@@ -75,12 +86,12 @@ class RunFolder:
     @property
     def best_path(self) -> Path:
         """The embedding with the lowest validation loss so far."""
-        return self.root / "best.pt"
+        return self.root / f"best{self.suffix}"
 
     @property
     def ema_path(self) -> Path:
         """The EMA of the vectors, rewritten at each checkpoint."""
-        return self.root / f"{self.name}-ema.pt"
+        return self.root / f"{self.name}-ema{self.suffix}"
 
     # -- setup ----------------------------------------------------------------------------
     def create(self, config: TrainConfig, force: bool = False) -> None:
@@ -92,7 +103,7 @@ class RunFolder:
             )
         self.root.mkdir(parents=True, exist_ok=True)
         if force:
-            for old in list(self.ckpt_dir.glob("*.pt")) + list(self.ckpt_dir.glob("*.optim")):
+            for old in list(self.ckpt_dir.glob(f"*{self.suffix}")) + list(self.ckpt_dir.glob("*.optim")):
                 old.unlink()
             for old in (self.loss_csv, self.val_csv, self.best_meta_path, self.best_path, self.ema_path):
                 old.unlink(missing_ok=True)
@@ -106,15 +117,15 @@ class RunFolder:
 
     # -- checkpoints ----------------------------------------------------------------------
     def checkpoint_paths(self, step: int) -> Checkpoint:
-        pt = self.ckpt_dir / f"{self.name}-{step}.pt"
+        pt = self.ckpt_dir / f"{self.name}-{step}{self.suffix}"
         return Checkpoint(step, pt, pt.with_name(pt.name + ".optim"))
 
     def save_checkpoint(
         self, vectors: torch.Tensor, step: int, state: dict[str, Any], checkpoint_name: str | None = None,
         checkpoint_hash: str | None = None,
     ) -> Checkpoint:
-        """Write optimizer/RNG state, then the A1111 ``.pt``, then refresh ``<name>.pt``; the model's
-        name and short hash go into the ``.pt`` as A1111 writes them."""
+        """Write optimizer/RNG state, then the A1111 ``.pt`` (SDXL: ``.safetensors``), then refresh
+        ``<name>.pt``; the model's name and short hash go into the file as A1111 writes them."""
         ck = self.checkpoint_paths(step)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         vec = vectors.detach().to("cpu", torch.float32).clone()
@@ -126,14 +137,21 @@ class RunFolder:
 
     def write_embedding(self, vectors: torch.Tensor, path: Path, step: int, checkpoint_name: str | None = None,
                         checkpoint_hash: str | None = None) -> Path:
-        """Write ``vectors`` as an embedding file at ``path`` (atomically; the stored name is the file stem).
+        """Write ``vectors`` as an embedding file of this run's family at ``path`` (A1111 ``.pt``, or SDXL
+        ``clip_l``/``clip_g`` ``.safetensors``; atomically; the stored name is the file stem).
 
         Every embedding file of a run (checkpoints, latest, best, EMA) is written here."""
         from medical_diffusion.embeddings import Embedding, save_embedding
+        from medical_diffusion.embeddings.vector_blocks import embedding_from_vectors
 
         vec = vectors.detach().to("cpu", torch.float32).clone()
-        model = dict(step=step, sd_checkpoint=checkpoint_hash, sd_checkpoint_name=checkpoint_name)
-        return save_embedding(Embedding(name=Path(path).stem, vectors=vec, **model), path, fmt="a1111", force=True)
+        meta = dict(step=step, sd_checkpoint=checkpoint_hash, sd_checkpoint_name=checkpoint_name)
+        name = Path(path).stem
+        if self.text_widths is None:  # SD1/SD2: an A1111 .pt
+            emb = Embedding(name=name, vectors=vec, **meta)
+        else:  # SDXL: clip_l/clip_g .safetensors
+            emb = embedding_from_vectors(name, vec, self.text_widths, **meta)
+        return save_embedding(emb, path, fmt=self.embedding_format, force=True)
 
     # -- best by validation loss ----------------------------------------------------------
     def save_best(self, vectors: torch.Tensor, step: int, val_loss: float, checkpoint_name: str | None = None,
@@ -173,9 +191,9 @@ class RunFolder:
 
     def checkpoints(self) -> list[Checkpoint]:
         """Complete checkpoints (``.pt`` and state present), oldest first."""
-        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)\.pt$")
+        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+){re.escape(self.suffix)}$")
         found = []
-        for path in self.ckpt_dir.glob(f"{self.name}-*.pt") if self.ckpt_dir.is_dir() else []:
+        for path in self.ckpt_dir.glob(f"{self.name}-*{self.suffix}") if self.ckpt_dir.is_dir() else []:
             m = pattern.match(path.name)
             if m:
                 ck = self.checkpoint_paths(int(m.group(1)))

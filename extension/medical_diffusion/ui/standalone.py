@@ -23,7 +23,11 @@ def make_context(model: str, work_dir: str | Path, embeddings_dir: str | Path | 
     from medical_diffusion.backend.diffusers_backend import load_backend
 
     work_dir = Path(work_dir).resolve()
-    label = "tiny random-weight demo model: a workflow demo, its pictures are noise" if model == "tiny" else model
+    from medical_diffusion.backend.families import tiny_family
+
+    family = tiny_family(model)
+    label = (f"tiny random-weight {family}-shaped demo model: a workflow demo, its pictures are noise"
+             if family else model)
     runtime = runtime or Runtime(torch.device("cpu"), torch.float32)
     return UIContext(
         backend_factory=lambda: load_backend(model, device=runtime.device, dtype=runtime.dtype,

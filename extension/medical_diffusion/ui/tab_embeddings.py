@@ -48,6 +48,7 @@ def build(ctx: UIContext) -> dict:
     (``(fn, outputs)`` refreshing the file lists when the tab is shown)."""
     from medical_diffusion.embeddings import load_embedding, save_embedding
     from medical_diffusion.embeddings.blend import blend_embeddings
+    from medical_diffusion.embeddings.vector_blocks import embedding_format, embedding_suffix, embedding_widths
     from medical_diffusion.embeddings.inspection import (compare_report, format_compare_report, format_report,
                                                           inspect_embedding)
 
@@ -111,7 +112,9 @@ def build(ctx: UIContext) -> dict:
         a, b = load(_resolve(ctx, ua, ca)), load(_resolve(ctx, ub, cb))
         name = name.strip().lower()
         blended = blend_embeddings(a, b, float(w), mode=m, name=name)
-        path = save_embedding(blended, ctx.path(ctx.embeddings_dir / f"{name}.pt"))
+        widths = embedding_widths(blended)  # an SDXL pair is saved as clip_l/clip_g .safetensors
+        path = save_embedding(blended, ctx.path(ctx.embeddings_dir / f"{name}{embedding_suffix(widths)}"),
+                              fmt=embedding_format(widths))
         ctx.on_embedding_saved(path)
         files = list_embedding_files(ctx)
         text, report = inspect(path)

@@ -148,6 +148,7 @@ class TrainingRunner:
 
     def _work(self, config, folder: Path, resume: bool) -> None:
         from medical_diffusion.embeddings import load_embedding, save_embedding
+        from medical_diffusion.embeddings.vector_blocks import embedding_format, embedding_suffix
         from medical_diffusion.training.loop import train
 
         ctx, s = self.ctx, self.state
@@ -157,10 +158,10 @@ class TrainingRunner:
                     s.device = _describe_backend(backend)
                     result = train(config, backend, folder, resume=resume, progress=self._on_event,
                                    stop=lambda: self._stop.is_set() or host_stop())
-                    width = backend.text_width
-            final = load_embedding(result.embedding_path, expected_width=width)
-            fmt, suffix = ("safetensors", ".safetensors") if final.is_sdxl else ("a1111", ".pt")  # SDXL: clip_l + clip_g
-            target = save_embedding(final, ctx.path(ctx.embeddings_dir / f"{config.name}{suffix}"), fmt=fmt, force=True)
+                    widths = backend.text_widths
+            final = load_embedding(result.embedding_path, expected_widths=widths)
+            target = ctx.path(ctx.embeddings_dir / f"{config.name}{embedding_suffix(widths)}")  # SDXL: clip_l + clip_g
+            target = save_embedding(final, target, fmt=embedding_format(widths), force=True)
             ctx.on_embedding_saved(target)
             s.embedding, s.interrupted = str(target), result.interrupted
             loss = f" (loss {result.last_loss:.4f})" if result.last_loss is not None else ""
