@@ -564,8 +564,8 @@ def test_an_sdxl_run_is_copied_to_the_webui_embeddings_as_a_pair_safetensors(web
 
     trained = save_embedding(Emb("lesion", torch.ones(2, 768), extra={"clip_g": torch.ones(2, 1280)}),
                              tmp_path / "run" / "lesion.safetensors", fmt="safetensors")
-    result = types.SimpleNamespace(embedding_path=trained, last_loss=0.1, interrupted=False, steps_done=1,
-                                   run_dir=tmp_path / "run")
+    result = loop.TrainResult(run_dir=tmp_path / "run", embedding_path=trained, steps_done=1, last_loss=0.1,
+                              interrupted=False)
     monkeypatch.setattr(loop, "train", lambda *a, **k: result)
     webui.make("SDXL")
     saved = []
