@@ -71,7 +71,6 @@ def build_tiny_backend(
 ) -> DiffusersBackend:
     """A tiny :class:`DiffusersBackend` of ``family``'s shape with random weights fixed by ``seed``
     (``text_width``: the SD1/SD2 encoder width; tiny-sdxl has :data:`TINY_SDXL_WIDTHS`)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from medical_diffusion.backend.clip_tokenizer import load_sd2_tokenizer
@@ -86,31 +85,8 @@ def build_tiny_backend(
         raise ValueError(f"family must be 'SD1', 'SD2' or 'SDXL', not {family!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=text_width,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            norm_num_groups=16,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(8, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.18215,
-        )
+        unet = _tiny_unet(text_width, linear_projection=True)
+        vae = _tiny_vae(0.18215)
         text_encoder = CLIPTextModel(tiny_text_config(text_width))
     sched = dict(SD2_SCHEDULER, prediction_type=prediction_type)
     return DiffusersBackend(
@@ -123,6 +99,25 @@ def build_tiny_backend(
         dtype=dtype,
         label=TINY_LABEL,
         attention=attention,
+    )
+
+
+def _tiny_unet(text_width: int, linear_projection: bool):
+    """The SD1/SD2-shaped tiny UNet (SD2: linear cross-attention projections, SD1: 1x1 convolutions)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_width,
+        attention_head_dim=(2, 4),
+        use_linear_projection=linear_projection,
+        norm_num_groups=16,
     )
 
 
@@ -146,26 +141,13 @@ def _tiny_vae(scaling_factor: float, force_upcast: bool = True):
 
 def _build_tiny_sd1(seed, prediction_type, text_width, device, dtype, attention) -> DiffusersBackend:
     """SD1's shape: CLIP ViT-L-like encoder (``quick_gelu``), conv-projection UNet attention."""
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from medical_diffusion.backend.clip_tokenizer import load_sd1_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=text_width,
-            attention_head_dim=(2, 4),
-            use_linear_projection=False,
-            norm_num_groups=16,
-        )
+        unet = _tiny_unet(text_width, linear_projection=False)
         vae = _tiny_vae(0.18215)
         text_encoder = CLIPTextModel(tiny_text_config(text_width, hidden_act="quick_gelu"))
     return DiffusersBackend(
