@@ -337,3 +337,38 @@ def test_bucketed_training_resumes_exactly_and_square_data_trains_as_before(back
     on = train(config(square), backend, tmp_path / "on")
     off = train(config(square, bucketing=False), backend, tmp_path / "off")
     assert torch.equal(vectors(on), vectors(off)) and losses(tmp_path / "on") == losses(tmp_path / "off")
+
+
+def test_bucketing_from_the_cli_and_the_tab_with_a_bucketed_validation_set(backend, tmp_path, monkeypatch):
+    """``--bucketing`` and the tab's checkbox reach the run config; validation images are bucketed too."""
+    import csv
+
+    gr = pytest.importorskip("gradio")
+    from medical_diffusion.cli import main
+    from medical_diffusion.training import buckets
+    from medical_diffusion.training.config import TrainConfig
+    from medical_diffusion.ui import tab_train
+    from medical_diffusion.ui.context import UIContext
+
+    monkeypatch.setattr(buckets, "DEFAULT_STEP", STEP)
+    monkeypatch.setenv("MEDDIFF_ALLOWED_ROOTS", str(tmp_path))
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    train_dir.mkdir(), val_dir.mkdir()
+    _write(train_dir, SIZES), _write(val_dir, [(40, 80), (80, 40)], seed=1)
+    code = main(["train", "--model", "tiny", "--data", str(train_dir), "--name", "cxr", "--out", str(tmp_path / "cli"),
+                 "--vectors", "2", "--steps", "2", "--resolution", "64", "--save-every", "0", "--preview-every", "0",
+                 "--bucketing", "--val-data", str(val_dir), "--val-every", "1", "--val-timesteps", "2",
+                 "--device", "cpu"])
+    assert code == 0
+    assert TrainConfig.load(tmp_path / "cli" / "run_config.json").bucketing is True
+    rows = list(csv.reader(open(tmp_path / "cli" / "val_loss.csv")))[1:]
+    assert [int(r[0]) for r in rows] == [0, 1, 2] and all(math.isfinite(float(r[1])) for r in rows)
+
+    ctx = UIContext(backend_factory=lambda: backend, work_dir=tmp_path, embeddings_dir=tmp_path / "emb")
+    with gr.Blocks() as demo:
+        tab_train.build(ctx)
+    start = next(f.fn for f in demo.fns if f.fn.__name__ == "start")
+    *_, (message, _plot, _preview) = start("cxr", str(train_dir), str(tmp_path / "tab"), 2, "", "0.05", 2, 1, 1, 0,
+                                           64, 0, 0, 2, "mean", False, False, False, "", 500, 0, 0, "none", True)
+    assert message.startswith("finished at step 2"), message
+    assert TrainConfig.load(tmp_path / "tab" / "run_config.json").bucketing is True

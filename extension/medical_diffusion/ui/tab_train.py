@@ -49,6 +49,11 @@ def build(ctx: UIContext) -> None:
     with gr.Row():
         latents = gr.Radio(["mean", "sample"], value="mean", label="Cached VAE latents")
         hflip = gr.Checkbox(False, label="Horizontal flips (off: anatomy has a side)")
+        bucketing = gr.Checkbox(
+            False, label="Aspect-ratio buckets (non-square images, e.g. chest X-rays)", elem_id="md_train_bucketing",
+            info="Each image keeps its aspect: it goes to the size bucket (sides multiples of 64, 1:2 to 2:1, no "
+                 "more pixels than resolution²) nearest its aspect; a batch comes from one bucket. Off: every "
+                 "image is resized to resolution × resolution, as in the paper.")
         gckpt = gr.Checkbox(False, label="Gradient checkpointing (less GPU memory, slower)", elem_id="md_train_gckpt")
         resume = gr.Checkbox(False, label="Resume the run folder's last checkpoint", elem_id="md_train_resume")
     with gr.Accordion("Validation and training quality (all off: the paper's run)", open=False):
@@ -77,13 +82,14 @@ def build(ctx: UIContext) -> None:
         preview = gr.Image(label="Latest preview", type="filepath", interactive=False, elem_id="md_train_preview")
 
     def config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc=False,
-                    vd=None, ve=500, snr=0, ema=0, lw="none"):
+                    vd=None, ve=500, snr=0, ema=0, lw="none", bk=False):
         return TrainConfig(
             name=(n or "").strip(), data_dir=(d or "").strip(), model=ctx.model_id or "webui",
             n_vectors=int(v), init="text" if (it or "").strip() else "zeros", init_text=(it or "*").strip() or "*",
             learning_rate=str(lr_).strip(), steps=int(st), batch_size=int(b), grad_accumulation=int(acc),
             seed=int(sd), resolution=int(res), save_every=int(se), preview_every=int(pe),
-            preview_steps=int(ps), latents=lat, hflip=bool(flip), gradient_checkpointing=bool(gc),
+            preview_steps=int(ps), latents=lat, hflip=bool(flip), bucketing=bool(bk),
+            gradient_checkpointing=bool(gc),
             **quality_options(vd, ve, snr, ema, lw),
         )
 
@@ -94,10 +100,12 @@ def build(ctx: UIContext) -> None:
         return pd.DataFrame(rows or [(0, float("nan"), "training")], columns=["step", "loss", "series"])
 
     @shows_errors
-    def start(n, d, r, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, res_flag, vd, ve, snr, ema, lw):
+    def start(n, d, r, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, res_flag, vd, ve, snr, ema, lw,
+              bk=False):
         if not (d or "").strip() and not res_flag:
             raise ValueError("give the training images folder")
-        config = config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, vd, ve, snr, ema, lw)
+        config = config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, vd, ve, snr, ema, lw,
+                             bk)
         runner = ctx.trainer
         state = runner.start(config, (r or "").strip() or None, resume=bool(res_flag))
         shown = (-1, None)
@@ -120,6 +128,6 @@ def build(ctx: UIContext) -> None:
 
     start_btn.click(start, [name, data_dir, run_dir, vectors, init_text, lr, steps, batch, accum, seed, resolution,
                             save_every, preview_every, preview_steps, latents, hflip, gckpt, resume,
-                            val_data, val_every, min_snr, ema_decay, log_with],
+                            val_data, val_every, min_snr, ema_decay, log_with, bucketing],
                     [status, loss_plot, preview])
     stop_btn.click(stop, None, [status], queue=False)
