@@ -140,7 +140,8 @@ def _fill_defaults(data: dict, where: str) -> dict:
     data.setdefault("device", "auto")
     data.setdefault("seed", 0)
     data.setdefault("estimates", {})
-    _need("model" in data, where, "give 'model' (a diffusers folder, an SD2 file or 'tiny')")
+    _need("model" in data, where, "give 'model' (a diffusers folder, an SD1/SD2/SDXL .safetensors or .ckpt, "
+          "or 'tiny', 'tiny-sd1', 'tiny-sdxl')")
     d = data.get("data")
     _need(isinstance(d, dict) and d.get("kind") in DATA_KINDS, where,
           f"'data.kind' must be one of {', '.join(DATA_KINDS)}")

@@ -1,4 +1,4 @@
-"""Inpainting with a plain (non-inpainting) SD2 model, the A1111 img2img way.
+"""Inpainting with a plain (non-inpainting) SD1, SD2 or SDXL model, the A1111 img2img way.
 
 Steps as in ``StableDiffusionProcessingImg2Img``: mask blur (separable Gaussian, kernel
 ``2 * int(2.5 * blur + 0.5) + 1``), optional "only masked" crop around the mask with padding
