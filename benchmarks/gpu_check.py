@@ -20,6 +20,8 @@ crash, an out-of-memory error or a hang costs only that section, and peak memory
    its trainer sets them); and this trainer capped at an 8 GiB card
    (``torch.cuda.set_per_process_memory_fraction``), retried with gradient checkpointing if it does not
    fit. s/step, it/s (the paper: 3.5 it/s on an RTX 2070), peak CUDA memory allocated and reserved;
+   and this trainer on the SDXL architecture (random weights from the shipped ``configs/sdxl``, both text
+   encoders, ``--sdxl-resolution`` px, default 1024; smoke: tiny-sdxl) with its peak memory;
 3. ``fid``: images/s of the FID Inception-v3 network (random weights) at batch 64, fp32 and fp16;
 4. ``classifier``: ResNet-18 training steps/s (random weights, batch 32, the classifier's image size),
    channels_last with fp16 autocast, and the project's own ``train_step`` as it is.
@@ -75,6 +77,7 @@ JOBS = (
     Job("train:diffusers", "train: diffusers example approach", 55, 40),
     Job("train:a1111", "train: A1111-style", 55, 40),
     Job("train:meddiff-8gib", f"train: this trainer on an {CARD_GIB:g} GiB card", 70, 40),
+    Job("train:meddiff-sdxl", "train: this trainer on SDXL", 70, 50),
     Job("fid", "FID Inception-v3 features", 35, 15),
     Job("classifier", "classifier ResNet-18 training", 35, 15),
 )
@@ -183,6 +186,35 @@ def build_modules(kind: str, device):
             dict(SD2_SCHEDULER, prediction_type="epsilon"))
 
 
+def build_sdxl_backend(smoke: bool, device, dtype, attention: str = "auto"):
+    """The SDXL architecture with random weights (shipped configs; built on ``device``), or tiny-sdxl."""
+    import torch
+
+    if smoke:
+        from medical_diffusion.backend.tiny import build_tiny_backend
+
+        return build_tiny_backend(0, family="SDXL", device=device, dtype=dtype, attention=attention)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from medical_diffusion.backend.clip_tokenizer import load_tokenizer_for
+    from medical_diffusion.backend.diffusers_backend import CONFIG_DIR, DiffusersBackend, _read_json
+
+    cfg = CONFIG_DIR / "sdxl"
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_json_file(cfg / "text_encoder" / "config.json"))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(cfg / "text_encoder_2" / "config.json"))
+    backend = DiffusersBackend(unet=unet, vae=vae, text_encoder=text, text_encoder_2=text_2,
+                               tokenizer=load_tokenizer_for("SDXL", False), tokenizer_2=load_tokenizer_for("SDXL", True),
+                               scheduler_config=_read_json(cfg / "scheduler" / "scheduler_config.json"),
+                               device=device, dtype=dtype, label="random SDXL", attention=attention, family="SDXL")
+    _release(device)
+    return backend
+
+
 def make_backend(modules, device, dtype, label: str, attention: str = "auto"):
     from medical_diffusion.backend.diffusers_backend import DiffusersBackend
 
@@ -262,6 +294,8 @@ def worker_train(args) -> dict:
     if cuda:  # this trainer reads the loss back every N steps; time whole windows, the first one is warm-up
         overrides.setdefault("sync_every", SYNC_EVERY)
     t0 = time.perf_counter()
+    if variant == "meddiff-sdxl":
+        return _sdxl_train(args, device, wdtype, warmup, deadline, overrides)
     modules = build_modules("tiny" if args.smoke else "sd2", device)
     result: dict[str, Any] = {"model": "tiny (random)" if args.smoke else "SD2 architecture, random weights",
                               "resolution": args.resolution, "vectors": 64, "batch": 1,
@@ -322,6 +356,30 @@ def worker_train(args) -> dict:
                     result["with_gradient_checkpointing"] = {"fits": False, "oom": str(exc2).splitlines()[0][:300]}
         else:
             raise SystemExit(f"unknown training variant {variant!r}")
+    result.update(_cuda_memory(device))
+    return result
+
+
+def _sdxl_train(args, device, wdtype, warmup: int, deadline: float, overrides: dict) -> dict:
+    """This trainer on the SDXL architecture: s/step and peak memory at ``--sdxl-resolution``."""
+    import argparse as _argparse
+
+    from bench_train_step import make_images
+    from medical_diffusion.devices import describe
+
+    t0 = time.perf_counter()
+    resolution = args.resolution if args.smoke else args.sdxl_resolution
+    backend = build_sdxl_backend(args.smoke, device, wdtype, attention=args.attention)
+    result: dict[str, Any] = {"model": "tiny-sdxl (random)" if args.smoke else "SDXL architecture, random weights",
+                              "resolution": resolution, "vectors": 64, "batch": 1, "build_s": time.perf_counter() - t0,
+                              "precision": f"weights {str(wdtype)[6:]}, vectors fp32", "device": describe(device, wdtype),
+                              "attention": getattr(backend, "attention", args.attention)}
+    warmup = int(overrides.get("sync_every") or warmup)
+    _reset_peak(device)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-data-") as tmp:
+        make_images(Path(tmp), 4, resolution)
+        run_args = _argparse.Namespace(**dict(vars(args), resolution=resolution))
+        result.update(_meddiff_run(backend, Path(tmp), run_args, device, warmup, deadline, overrides))
     result.update(_cuda_memory(device))
     return result
 
@@ -684,6 +742,8 @@ def summarise(entry: dict) -> str:
         if ck.get("fits"):
             return f"does not fit ({cap}); with gradient checkpointing it fits: {_train_text(ck)}"
         return f"does not fit ({cap}), not even with gradient checkpointing: {ck.get('oom', r.get('oom', ''))}"
+    if name == "train:meddiff-sdxl":
+        return f"{r.get('resolution')} px: {_train_text(r)}"
     if name.startswith("train:"):
         return _train_text(r)
     if name == "fid":
@@ -726,13 +786,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=420.0, help="seconds for all sections together (default 420)")
     p.add_argument("--smoke", action="store_true", help="every section on the CPU, tiny model and sizes (seconds)")
     p.add_argument("--only", nargs="+", metavar="SECTION", choices=JOB_NAMES + ("train",),
-                   help=f"run only these sections ({', '.join(JOB_NAMES)}, or train for all four)")
+                   help=f"run only these sections ({', '.join(JOB_NAMES)}, or train for all five)")
     p.add_argument("--device", default="auto", help="torch device (default auto); --smoke uses the CPU")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="frozen weights for training (auto: fp16 on CUDA, fp32 on the CPU)")
     p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "xformers", "classic"),
                    help="this trainer's attention kernel (default auto = sdpa)")
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default 512; smoke 64)")
+    p.add_argument("--sdxl-resolution", type=int, default=1024, help="the SDXL section's resolution (default 1024)")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps after the warm-up (3 steps; "
                         f"this trainer on CUDA: one loss read-back window of {SYNC_EVERY}) (default 20; smoke 2)")
     p.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",

@@ -129,10 +129,11 @@ def test_smoke_run_covers_every_section_and_writes_json_and_markdown(tmp_path, c
     assert list(sections) == list(gc.JOB_NAMES)
     assert {n: s["status"] for n, s in sections.items()} == {n: "ok" for n in gc.JOB_NAMES}, \
         {n: s.get("error") for n, s in sections.items()}
-    for name in ("train:meddiff", "train:diffusers", "train:a1111", "train:meddiff-8gib"):
+    for name in ("train:meddiff", "train:diffusers", "train:a1111", "train:meddiff-8gib", "train:meddiff-sdxl"):
         r = sections[name]["result"]
         assert r["steps_timed"] >= 1 and r["s_per_step"] > 0 and r["it_per_s"] == pytest.approx(1 / r["s_per_step"])
     assert sections["train:a1111"]["result"]["gradient_checkpointing"] is True
+    assert sections["train:meddiff-sdxl"]["result"]["model"].startswith("tiny-sdxl")
     assert sections["fid"]["result"]["fp32"]["images_per_s"] > 0
     assert sections["classifier"]["result"]["project train_step (as is)"]["steps_per_s"] > 0
     md = (tmp_path / gc.MD_NAME).read_text()
