@@ -372,3 +372,56 @@ def test_bucketing_from_the_cli_and_the_tab_with_a_bucketed_validation_set(backe
                                            64, 0, 0, 2, "mean", False, False, False, "", 500, 0, 0, "none", True)
     assert message.startswith("finished at step 2"), message
     assert TrainConfig.load(tmp_path / "tab" / "run_config.json").bucketing is True
+
+
+def test_nan_latents_are_refused_naming_the_image(backend, data_dir):
+    """An fp16 VAE that overflows gives NaN latents: caught when they are cached, naming the file."""
+
+    class Overflowing(CountingBackend):
+        def encode_images(self, pixels, **kw):
+            out = super().encode_images(pixels, **kw).clone()
+            out[-1] = float("nan")  # the last image of each encode batch
+            return out
+
+    images = load_bucketed_images(data_dir, 64, step=STEP)
+    with pytest.raises(MedDiffError, match=r"NaN/inf latents for .*_case\.png.*--no-half-vae"):
+        BucketedLatentCache(Overflowing(backend), images)
+    square = load_training_images(data_dir, 64)
+    with pytest.raises(MedDiffError, match=r"NaN/inf latents for .*_case\.png"):
+        LatentCache(Overflowing(backend), square)
+
+
+def test_a_backend_with_size_conditioning_gets_each_buckets_size(backend, tmp_path, monkeypatch):
+    """The webui's SDXL bakes the image size into the prompt encoding: with buckets it is set per micro-batch."""
+    from medical_diffusion.training import buckets
+    from medical_diffusion.training.config import TrainConfig
+    from medical_diffusion.training.loop import train
+
+    monkeypatch.setattr(buckets, "DEFAULT_STEP", STEP)
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data, SIZES)
+    seen = []
+    monkeypatch.setattr(backend, "set_image_size", lambda w, h: seen.append((w, h)), raising=False)
+    config = TrainConfig(name="cxr", data_dir=str(data), n_vectors=2, steps=8, resolution=64, save_every=0,
+                         preview_every=0, learning_rate="0.05", bucketing=True)
+    train(config, backend, tmp_path / "run")
+    grid = {placement_for(w, h, bucket_grid(64, step=STEP)[nearest_bucket(w, h, bucket_grid(64, step=STEP))]).size
+            for w, h in SIZES}
+    assert seen[0] == (64, 64) and set(seen[1:]) == grid and len(grid) > 1
+
+
+def test_force_removes_both_families_files(tmp_path):
+    from medical_diffusion.training.config import TrainConfig
+    from medical_diffusion.training.run_folder import RunFolder
+
+    run = RunFolder(tmp_path, "cxr")
+    (tmp_path / "embeddings").mkdir()
+    old = [tmp_path / "embeddings" / n for n in ("cxr-5.pt", "cxr-5.pt.optim", "cxr-5.safetensors",
+                                                  "cxr-5.safetensors.optim")]
+    old += [tmp_path / n for n in ("cxr.pt", "cxr.safetensors", "best.pt", "best.safetensors", "best.json",
+                                   "cxr-ema.pt", "cxr-ema.safetensors", "loss.csv", "val_loss.csv")]
+    for path in old:
+        path.write_bytes(b"x")
+    run.create(TrainConfig(name="cxr", data_dir=str(tmp_path)), force=True)
+    assert [p.name for p in old if p.exists()] == []

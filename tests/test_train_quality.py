@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -167,7 +168,8 @@ def test_val_loss_drops_and_best_pt_holds_the_minimum(val_dir, data_dir, tmp_pat
     meta = json.loads((run / "best.json").read_text())
     assert meta["step"] == best_step == result.best_step and meta["val_loss"] == pytest.approx(best_loss, rel=1e-6)
     assert torch.equal(_vectors(run / "best.pt"), _vectors(run / "embeddings" / f"toy-{best_step}.pt"))
-    assert [e.val_loss is not None for e in events] == [True] * 12
+    assert [e.val_loss is not None for e in events] == [True] * 13  # step 0 (the untrained vectors) too
+    assert events[0].step == 0 and math.isnan(events[0].loss) and events[0].validation_only and events[0].val_loss == pytest.approx(vals[0][1], rel=1e-6)
     assert events[-1].best_step == best_step
 
     # resumed with a learning rate that ruins the vectors: later validation losses are worse, best stays
@@ -180,7 +182,27 @@ def test_val_loss_drops_and_best_pt_holds_the_minimum(val_dir, data_dir, tmp_pat
     assert worse.best_step == best_step
 
 
-def test_best_tracker_and_resume_reads_the_previous_best(tmp_path):
+def test_best_files_follow_the_resumed_checkpoint_not_an_abandoned_later_step(val_dir, data_dir, tmp_path):
+    """Killed after ``best.*`` was written past the last checkpoint, then resumed on another course: the
+    best is the best of the steps the resumed run keeps, in the file as in the result."""
+    toy, run = ToyBackend(), tmp_path / "run"
+    kw = dict(val_data=str(val_dir), val_every=1, save_every=4, val_timesteps=3)
+    train(_toy_config(data_dir, steps=8, learning_rate="0.1", **kw), toy, run)
+    assert json.loads((run / "best.json").read_text())["step"] > 4
+    for path in (run / "embeddings").glob("toy-8.pt*"):  # as if the process died before the step-8 checkpoint
+        path.unlink()
+    kept = [(int(r[0]), float(r[1])) for r in _rows(run / "val_loss.csv")[1:] if int(r[0]) <= 4]
+    result = train(_toy_config(data_dir, steps=8, learning_rate="5", **kw), toy, run, resume=True)
+    later = [float(r[1]) for r in _rows(run / "val_loss.csv")[1:] if int(r[0]) > 4]
+    step, loss = min(kept, key=lambda r: (r[1], r[0]))
+    assert min(later) > loss  # lr 5 ruins the vectors: the best stays among the kept steps
+    meta = json.loads((run / "best.json").read_text())
+    assert (meta["step"], result.best_step) == (step, step) and meta["val_loss"] == pytest.approx(loss, rel=1e-6)
+    if step == 4:
+        assert torch.equal(_vectors(run / "best.pt"), _vectors(run / "embeddings" / "toy-4.pt"))
+
+
+def test_best_tracker_and_the_run_folder_best_files(tmp_path):
     from medical_diffusion.training.run_folder import RunFolder
 
     t = BestTracker()
@@ -190,11 +212,11 @@ def test_best_tracker_and_resume_reads_the_previous_best(tmp_path):
     for s, v in [(0, 1.0), (2, 0.4), (4, 0.3), (6, 0.2)]:
         run.append_val_loss(s, v)
     run.close()
-    assert run.best_until(5) == (4, 0.3)  # no best.json: the lowest logged value up to the step
+    assert run.read_best() is None
     run.save_best(torch.zeros(1, 4), 2, 0.4)
-    assert run.best_until(5) == (2, 0.4) and run.read_best() == (2, 0.4)
-    run.save_best(torch.zeros(1, 4), 6, 0.2)
-    assert run.best_until(5) == (4, 0.3)  # best.json from after the resumed step is not used
+    assert run.read_best() == (2, 0.4)
+    assert run.remove_best() and run.read_best() is None and not run.best_path.exists()
+    assert not run.remove_best()
     run.truncate_val_losses(4)
     assert run.read_val_losses() == [(0, 1.0), (2, 0.4), (4, 0.3)]
 
@@ -467,7 +489,7 @@ def test_api_bounds_and_status(tmp_path, data_dir, val_dir, monkeypatch):
     assert status["best_step"] is not None and status["val_loss"] is not None and status["best"].endswith("best.pt")
     assert status["ema"].endswith("toy-ema.pt") and "val_losses" not in status
     assert "best validation loss" in status["message"]
-    assert len(client.get(PREFIX + "/train/status", params={"losses": True}).json()["val_losses"]) == 3
+    assert len(client.get(PREFIX + "/train/status", params={"losses": True}).json()["val_losses"]) == 4  # step 0 too
 
 
 def test_tab_fields_map_to_the_config():
@@ -497,7 +519,7 @@ def test_tab_trains_with_the_options_and_plots_both_losses(data_dir, val_dir, tm
     message, plot, _preview = outputs[-1]
     assert message.startswith("finished at step 4") and "best validation loss" in message and "EMA" in message
     assert sorted(set(plot["series"])) == ["training", "validation"]
-    assert plot[plot["series"] == "validation"]["step"].tolist() == [2, 4]
+    assert plot[plot["series"] == "validation"]["step"].tolist() == [0, 2, 4]
     saved = TrainConfig.load(tmp_path / "run" / "run_config.json")
     assert (saved.min_snr_gamma, saved.ema_decay, saved.val_every) == (5.0, 0.9, 2)
 

@@ -387,10 +387,22 @@ def run_text_model(encoder, inputs_embeds: torch.Tensor, penultimate: bool = Fal
         out = text_model.encoder(inputs_embeds=hidden, attention_mask=causal)
         last = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
         return text_model.final_layer_norm(last), last
-    out = text_model.encoder(inputs_embeds=hidden, attention_mask=causal, output_hidden_states=True)
-    states = out[1] if isinstance(out, (tuple, list)) else out.hidden_states
+    # the penultimate state from a hook on the last-but-one layer: transformers 5's encoder no longer takes
+    # ``output_hidden_states`` (its outputs are captured a level up); a layer returns a tuple in 4.x, a tensor in 5.x
+    layers = text_model.encoder.layers
+    captured = [hidden]  # a one-layer encoder's penultimate state is its input
+
+    def keep(_module, _inputs, output):
+        captured[0] = output[0] if isinstance(output, (tuple, list)) else output
+
+    handle = layers[-2].register_forward_hook(keep) if len(layers) > 1 else None
+    try:
+        out = text_model.encoder(inputs_embeds=hidden, attention_mask=causal)
+    finally:
+        if handle is not None:
+            handle.remove()
     last = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-    return states[-2], last
+    return captured[0], last
 
 
 def bpe_token_ids(tokenizer, text: str) -> list[int]:

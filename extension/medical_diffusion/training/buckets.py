@@ -133,6 +133,7 @@ def load_bucketed_images(
     *,
     step: int | None = None,
     max_aspect: float | None = None,
+    what: str = "training",
 ) -> list[TrainImage]:
     """Like :func:`~medical_diffusion.training.dataset.load_training_images` (same checks, same order), but each
     image (and its mask) is resized to its aspect bucket instead of the square.
@@ -145,7 +146,7 @@ def load_bucketed_images(
     def place(size: Size) -> Placement:
         return placement_for(size[0], size[1], grid[nearest_bucket(size[0], size[1], grid)])
 
-    images = load_images(data_dir, mask, place)
+    images = load_images(data_dir, mask, place, what)
     log.info("aspect buckets (width x height: images): %s", bucket_summary(images))
     return images
 
@@ -190,7 +191,7 @@ class BucketedLatentCache:
         for rows in members:
             pixels = torch.stack([images[i].pixels for i in rows])
             lat = encode_views(backend, pixels, hflip=hflip, sample=sample, generator=generator,
-                               encode_batch=encode_batch)
+                               encode_batch=encode_batch, paths=[images[i].path for i in rows])
             self.latents.append(lat)
             if self.weights is not None:
                 masks = torch.stack([images[i].mask for i in rows])

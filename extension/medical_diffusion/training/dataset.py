@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -64,11 +64,11 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def _find_mask(mask_dir: Path, image: Path) -> Path:
+def _find_mask(mask_dir: Path, image: Path, what: str = "training") -> Path:
     for candidate in sorted(mask_dir.glob(image.stem + ".*")):
         if candidate.is_file() and candidate.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"):
             return candidate
-    raise InputFileError(mask_dir / f"{image.stem}.png", f"no mask for training image {image.name}")
+    raise InputFileError(mask_dir / f"{image.stem}.png", f"no mask for {what} image {image.name}")
 
 
 @dataclass(frozen=True)
@@ -93,20 +93,20 @@ def _place(img: Image.Image, placement: Placement, resample: int) -> Image.Image
 
 
 def load_images(
-    data_dir: str | Path, mask: str | None, placement: Callable[[tuple[int, int]], Placement]
+    data_dir: str | Path, mask: str | None, placement: Callable[[tuple[int, int]], Placement], what: str = "training"
 ) -> list[TrainImage]:
     """Load every image in ``data_dir``, each resized as ``placement(its (width, height))`` says.
 
     Each file is resolved (symlinks followed) and refused when it lands outside the allowed roots;
     all problems are reported together. ``mask``: None, ``"alpha"`` or a folder of masks named like
-    the images.
+    the images. ``what`` ("training", "validation") names the images in errors.
     """
     if not str(data_dir).strip():
-        raise MedDiffError("no training images folder given")
+        raise MedDiffError(f"no {what} images folder given")
     folder = Path(data_dir)
     paths = list_images(folder)
     if not paths:
-        raise InputFileError(folder, "no training images found (expected .png/.jpg/... files directly inside)")
+        raise InputFileError(folder, f"no {what} images found (expected .png/.jpg/... files directly inside)")
     mask_dir = None
     if mask not in (None, "alpha"):
         mask_dir = Path(mask)
@@ -117,7 +117,7 @@ def load_images(
     failures: list[InputFileError] = []
     for path in paths:
         try:
-            _inside_roots(path, "training image")
+            _inside_roots(path, f"{what} image")
             img = load_image(path, "RGBA" if mask == "alpha" else "RGB")
             where = placement(img.size)
             img = _place(img, where, Image.BICUBIC)
@@ -127,7 +127,7 @@ def load_images(
             if mask == "alpha":
                 weight = tensor[3:4]
             elif mask_dir is not None:
-                mpath = _find_mask(mask_dir, path)
+                mpath = _find_mask(mask_dir, path, what)
                 _inside_roots(mpath, "mask")
                 weight = _to_tensor(_place(load_image(mpath, "L"), where, Image.BILINEAR))
             images.append(TrainImage(path, pixels, weight, caption_for(path)))
@@ -140,18 +140,19 @@ def load_images(
     if failures:
         listed = "; ".join(str(f) for f in failures[:5])
         more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
-        raise MedDiffError(f"{len(failures)} training files are unusable: {listed}{more}")
+        raise MedDiffError(f"{len(failures)} {what} files are unusable: {listed}{more}")
     return images
 
 
-def load_training_images(data_dir: str | Path, resolution: int, mask: str | None = None) -> list[TrainImage]:
+def load_training_images(data_dir: str | Path, resolution: int, mask: str | None = None,
+                         what: str = "training") -> list[TrainImage]:
     """Load every image in ``data_dir`` resized to ``resolution`` x ``resolution`` (the paper's square path).
 
     See :func:`load_images` for the checks; :func:`medical_diffusion.training.buckets.load_bucketed_images`
     keeps aspect ratios instead.
     """
     square = Placement((resolution, resolution))
-    return load_images(data_dir, mask, lambda _size: square)
+    return load_images(data_dir, mask, lambda _size: square, what)
 
 
 def encode_views(
@@ -162,8 +163,13 @@ def encode_views(
     sample: bool,
     generator: torch.Generator,
     encode_batch: int,
+    paths: Sequence[Path] | None = None,
 ) -> torch.Tensor:
-    """Latents ``(views, N, C, h, w)`` of ``pixels`` ``(N, 3, H, W)``; view 1 (with ``hflip``) is the flipped image."""
+    """Latents ``(views, N, C, h, w)`` of ``pixels`` ``(N, 3, H, W)``; view 1 (with ``hflip``) is the flipped image.
+
+    NaN/inf latents (an fp16 VAE that overflows, as SDXL's stock VAE can) raise :class:`MedDiffError`
+    naming the images (``paths``), before anything is trained on them.
+    """
     views = [pixels, pixels.flip(-1)] if hflip else [pixels]
     encoded = []
     with torch.no_grad():
@@ -173,7 +179,15 @@ def encode_views(
                 for i in range(0, len(view), encode_batch)
             ]
             encoded.append(torch.cat(parts))
-    return torch.stack(encoded)
+    latents = torch.stack(encoded)
+    bad = (~torch.isfinite(latents)).flatten(2).any(-1).any(0)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        names = [str(paths[i]) if paths is not None else f"image {i}" for i in rows[:3]]
+        more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+        raise MedDiffError(f"the VAE gave NaN/inf latents for {', '.join(names)}{more}: an fp16 VAE overflowing? "
+                           "Use --precision fp32 (standalone), --no-half-vae in the webui, or an fp16-fix VAE")
+    return latents
 
 
 def loss_weights(masks: torch.Tensor, size: tuple[int, int], mask_weight: float, hflip: bool) -> torch.Tensor:
@@ -202,7 +216,7 @@ class LatentCache:
         pixels = torch.stack([im.pixels for im in images])
         #: (views, N, C, h, w): view 1 is the flipped image
         self.latents = encode_views(backend, pixels, hflip=hflip, sample=sample, generator=generator,
-                                    encode_batch=encode_batch)
+                                    encode_batch=encode_batch, paths=[im.path for im in images])
         self.weights: torch.Tensor | None = None
         if any(im.mask is not None for im in images):
             h, w = self.latents.shape[-2:]

@@ -238,7 +238,7 @@ def train(
     load = load_bucketed_images if config.bucketing else load_training_images
     images = load(config.data_dir, config.resolution, config.mask)  # before touching the run folder
     val_dir = resolve_val_dir(config.val_data, config.data_dir)
-    val_images = load(val_dir, config.resolution) if val_dir is not None else None
+    val_images = load(val_dir, config.resolution, what="validation") if val_dir is not None else None
     start_step, state = 0, None
     if resume:
         found = run.load_latest()
@@ -255,8 +255,10 @@ def train(
     else:
         run.create(config, force=force)
 
+    #: SDXL in the webui: its size conditioning, baked into the encoded prompt, describes the training images
+    #: (per micro-batch with bucketing; the standalone backend reads the size off the latents itself)
     set_size = getattr(backend, "set_image_size", None)
-    if set_size is not None:  # SDXL in the webui: its size conditioning describes the training images
+    if set_size is not None:
         set_size(config.resolution, config.resolution)
     vae_home = getattr(backend, "vae_device", device)
     cache = (BucketedLatentCache if config.bucketing else LatentCache)(
@@ -327,6 +329,8 @@ def train(
             extra["scaler"] = scaler.state_dict()
         if ema is not None:
             extra["ema"] = ema.state_dict()
+        if best is not None and best.step is not None:  # so a resume knows the best of the steps it keeps
+            extra["best"] = {"step": best.step, "val_loss": best.loss, "vectors": best_vectors[0]}
         ck = run.save_checkpoint(param, step, extra, **model_id)
         if ema is not None:
             run.write_embedding(ema.shadow, run.ema_path, step, **model_id)
@@ -348,12 +352,22 @@ def train(
     tb = None
     if config.log_with == "tensorboard":
         tb = tb_logging.TrainLogger(tb_logging.open_tensorboard(run.tensorboard_dir,
-                                                                purge_step=start_step + 1 if start_step else None))
+                                                                purge_step=start_step + 1 if resume else None))
     best = None
+    best_vectors: list[torch.Tensor | None] = [None]
     last_val: float | None = None
     if validator is not None:
-        found = run.best_until(start_step) if start_step > 0 else None
-        best = BestTracker(*found) if found is not None else BestTracker()
+        best = BestTracker()
+        kept = state.get("best") if state is not None else None
+        if kept is not None:  # the best of the steps this run keeps (best.* may be from a later, abandoned step)
+            best = BestTracker(int(kept["step"]), float(kept["val_loss"]))
+            best_vectors[0] = kept["vectors"].float()
+            if run.read_best() != (best.step, best.loss):
+                log.warning("%s is not the best of the resumed run's steps: rewritten from step %d", run.best_path,
+                            best.step)
+                run.save_best(best_vectors[0], best.step, best.loss, **model_id)
+        elif run.remove_best():
+            log.warning("%s was from steps after the resumed step %d: removed", run.best_path, start_step)
 
     def validate(step: int) -> float:
         """Validation loss of the current vectors: logged, and ``best.pt`` when it is a new best."""
@@ -361,7 +375,8 @@ def train(
         value = validator.loss(param.detach(), autocast)
         run.append_val_loss(step, value)
         if best.offer(step, value):
-            run.save_best(param, step, value, **model_id)
+            best_vectors[0] = param.detach().to("cpu", torch.float32).clone()
+            run.save_best(best_vectors[0], step, value, **model_id)
         if tb is not None:
             tb.validation(step, value)
         last_val = value
@@ -420,7 +435,12 @@ def train(
 
         try:
             if validator is not None and start_step == 0:
-                log.info("step 0: validation loss %.4f", validate(0))
+                value = validate(0)
+                log.info("step 0: validation loss %.4f", value)
+                if progress is not None:  # the curve starts at the untrained vectors
+                    progress(ProgressEvent(step=0, total=total, loss=math.nan, lr=schedule.rate_at(0),
+                                           val_loss=value, best_step=best.step, best_val_loss=best.loss,
+                                           validation_only=True))
                 clock[0] = time.perf_counter()
             while step < total:
                 if should_stop():
@@ -443,6 +463,8 @@ def train(
                     latents = latents.to(device, non_blocking=True)
                     noise = torch.randn(latents.shape, generator=gen).to(latents)
                     timesteps = torch.randint(0, backend.num_train_timesteps, (len(idx),), generator=gen).float()
+                    if set_size is not None and config.bucketing:
+                        set_size(latents.shape[-1] * backend.vae_scale_factor, latents.shape[-2] * backend.vae_scale_factor)
                     with autocast():
                         if prompts.constant:  # one text-encoder pass per micro-batch, shared by its images
                             cond = backend.encode_prompt(name, {name: param})

@@ -26,6 +26,8 @@ class ProgressEvent:
     #: step and validation loss of ``best.pt`` after this validation
     best_step: int | None = None
     best_val_loss: float | None = None
+    #: the validation of the untrained vectors at step 0: no training step yet (``loss`` is NaN)
+    validation_only: bool = False
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -45,6 +47,9 @@ class TqdmProgress:
             best = f" (best {event.best_val_loss:.4f} @ {event.best_step})" if event.best_step is not None else ""
             self.val = f"{event.val_loss:.4f}{best}"
         extra = {"val": self.val} if self.val is not None else {}
+        if event.validation_only:
+            self.bar.set_postfix(**extra, refresh=True)
+            return
         self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2g}", **extra, refresh=False)
         self.bar.update(event.step - self.bar.n)
         if event.checkpoint is not None:

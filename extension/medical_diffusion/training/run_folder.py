@@ -103,10 +103,14 @@ class RunFolder:
             )
         self.root.mkdir(parents=True, exist_ok=True)
         if force:
-            for old in list(self.ckpt_dir.glob(f"*{self.suffix}")) + list(self.ckpt_dir.glob("*.optim")):
-                old.unlink()
-            for old in (self.loss_csv, self.val_csv, self.best_meta_path, self.best_path, self.ema_path):
+            for suffix in (".pt", ".safetensors", ".optim"):  # both families' files: --force starts over
+                for old in self.ckpt_dir.glob(f"*{suffix}"):
+                    old.unlink()
+            for old in (self.loss_csv, self.val_csv, self.best_meta_path):
                 old.unlink(missing_ok=True)
+            for stem in (self.name, "best", f"{self.name}-ema"):
+                for suffix in (".pt", ".safetensors"):
+                    (self.root / f"{stem}{suffix}").unlink(missing_ok=True)
             for old in self.tensorboard_dir.glob("events.out.tfevents.*") if self.tensorboard_dir.is_dir() else []:
                 old.unlink()
         self.write_config(config)
@@ -162,6 +166,15 @@ class RunFolder:
         atomic_write_text(self.best_meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return path
 
+    def remove_best(self) -> bool:
+        """Delete ``best.*`` (a resumed run whose checkpoint holds no best); True when something was removed."""
+        found = False
+        for path in (self.best_meta_path, self.best_path):
+            if path.is_file():
+                path.unlink()
+                found = True
+        return found
+
     def read_best(self) -> tuple[int, float] | None:
         """``(step, val_loss)`` of ``best.json`` when it and ``best.pt`` are there and readable."""
         if not (self.best_meta_path.is_file() and self.best_path.is_file()):
@@ -173,21 +186,6 @@ class RunFolder:
             log.warning("%s: unreadable (%s); the best is taken from %s", self.best_meta_path, exc, self.val_csv.name)
             return None
         return (step, loss) if math.isfinite(loss) else None
-
-    def best_until(self, step: int) -> tuple[int, float] | None:
-        """The best ``(step, val_loss)`` of a run resumed at ``step``: ``best.json`` when it is not from a
-        later step, else the lowest logged validation loss up to ``step`` (ties: the earlier step)."""
-        found = self.read_best()
-        if found is not None and found[0] <= step:
-            return found
-        rows = [(s, v) for s, v in self.read_val_losses() if s <= step and math.isfinite(v)]
-        if found is not None:
-            log.warning("%s is from step %d, after the resumed step %d; it is replaced once the run passes a "
-                        "lower validation loss", self.best_path, found[0], step)
-        if not rows:
-            return None
-        best = min(rows, key=lambda r: (r[1], r[0]))
-        return best
 
     def checkpoints(self) -> list[Checkpoint]:
         """Complete checkpoints (``.pt`` and state present), oldest first."""

@@ -80,6 +80,10 @@ def stratified_timesteps(k: int, num_train_timesteps: int, generator: torch.Gene
     return t.clamp(0, num_train_timesteps - 1).float()
 
 
+#: most timesteps of one image in one forward pass (bounds validation memory on big models)
+VAL_CHUNK = 8
+
+
 class Validator:
     """The validation set's cached latents with its fixed noise, timesteps and prompts."""
 
@@ -90,13 +94,10 @@ class Validator:
         self.backend, self.name = backend, name
         cache_type = BucketedLatentCache if bucketing else LatentCache
         self.cache = cache_type(backend, images, sample=sample_latents, seed=mix(seed, _LATENT_SEED))
-        k, steps = int(timesteps_per_image), backend.num_train_timesteps
-        self.noise: list[torch.Tensor] = []
-        self.timesteps: list[torch.Tensor] = []
-        for i in range(len(self.cache)):
-            gen = torch.Generator().manual_seed(mix(seed, _DRAW_SEED, i))
-            self.timesteps.append(stratified_timesteps(k, steps, gen))
-            self.noise.append(torch.randn((k,) + tuple(self.cache.latent(i).shape), generator=gen))
+        self.seed, self.k = seed, int(timesteps_per_image)
+        #: the fixed timesteps of each image (its noise is drawn again from the same seed at each evaluation,
+        #: so memory does not grow with the validation set)
+        self.timesteps = [self._draws(i)[0] for i in range(len(self.cache))]
         self.constant = prompts.constant
         self.texts = [name] * len(self.cache) if prompts.constant else [
             prompts.prompts([caption], random.Random(mix(seed, _PROMPT_SEED, i)))[0]
@@ -106,26 +107,41 @@ class Validator:
     def __len__(self) -> int:
         return len(self.cache)
 
+    def _draws(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image ``i``'s fixed timesteps ``(k,)`` and noise ``(k, C, h, w)``: from ``(seed, i)`` alone."""
+        gen = torch.Generator().manual_seed(mix(self.seed, _DRAW_SEED, i))
+        t = stratified_timesteps(self.k, self.backend.num_train_timesteps, gen)
+        return t, torch.randn((self.k,) + tuple(self.cache.latent(i).shape), generator=gen)
+
     @torch.no_grad()
     def loss(self, vectors: torch.Tensor,
              autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> float:
         """Mean validation loss of ``vectors`` over the images (one host read)."""
         backend, device = self.backend, self.backend.device
-        losses, shared = [], None
+        set_size = getattr(backend, "set_image_size", None)  # the webui's SDXL: size conditioning per image
+        losses, shared = [], {}
         for i in range(len(self.cache)):
-            k = self.timesteps[i].shape[0]
-            latents = self.cache.latent(i).unsqueeze(0).expand(k, -1, -1, -1).to(device)
-            noise = self.noise[i].to(latents)
-            t = self.timesteps[i].to(device)
+            t_all, noise_all = self._draws(i)
+            latent = self.cache.latent(i)
+            size = tuple(int(s) * backend.vae_scale_factor for s in latent.shape[-2:])  # (h, w) in pixels
+            if set_size is not None:
+                set_size(size[1], size[0])
             with autocast():
-                if self.constant:
-                    if shared is None:
-                        shared = backend.encode_prompt(self.name, {self.name: vectors})
-                    cond = shared
+                if self.constant:  # one encoding per image size (SDXL's conditioning holds the size)
+                    if size not in shared:
+                        shared[size] = backend.encode_prompt(self.name, {self.name: vectors})
+                    cond = shared[size]
                 else:
                     cond = backend.encode_prompt(self.texts[i], {self.name: vectors})
-                loss = backend.diffusion_loss(latents, cond.expand(k, -1, -1), noise, t)
-            losses.append(loss.detach().float())
+                total = torch.zeros((), device=device)
+                for start in range(0, self.k, VAL_CHUNK):  # at most VAL_CHUNK rows per forward pass
+                    t = t_all[start : start + VAL_CHUNK].to(device)
+                    n = int(t.shape[0])
+                    latents = latent.unsqueeze(0).expand(n, -1, -1, -1).to(device)
+                    noise = noise_all[start : start + VAL_CHUNK].to(latents)
+                    loss = backend.diffusion_loss(latents, cond.expand(n, -1, -1), noise, t)
+                    total = total + loss.detach().float() * (n / self.k)
+            losses.append(total)
         return math.fsum(torch.stack(losses).cpu().tolist()) / len(losses)
 
 

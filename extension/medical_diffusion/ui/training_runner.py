@@ -132,6 +132,11 @@ class TrainingRunner:
 
     def _on_event(self, event) -> None:
         s = self.state
+        if getattr(event, "validation_only", False):  # step 0: the untrained vectors' validation loss
+            s.val_loss, s.best_step, s.best_val_loss = event.val_loss, event.best_step, event.best_val_loss
+            s.val_losses.append((event.step, event.val_loss))
+            s.message = f"step 0/{event.total}: validation loss {event.val_loss:.4f} before training"
+            return
         s.step, s.total, s.loss, s.lr, s.eta_seconds = event.step, event.total, event.loss, event.lr, event.eta_seconds
         s.it_per_s = getattr(event, "it_per_s", None)
         s.losses.append((event.step, event.loss))

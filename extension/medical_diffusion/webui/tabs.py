@@ -82,6 +82,8 @@ def report_training_step(event) -> None:
     """The webui's progress bar and status line follow a training run (as its own TI training does)."""
     from modules import shared
 
+    if getattr(event, "validation_only", False):
+        return
     shared.state.job_no = event.step
     shared.state.textinfo = f"Medical Diffusion: step {event.step}/{event.total}, loss {event.loss:.4f}"
 
