@@ -124,3 +124,26 @@ def test_tab_compare_of_different_families_shows_why(tmp_path, files):
     assert "cannot be compared vector by vector" in text and FITS["sd1"] in text and FITS["sdxl"] in text
     text, report = _tab(tmp_path, files, None)["compare"](None, "sd2.pt", None, "sd2.pt")
     assert text.startswith(f"fits: A {FITS['sd2']}") and report["fits_a"] == FITS["sd2"]
+
+
+def test_a_tiny_sdxl_pair_is_not_called_sdxl_and_inspect_takes_the_tiny_model(tmp_path, capsys):
+    """A pair at tiny widths fits "an SDXL-shaped model", not SDXL; without a width the error says how to
+    give one; ``--model tiny-sdxl`` gives per-block token scales from one model load."""
+    from medical_diffusion.backend.diffusers_backend import load_backend
+
+    backend = load_backend("tiny-sdxl")
+    widths = backend.text_widths
+    pair = Embedding("pair", torch.ones(2, widths["clip_l"]), extra={"clip_g": torch.ones(2, widths["clip_g"])})
+    assert fits(pair).startswith("an SDXL-shaped model with clip_l 32 + clip_g 48")
+    path = save_embedding(pair, tmp_path / "pair.safetensors", fmt="safetensors")
+    assert main(["embedding", "inspect", str(path)]) == 1
+    assert "--expected-width 80" in capsys.readouterr().err
+    norms = backend.block_token_norms()
+    assert set(norms) == {"clip_l", "clip_g"} and all(v > 0 for v in norms.values())
+    for part, table in zip(widths, backend.token_embeddings):
+        assert norms[part] == pytest.approx(float(table.weight.float().norm(dim=1).mean()), rel=1e-5)
+    assert main(["embedding", "inspect", str(path), "--model", "tiny-sdxl", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    report = report[0] if isinstance(report, list) else report
+    assert "SDXL-shaped" in report["fits"]
+    assert report["token_scale"] == pytest.approx(norms)

@@ -233,6 +233,20 @@ class DiffusersBackend(ModelBackend):
         with torch.no_grad():
             return torch.cat([table(ids).float().cpu() for table in self.token_embeddings], dim=1)
 
+    def block_token_norms(self) -> dict[str, float]:
+        """Mean L2 norm of each text encoder's token vectors, by block of :attr:`text_widths`
+        (SDXL: ``{"clip_l": ..., "clip_g": ...}``; SD1/SD2: ``{"vectors": token_embedding_norm()}``)."""
+        if len(self.token_embeddings) == 1:
+            return {"vectors": self.token_embedding_norm()}
+        out = {}
+        for part, table in zip(self.text_widths, self.token_embeddings):
+            weight = table.weight.detach()
+            total = torch.zeros((), dtype=torch.float64, device=weight.device)
+            for start in range(0, weight.shape[0], 4096):
+                total += weight[start : start + 4096].float().norm(dim=1).sum().double()
+            out[part] = float(total / weight.shape[0])
+        return out
+
     def token_embedding_norm(self) -> float:
         """Mean L2 norm of the vocabulary's token vectors (SDXL: of the concatenated rows)."""
         # row blocks: no fp32 copy of the whole (49408, width) table

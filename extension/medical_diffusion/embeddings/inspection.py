@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from medical_diffusion.embeddings.model import Embedding
+from medical_diffusion.embeddings.model import SDXL_WIDTHS, Embedding
 from medical_diffusion.embeddings.readers import read_embedding
 from medical_diffusion.embeddings.safe_pickle import safe_torch_load
 from medical_diffusion.errors import InputFileError, MedDiffError
@@ -35,6 +35,9 @@ FAMILY_FITS = {
 
 def fits(emb: Embedding) -> str:
     """The model family ``emb`` fits, in words (``"unknown width N (a custom or tiny model)"`` otherwise)."""
+    if emb.is_sdxl and {k: int(t.shape[1]) for k, t in emb.parts().items()} != SDXL_WIDTHS:
+        l, g = (int(t.shape[1]) for t in emb.parts().values())
+        return f"an SDXL-shaped model with clip_l {l} + clip_g {g} (a custom or tiny model, not SDXL itself)"
     return FAMILY_FITS.get(emb.family or "", f"unknown width {emb.width} (a custom or tiny model)")
 
 
@@ -143,9 +146,9 @@ def token_embedding_scale(model: str | os.PathLike, width: int) -> float:
         except ImportError:
             raise InputFileError(model, "no such model file or folder") from None
         backend = load_backend(str(model))
-        if backend.text_width != width:
-            raise MedDiffError(f"model {model}: token width {backend.text_width} does not match the embedding's {width}")
-        return float(backend.token_embedding_norm())
+        if backend.text_width == width:
+            return float(backend.token_embedding_norm())
+        raise MedDiffError(f"model {model}: token width {backend.text_width} does not match the embedding's {width}")
     matrices = _token_matrices(str(model))
     for _key, weight in matrices:
         if weight.ndim == 2 and weight.shape[1] == width:
@@ -220,6 +223,15 @@ def inspect_embedding(
 
 def scales_for(emb: Embedding, model: str | os.PathLike) -> float | dict[str, float]:
     """Token scale(s) of ``model`` matching ``emb``'s block widths."""
+    if emb.is_sdxl and not Path(model).exists():  # a named model: loaded once for both blocks
+        from medical_diffusion.backend.diffusers_backend import load_backend
+
+        backend = load_backend(str(model))
+        want = {part: int(t.shape[1]) for part, t in emb.parts().items()}
+        if dict(getattr(backend, "text_widths", {})) != want:
+            raise MedDiffError(f"model {model}: token blocks {dict(backend.text_widths)} do not match the "
+                               f"embedding's {want}")
+        return backend.block_token_norms()
     if emb.is_sdxl:
         return {part: token_embedding_scale(model, int(t.shape[1])) for part, t in emb.parts().items()}
     return token_embedding_scale(model, emb.width)

@@ -143,7 +143,9 @@ def validate(
             for part, want_width in SDXL_WIDTHS.items():
                 got = emb.parts()[part].shape[1]
                 if got != want_width:
-                    raise InputFileError(path, f"SDXL embedding block {part} has width {got}, expected {want_width}")
+                    hint = "" if expected_width is not None else (
+                        f" (for a custom or tiny SDXL-shaped model give its width, e.g. --expected-width {total})")
+                    raise InputFileError(path, f"SDXL embedding block {part} has width {got}, expected {want_width}{hint}")
         return emb
     width = emb.vectors.shape[1]
     if expected_width is not None:
