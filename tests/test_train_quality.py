@@ -143,7 +143,7 @@ def test_val_loss_uses_fixed_draws_and_leaves_training_alone(backend, data_dir, 
     # a run with validation trains exactly as one without; both runs' validation rows are the same
     plain = train(_config(data_dir), backend, tmp_path / "plain")
     with_val = train(_config(data_dir, val_data=str(val_dir), val_every=2, val_timesteps=4), backend, tmp_path / "v1")
-    again = train(_config(data_dir, val_data=str(val_dir), val_every=2, val_timesteps=4), backend, tmp_path / "v2")
+    train(_config(data_dir, val_data=str(val_dir), val_every=2, val_timesteps=4), backend, tmp_path / "v2")
     assert _rows(tmp_path / "plain" / "loss.csv", 3) == _rows(tmp_path / "v1" / "loss.csv", 3)
     assert torch.equal(_vectors(plain.embedding_path), _vectors(with_val.embedding_path))
     val_rows = _rows(tmp_path / "v1" / "val_loss.csv")
@@ -224,7 +224,7 @@ def test_best_tracker_and_the_run_folder_best_files(tmp_path):
 def test_resume_equals_uninterrupted_with_every_option(backend, data_dir, val_dir, tmp_path):
     kw = dict(steps=6, save_every=3, val_data=str(val_dir), val_every=2, val_timesteps=2, min_snr_gamma=5.0,
               ema_decay=0.8, learning_rate="0.05:3, 0.01")
-    full = train(_config(data_dir, **kw), backend, tmp_path / "full")
+    train(_config(data_dir, **kw), backend, tmp_path / "full")
     calls = {"n": 0}
 
     def stop_after_four():
@@ -292,7 +292,7 @@ def test_min_snr_changes_the_loss_and_off_is_the_default_run(backend, data_dir, 
     default = train(_config(data_dir), backend, tmp_path / "default")
     off = train(_config(data_dir, min_snr_gamma=None, ema_decay=None, val_data=None, log_with="none",
                         val_every=1, val_timesteps=3), backend, tmp_path / "off")
-    snr = train(_config(data_dir, min_snr_gamma=0.05), backend, tmp_path / "snr")
+    train(_config(data_dir, min_snr_gamma=0.05), backend, tmp_path / "snr")
     losses = lambda name: _rows(tmp_path / name / "loss.csv", 3)  # noqa: E731
     assert losses("default") == losses("off") and torch.equal(_vectors(default.embedding_path),
                                                               _vectors(off.embedding_path))
