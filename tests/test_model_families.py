@@ -368,3 +368,15 @@ def test_saved_tiny_folders_round_trip(tmp_path, sd1, sdxl, tiny_backend):
         (folder / "model_index.json").write_text(json.dumps(index))
         assert family_of_folder(folder) == backend.family
     assert (tmp_path / "SDXL" / "text_encoder_2").is_dir() and (tmp_path / "SDXL" / "tokenizer_2").is_dir()
+
+
+def test_a_torchscript_ckpt_is_refused_before_family_detection_loads_it(tmp_path):
+    import torch
+
+    from medical_diffusion.backend.families import family_of_checkpoint
+    from medical_diffusion.embeddings.safe_pickle import UnsafePickleError
+
+    path = tmp_path / "model.ckpt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(UnsafePickleError, match="TorchScript"):
+        family_of_checkpoint(path)

@@ -141,11 +141,14 @@ class ModelBackend(abc.ABC):
         noise: torch.Tensor,
         timesteps: torch.Tensor,
         weight: torch.Tensor | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean squared error of the model's prediction against its training target.
 
         ``weight`` (``(B, 1, h, w)`` at latent resolution) scales the per-element error,
-        e.g. to make a lesion region count more; the result is a weighted mean.
+        e.g. to make a lesion region count more; the result is a weighted mean. ``sample_weight``
+        ``(B,)`` scales each sample's error (min-SNR-gamma): ``sum(s_b * w * err^2) / sum(w)``, or
+        ``mean(s_b * err^2)`` without ``weight``. Both None: the plain MSE.
         """
         noisy = self.add_noise(latents, noise, timesteps)
         pred = self.predict(noisy, timesteps, cond).float()
@@ -157,6 +160,12 @@ class ModelBackend(abc.ABC):
         else:
             raise ValueError(f"unknown prediction type {self.prediction_type!r}")
         target = target.float()
+        if sample_weight is not None:
+            err = (pred - target) ** 2 * sample_weight.to(pred).view((-1,) + (1,) * (pred.ndim - 1))
+            if weight is None:
+                return err.mean()
+            weight = weight.to(pred).expand_as(pred)
+            return (err * weight).sum() / weight.sum().clamp_min(1e-12)
         if weight is None:
             return F.mse_loss(pred, target)
         weight = weight.to(pred).expand_as(pred)
@@ -164,11 +173,16 @@ class ModelBackend(abc.ABC):
 
     def _alpha_sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), interpolated for fractional t."""
-        acp = self.alphas_cumprod.to(like.device, torch.float32)
-        t = timesteps.to(like.device, torch.float32).clamp(0, acp.shape[0] - 1)
-        lo = t.floor().long()
-        hi = t.ceil().long()
-        frac = t - lo.float()
-        abar = acp[lo] * (1 - frac) + acp[hi] * frac
+        abar = alpha_bar_at(self.alphas_cumprod, timesteps.to(like.device))
         shape = (-1,) + (1,) * (like.ndim - 1)
         return abar.sqrt().view(shape).to(like.dtype), (1 - abar).sqrt().view(shape).to(like.dtype)
+
+
+def alpha_bar_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at ``timesteps`` (float32, on their device), linearly interpolated for fractional t."""
+    acp = alphas_cumprod.to(timesteps.device, torch.float32)
+    t = timesteps.to(torch.float32).clamp(0, acp.shape[0] - 1)
+    lo = t.floor().long()
+    hi = t.ceil().long()
+    frac = t - lo.float()
+    return acp[lo] * (1 - frac) + acp[hi] * frac

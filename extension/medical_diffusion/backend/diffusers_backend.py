@@ -236,27 +236,15 @@ class DiffusersBackend(ModelBackend):
     def block_token_norms(self) -> dict[str, float]:
         """Mean L2 norm of each text encoder's token vectors, by block of :attr:`text_widths`
         (SDXL: ``{"clip_l": ..., "clip_g": ...}``; SD1/SD2: ``{"vectors": token_embedding_norm()}``)."""
-        if len(self.token_embeddings) == 1:
-            return {"vectors": self.token_embedding_norm()}
-        out = {}
-        for part, table in zip(self.text_widths, self.token_embeddings):
-            weight = table.weight.detach()
-            total = torch.zeros((), dtype=torch.float64, device=weight.device)
-            for start in range(0, weight.shape[0], 4096):
-                total += weight[start : start + 4096].float().norm(dim=1).sum().double()
-            out[part] = float(total / weight.shape[0])
-        return out
+        return {part: mean_row_norm(table.weight.detach())
+                for part, table in zip(self.text_widths, self.token_embeddings)}
 
     def token_embedding_norm(self) -> float:
         """Mean L2 norm of the vocabulary's token vectors (SDXL: of the concatenated rows)."""
         # row blocks: no fp32 copy of the whole (49408, width) table
         weights = [table.weight.detach() for table in self.token_embeddings]
         if len(weights) == 1:  # SD1/SD2: exactly the original sums
-            weight = weights[0]
-            total = torch.zeros((), dtype=torch.float64, device=weight.device)
-            for start in range(0, weight.shape[0], 4096):
-                total += weight[start : start + 4096].float().norm(dim=1).sum().double()
-            return float(total / weight.shape[0])
+            return mean_row_norm(weights[0])
         rows = min(w.shape[0] for w in weights)
         total = torch.zeros((), dtype=torch.float64, device=weights[0].device)
         for start in range(0, rows, 4096):
@@ -381,6 +369,14 @@ class DiffusersBackend(ModelBackend):
         h, w = (int(n) * self.vae_scale_factor for n in latents.shape[-2:])
         time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype)
         return {"text_embeds": cond[:, 0, : self.pooled_width], "time_ids": time_ids.expand(cond.shape[0], 6)}
+
+
+def mean_row_norm(weight: torch.Tensor) -> float:
+    """Mean L2 norm of the rows of a token table, in row blocks (no fp32 copy of the whole table)."""
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], 4096):
+        total += weight[start : start + 4096].float().norm(dim=1).sum().double()
+    return float(total / weight.shape[0])
 
 
 def run_text_model(encoder, inputs_embeds: torch.Tensor, penultimate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,6 +73,10 @@ def checkpoint_keys(path: str | Path) -> list[str]:
             raise InputFileError(path, f"not a readable safetensors file: {exc}") from None
     import torch
 
+    from medical_diffusion.embeddings.safe_pickle import TORCHSCRIPT_RECIPE, UnsafePickleError, is_torchscript_archive
+
+    if is_torchscript_archive(path):  # holds code: never loaded (torch.load would hand it to torch.jit)
+        raise UnsafePickleError(path, f"refused to load: a TorchScript archive, not a checkpoint; {TORCHSCRIPT_RECIPE}")
     try:
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)

@@ -221,6 +221,16 @@ def inspect_embedding(
     return report
 
 
+def backend_token_scale(backend) -> float | dict[str, float] | None:
+    """A loaded model's token-vector scale for the norm check: one number, or per SDXL block
+    (``block_token_norms``); None when a multi-block model cannot say per block."""
+    widths = getattr(backend, "text_widths", None) or {}
+    if len(widths) > 1:
+        per_block = getattr(backend, "block_token_norms", None)
+        return per_block() if per_block is not None else None
+    return backend.token_embedding_norm()
+
+
 def scales_for(emb: Embedding, model: str | os.PathLike) -> float | dict[str, float]:
     """Token scale(s) of ``model`` matching ``emb``'s block widths."""
     if emb.is_sdxl and not Path(model).exists():  # a named model: loaded once for both blocks
@@ -231,7 +241,7 @@ def scales_for(emb: Embedding, model: str | os.PathLike) -> float | dict[str, fl
         if dict(getattr(backend, "text_widths", {})) != want:
             raise MedDiffError(f"model {model}: token blocks {dict(backend.text_widths)} do not match the "
                                f"embedding's {want}")
-        return backend.block_token_norms()
+        return backend_token_scale(backend)
     if emb.is_sdxl:
         return {part: token_embedding_scale(model, int(t.shape[1])) for part, t in emb.parts().items()}
     return token_embedding_scale(model, emb.width)

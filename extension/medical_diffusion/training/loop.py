@@ -330,7 +330,7 @@ def train(
         if ema is not None:
             extra["ema"] = ema.state_dict()
         if best is not None and best.step is not None:  # so a resume knows the best of the steps it keeps
-            extra["best"] = {"step": best.step, "val_loss": best.loss, "vectors": best_vectors[0]}
+            extra["best"] = best.state_dict()
         ck = run.save_checkpoint(param, step, extra, **model_id)
         if ema is not None:
             run.write_embedding(ema.shadow, run.ema_path, step, **model_id)
@@ -354,18 +354,16 @@ def train(
         tb = tb_logging.TrainLogger(tb_logging.open_tensorboard(run.tensorboard_dir,
                                                                 purge_step=start_step + 1 if resume else None))
     best = None
-    best_vectors: list[torch.Tensor | None] = [None]
     last_val: float | None = None
     if validator is not None:
         best = BestTracker()
         kept = state.get("best") if state is not None else None
         if kept is not None:  # the best of the steps this run keeps (best.* may be from a later, abandoned step)
-            best = BestTracker(int(kept["step"]), float(kept["val_loss"]))
-            best_vectors[0] = kept["vectors"].float()
+            best = BestTracker(int(kept["step"]), float(kept["val_loss"]), kept["vectors"].float())
             if run.read_best() != (best.step, best.loss):
                 log.warning("%s is not the best of the resumed run's steps: rewritten from step %d", run.best_path,
                             best.step)
-                run.save_best(best_vectors[0], best.step, best.loss, **model_id)
+                run.save_best(best.vectors, best.step, best.loss, **model_id)
         elif run.remove_best():
             log.warning("%s was from steps after the resumed step %d: removed", run.best_path, start_step)
 
@@ -374,9 +372,8 @@ def train(
         nonlocal last_val
         value = validator.loss(param.detach(), autocast)
         run.append_val_loss(step, value)
-        if best.offer(step, value):
-            best_vectors[0] = param.detach().to("cpu", torch.float32).clone()
-            run.save_best(best_vectors[0], step, value, **model_id)
+        if best.offer(step, value, param):
+            run.save_best(best.vectors, step, value, **model_id)
         if tb is not None:
             tb.validation(step, value)
         last_val = value

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from medical_diffusion.backend.base import ModelBackend
+from medical_diffusion.backend.base import ModelBackend, alpha_bar_at
 
 __all__ = ["min_snr_weights", "snr_at", "weighted_diffusion_loss"]
 
 
 def snr_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """``alpha_bar / (1 - alpha_bar)`` at ``timesteps`` ``(B,)`` (fractional ones interpolated), float32."""
-    acp = alphas_cumprod.to(timesteps.device, torch.float32)
-    t = timesteps.to(torch.float32).clamp(0, acp.shape[0] - 1)
-    lo, hi = t.floor().long(), t.ceil().long()
-    frac = t - lo.float()
-    abar = acp[lo] * (1 - frac) + acp[hi] * frac
+    abar = alpha_bar_at(alphas_cumprod, timesteps)
     return abar / (1 - abar).clamp_min(1e-20)
 
 
@@ -44,22 +40,5 @@ def weighted_diffusion_loss(
     weight: torch.Tensor | None,
     sample_weight: torch.Tensor,
 ) -> torch.Tensor:
-    """:meth:`ModelBackend.diffusion_loss` with each sample's error scaled by ``sample_weight`` ``(B,)``.
-
-    With a spatial ``weight`` ``(B, 1, h, w)`` the result is ``sum(s_b * w * err^2) / sum(w)`` (the plain
-    weighted mean when every ``s_b`` is 1), else ``mean(s_b * err^2)``.
-    """
-    noisy = backend.add_noise(latents, noise, timesteps)
-    pred = backend.predict(noisy, timesteps, cond).float()
-    if backend.prediction_type == "epsilon":
-        target = noise
-    elif backend.prediction_type == "v_prediction":
-        target = backend.add_noise(noise, -latents, timesteps)  # alpha * noise - sigma * x0
-    else:
-        raise ValueError(f"unknown prediction type {backend.prediction_type!r}")
-    err = (pred - target.float()) ** 2
-    s = sample_weight.to(err).view((-1,) + (1,) * (err.ndim - 1))
-    if weight is None:
-        return (err * s).mean()
-    weight = weight.to(err).expand_as(err)
-    return (err * weight * s).sum() / weight.sum().clamp_min(1e-12)
+    """:meth:`ModelBackend.diffusion_loss` with each sample's error scaled by ``sample_weight`` ``(B,)``."""
+    return backend.diffusion_loss(latents, cond, noise, timesteps, weight, sample_weight=sample_weight)

@@ -146,14 +146,21 @@ class Validator:
 
 
 class BestTracker:
-    """The lowest finite validation loss so far and its step (ties keep the earlier step)."""
+    """The lowest finite validation loss so far, its step (ties keep the earlier step) and its vectors."""
 
-    def __init__(self, step: int | None = None, loss: float | None = None):
-        self.step, self.loss = step, loss
+    def __init__(self, step: int | None = None, loss: float | None = None, vectors: torch.Tensor | None = None):
+        self.step, self.loss, self.vectors = step, loss, vectors
 
-    def offer(self, step: int, loss: float) -> bool:
-        """True when ``loss`` is a new best (then it is recorded)."""
+    def offer(self, step: int, loss: float, vectors: torch.Tensor | None = None) -> bool:
+        """True when ``loss`` is a new best (then it is recorded, with a float32 CPU copy of ``vectors``)."""
         if not math.isfinite(loss) or (self.loss is not None and not loss < self.loss):
             return False
         self.step, self.loss = step, loss
+        self.vectors = vectors.detach().to("cpu", torch.float32).clone() if vectors is not None else None
         return True
+
+    def state_dict(self) -> dict | None:
+        """What a checkpoint's state file keeps, so a resume knows the best of the steps it continues from."""
+        if self.step is None:
+            return None
+        return {"step": self.step, "val_loss": self.loss, "vectors": self.vectors}

@@ -33,23 +33,13 @@ def _resolve(ctx: UIContext, upload, choice: str | None) -> Path:
     raise ValueError("choose an embedding from the list or upload a file")
 
 
-def model_token_scale(backend) -> float | dict[str, float] | None:
-    """The model's token-vector scale for the norm check: one number, or per SDXL block
-    (``block_token_norms``); None when a multi-block model cannot say per block."""
-    widths = getattr(backend, "text_widths", None) or {}
-    if len(widths) > 1:
-        per_block = getattr(backend, "block_token_norms", None)
-        return per_block() if per_block is not None else None
-    return backend.token_embedding_norm()
-
-
 def build(ctx: UIContext) -> dict:
     """Add the Embeddings tab's widgets to the current Blocks context; returns ``on_show``
     (``(fn, outputs)`` refreshing the file lists when the tab is shown)."""
     from medical_diffusion.embeddings import load_embedding, save_embedding
     from medical_diffusion.embeddings.blend import blend_embeddings
     from medical_diffusion.embeddings.vector_blocks import embedding_format, embedding_suffix, embedding_widths
-    from medical_diffusion.embeddings.inspection import (compare_report, format_compare_report, format_report,
+    from medical_diffusion.embeddings.inspection import (backend_token_scale, compare_report, format_compare_report, format_report,
                                                           inspect_embedding)
 
     def width() -> int | None:
@@ -62,7 +52,7 @@ def build(ctx: UIContext) -> dict:
     def inspect(path) -> tuple[str, dict]:
         """Text and JSON report, with the norm check against the loaded model's token vectors."""
         model_width = width()
-        scale = model_token_scale(ctx.backend()) if model_width is not None else None
+        scale = backend_token_scale(ctx.backend()) if model_width is not None else None
         report = inspect_embedding(path, expected_width=model_width, token_scale=scale,
                                    scale_hint="load a Stable Diffusion model")
         return format_report(report), json.loads(json.dumps(report, default=str))
