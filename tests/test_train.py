@@ -318,7 +318,8 @@ def test_eta_is_shown_as_hours_minutes_seconds(tmp_path):
 
     assert format_duration(59213) == "16:26:53"
     assert format_duration(5) == "0:00:05"
-    assert format_duration(90061) == "1 d 01:01:01"
+    assert format_duration(90061) == "1 d 1 h 01 min"
+    assert format_duration(3 * 86400 + 23 * 3600 + 3) == "3 d 23 h 00 min"  # not "3 d 23:00:03 (h:mm:ss)"
     ctx = UIContext(backend_factory=lambda: None, work_dir=tmp_path, embeddings_dir=tmp_path)
     ctx.trainer._on_event(ProgressEvent(step=1, total=50000, loss=0.1, lr=0.005, eta_seconds=59213.4))
     assert ctx.trainer.state.message.endswith("ETA 16:26:53") and "59213" not in ctx.trainer.state.message
