@@ -1,7 +1,12 @@
-"""Start ``meddiff ui`` on the tiny model and drive it with Playwright in Debian's Chromium."""
+"""Start ``meddiff ui`` on the tiny model and drive it with Playwright in Debian's Chromium.
+
+Fixtures call :func:`require_browser` before they start a server, and hold servers and browsers in
+``with`` blocks (:func:`running_ui`, :func:`open_browser`), so a skip or a failure leaves nothing running.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -10,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -27,37 +33,84 @@ def free_port() -> int:
 
 
 def start_ui(work_dir: Path, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """A ``meddiff ui --model tiny`` server on a free port, once it answers; stopped again if it does not."""
     port = free_port()
     # the app may only touch files under its work folder (the API tests check the refusal)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "extension"), MEDDIFF_ALLOWED_ROOTS=str(work_dir))
-    log = open(work_dir / "ui.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "medical_diffusion", "ui", "--model", "tiny", "--work-dir", str(work_dir),
-         "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work_dir,
-    )
+    with open(work_dir / "ui.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medical_diffusion", "ui", "--model", "tiny", "--work-dir", str(work_dir),
+             "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work_dir,
+        )
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"meddiff ui exited: {(work_dir / 'ui.log').read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"meddiff ui did not answer within {timeout}s: {(work_dir / 'ui.log').read_text()}")
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"meddiff ui exited: {(work_dir / 'ui.log').read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return proc, url
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"meddiff ui did not answer within {timeout}s: {(work_dir / 'ui.log').read_text()}")
+    except BaseException:  # also Ctrl-C while waiting: no server outlives the test run
+        stop_process(proc)
+        raise
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate ``proc`` and wait for it (killed if it does not exit within ``timeout`` seconds)."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running_ui(work_dir: Path, timeout: float = 120) -> Iterator[str]:
+    """The URL of a ``meddiff ui`` server (:func:`start_ui`) that is stopped when the block ends."""
+    proc, url = start_ui(work_dir, timeout)
+    try:
+        yield url
+    finally:
+        stop_process(proc)
+
+
+def require_browser():
+    """Playwright's sync API, or skip when Playwright or Chromium is missing (call it before starting servers)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    return sync_api
 
 
 def browser():
     """A Playwright Chromium browser, or skip when Playwright or Chromium is missing."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    pw = sync_api.sync_playwright().start()
-    return pw, pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    pw = require_browser().sync_playwright().start()
+    try:
+        return pw, pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    except BaseException:
+        pw.stop()
+        raise
+
+
+@contextlib.contextmanager
+def open_browser():
+    """:func:`browser`'s Chromium, closed (with Playwright) when the block ends."""
+    pw, br = browser()
+    try:
+        yield br
+    finally:
+        try:
+            br.close()
+        finally:
+            pw.stop()
 
 
 # -- actions on the Medical Diffusion tabs (gradio 3.41 markup) ----------------------------------------------

@@ -13,7 +13,7 @@ from medical_diffusion.cli import main
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.evaluation import classifier as clf
 from medical_diffusion.evaluation.augment import HeavyAugmentConfig, heavy_augment
-from medical_diffusion.evaluation.roc import roc_auc, roc_curve
+from medical_diffusion.evaluation.roc import roc_auc, roc_curve, roc_figure
 from medical_diffusion.png_io import save_png
 
 
@@ -60,6 +60,35 @@ def test_auc_and_roc():
     assert np.trapezoid(tpr, fpr) == pytest.approx(8 / 9) if hasattr(np, "trapezoid") else True
     with pytest.raises(MedDiffError, match="both"):
         roc_auc([1, 1], [0.2, 0.3])
+
+
+def _pixels_near(fig, rgb: tuple) -> int:
+    """How many pixels of the drawn figure are within 40 grey levels of ``rgb`` (0-1) in every channel."""
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    return int((np.abs(image - np.asarray(rgb) * 255).max(axis=-1) < 40).sum())
+
+
+@pytest.mark.parametrize("n_mixes", [2, 5])
+def test_roc_figure_shows_every_mix_when_curves_coincide(n_mixes):
+    """The demo's `real` curve was hidden under an equal later one (issue 19): every mean curve must show."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    same = [([0.0, 0.0, 0.5, 1.0], [0.0, 0.5, 1.0, 1.0], 0.875)] * 2  # every mix: the same two runs
+    names = ["real", "real_plus_synthetic", "synthetic", "more", "most"][:n_mixes]
+    fig = roc_figure({name: same for name in names})
+    try:
+        ax = fig.axes[0]
+        means = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        assert [line.get_label().split(":")[0] for line in means] == names
+        looks = [(line.get_linestyle(), line.get_marker()) for line in means]
+        assert len(set(looks)) == n_mixes and len({to_rgb(line.get_color()) for line in means}) == n_mixes
+        ax.get_legend().remove()  # the legend's swatches do not count: the curves themselves must show
+        for line in means:
+            assert _pixels_near(fig, to_rgb(line.get_color())) > 40, f"{line.get_label()} is hidden"
+    finally:
+        plt.close(fig)
 
 
 def test_parse_mix():
@@ -118,7 +147,7 @@ def test_classifier_end_to_end_and_resume(tiny_experiment, monkeypatch):
     estimate = next(line for line in logs if line.startswith("time estimate:"))
     assert logs.index(estimate) < logs.index(next(line for line in logs if "run 1/1" in line))
     # 1 run x (2 steps x 0.5 s + 1 validation pass (8 images/batch 4 = 2 steps per epoch) x 8 x 0.01 s + 8 x 0.01 s)
-    assert "about 0:00:01 (h:mm:ss) in all" in estimate
+    assert "about 0:00:01 in all" in estimate
     assert report["runs_done_now"] == 1 and ticks[-1] == ("syn run 1", 2, 2)
     (summary,) = report["mixes"]
     assert summary["mix"] == "syn" and summary["runs"] == 1 and 0.0 <= summary["aucs"][0] <= 1.0

@@ -290,11 +290,27 @@ def test_estimate_is_measured_on_the_device_and_printed_as_h_mm_ss(tmp_path, res
                                  log=lines.append, estimate_only=True)
     (line,) = [x for x in lines if x.startswith("time estimate:")]
     assert "10 run(s) to do" in line and "on cpu, fp32, 0 loader worker(s)" in line
-    match = re.search(r"about (\d+):(\d\d):(\d\d) \(h:mm:ss\) in all", line)
+    match = re.search(r"about (\d+):(\d\d):(\d\d) in all", line)
     h, m, s = map(int, match.groups())
     assert abs(h * 3600 + m * 60 + s - report["estimate_seconds"]) <= 1 and report["estimate_seconds"] > 0
     assert report["runs_to_do"] == 10 and loaded == [] and not (tmp_path / "o" / "report.json").exists()
     assert clf.format_duration(3725) == "1:02:05"
+
+
+def test_an_estimate_of_days_is_written_in_days_hours_and_minutes(tmp_path, resnet_file, monkeypatch):
+    """Was "about 3 d 23:00:03 (h:mm:ss)": a wrong unit label once days appear (issue 19)."""
+    for split in ("train", "val", "test"):
+        for label, cls in enumerate(("neg", "pos")):
+            folder = tmp_path / "real" / split / cls
+            folder.mkdir(parents=True)
+            save_png(np.full((20, 20), 40 + 150 * label, np.uint8), folder / "0.png")
+    monkeypatch.setattr(clf, "measure_step_seconds", lambda config: (3 * 86400 + 23 * 3600 + 3, 0.0))
+    lines = []
+    config = clf.ClassifierConfig(steps=1, batch_size=2, size=32, runs=1, weights=str(resnet_file))
+    clf.run_experiments(tmp_path / "real", [clf.parse_mix("all:0")], tmp_path / "o", config,
+                        log=lines.append, estimate_only=True)
+    (line,) = [x for x in lines if x.startswith("time estimate:")]
+    assert line.endswith("about 3 d 23 h 00 min in all") and "h:mm:ss" not in line
 
 
 def test_step_estimate_overlaps_augmentation_with_loader_workers(monkeypatch, resnet_file):

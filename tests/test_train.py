@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import signal
 
 import numpy as np
 import pytest
@@ -226,18 +227,24 @@ def test_cli_end_to_end(data_dir, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_ctrl_c_stops_cleanly_with_a_checkpoint(backend, data_dir, tmp_path):
+@pytest.mark.parametrize("before", [signal.default_int_handler, signal.SIG_IGN], ids=["default", "ignored"])
+def test_ctrl_c_stops_cleanly_with_a_checkpoint(backend, data_dir, tmp_path, before):
+    """The SIGINT state is set here, not inherited: pytest started as a background job has SIGINT ignored."""
     import os
-    import signal
 
     def interrupt(event):
         if event.step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # handled by the loop: finish the step, save, stop
 
-    result = train(_config(data_dir, steps=5), backend, tmp_path / "run", progress=interrupt)
+    outer = signal.signal(signal.SIGINT, before)
+    try:
+        result = train(_config(data_dir, steps=5), backend, tmp_path / "run", progress=interrupt)
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert result.interrupted and result.steps_done in (2, 3)
     assert (tmp_path / "run" / "embeddings" / f"blob-{result.steps_done}.pt").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert after is before  # the loop's handler is gone again
 
 
 def test_gradient_checkpointing_same_result_and_autocast_runs(backend, data_dir, tmp_path):
@@ -311,7 +318,8 @@ def test_eta_is_shown_as_hours_minutes_seconds(tmp_path):
 
     assert format_duration(59213) == "16:26:53"
     assert format_duration(5) == "0:00:05"
-    assert format_duration(90061) == "1 d 01:01:01"
+    assert format_duration(90061) == "1 d 1 h 01 min"
+    assert format_duration(3 * 86400 + 23 * 3600 + 3) == "3 d 23 h 00 min"  # not "3 d 23:00:03 (h:mm:ss)"
     ctx = UIContext(backend_factory=lambda: None, work_dir=tmp_path, embeddings_dir=tmp_path)
     ctx.trainer._on_event(ProgressEvent(step=1, total=50000, loss=0.1, lr=0.005, eta_seconds=59213.4))
     assert ctx.trainer.state.message.endswith("ETA 16:26:53") and "59213" not in ctx.trainer.state.message

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from browser_support import (browser, choose, fill, prepare_pngs_with_a_bad_file, set_number, start_ui,
-                             upload_and_click_overlay, wait_for)
+from browser_support import (choose, fill, open_browser, prepare_pngs_with_a_bad_file, require_browser,
+                             running_ui, set_number, upload_and_click_overlay, wait_for)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -21,23 +21,19 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 def ui(tmp_path_factory):
     from medical_diffusion.embeddings import Embedding, save_embedding
 
+    require_browser()  # skip before a server starts
     work = tmp_path_factory.mktemp("ui_work")
     shots = Path(os.environ.get("MEDDIFF_SCREENSHOTS", work / "screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
     for seed, name in enumerate(["prostate_neg", "prostate_pos"]):
         vectors = torch.randn(4, 32, generator=torch.Generator().manual_seed(seed)) * 0.3
         save_embedding(Embedding(name, vectors), work / "embeddings" / f"{name}.pt")
-    proc, url = start_ui(work)
-    pw, br = browser()
-    page = br.new_page(viewport={"width": 1400, "height": 1600})
-    page.goto(url)
-    page.wait_for_selector("#md_tabs")
-    page.api_url = url.rstrip("/") + "/medical-diffusion/v1"
-    yield page, work, shots
-    br.close()
-    pw.stop()
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_ui(work) as url, open_browser() as br:
+        page = br.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(url)
+        page.wait_for_selector("#md_tabs")
+        page.api_url = url.rstrip("/") + "/medical-diffusion/v1"
+        yield page, work, shots
 
 
 def _open_tab(page, title: str) -> None:

@@ -3,6 +3,9 @@
 ``auto`` picks CUDA, then Apple's MPS, then the CPU. Frozen model weights default to fp16 on
 CUDA (the paper's consumer GPU has no fast bf16) and fp32 elsewhere; trained vectors and their
 optimizer state always stay fp32, as A1111 keeps them.
+
+torch is imported inside the functions, so that the command-line parser (:func:`add_device_arguments`)
+stays light and ``meddiff --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from medical_diffusion.errors import MedDiffError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +26,20 @@ DEVICE_CHOICES_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 #: attention kernels: auto = torch's scaled-dot-product attention (flash / memory-efficient kernels)
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "classic")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _mps_available() -> bool:
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """The device ``name`` stands for; a device that is not there is a one-line error."""
+    import torch
+
     text = "auto" if name is None else str(name).strip().lower()
     if text in ("", "auto"):
         if torch.cuda.is_available():
@@ -57,21 +66,25 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 def weight_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     """The dtype of frozen weights: ``auto`` is fp16 on CUDA, fp32 on the CPU and MPS."""
+    import torch
+
     key = (precision or "auto").lower()
     if key == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    if key not in _DTYPES:
+    if key not in _DTYPE_NAMES:
         raise MedDiffError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
     if device.type == "cpu" and key == "fp16":
         raise MedDiffError("--precision fp16 on the CPU: half-precision matrix work is not supported well "
                            "there; use fp32 or bf16")
-    return _DTYPES[key]
+    return getattr(torch, _DTYPE_NAMES[key])
 
 
 def describe(device: torch.device, dtype: torch.dtype | None = None) -> str:
     """One line for the log: which device (with the GPU's name) and precision."""
     text = str(device)
     if device.type == "cuda":
+        import torch
+
         index = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
         text += f" ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
@@ -134,6 +147,8 @@ def configure_for_speed(device: torch.device) -> None:
     """TF32 matmuls/convolutions and cuDNN autotuning on CUDA (no effect elsewhere)."""
     if device.type != "cuda":
         return
+    import torch
+
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
@@ -141,5 +156,9 @@ def configure_for_speed(device: torch.device) -> None:
 
 def release_cached_memory(device: torch.device) -> None:
     """Give the CUDA caching allocator's unused blocks back (after previews, VAE moves)."""
-    if device.type == "cuda" and torch.cuda.is_available():
+    if device.type != "cuda":
+        return
+    import torch
+
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -197,7 +197,8 @@ def register(subparsers) -> None:
     c.add_argument("--no-augment", action="store_true", help="turn off the heavy augmentation")
     c.add_argument("--seed", type=_bounded("seed"), default=0)
     c.add_argument("--estimate-only", action="store_true",
-                   help="measure a few steps on the device, print the whole protocol's expected time (h:mm:ss) "
+                   help="measure a few steps on the device, print the whole protocol's expected time (h:mm:ss, "
+                        "or days, hours and minutes) "
                         "and stop")
     c.add_argument("--quick", action="store_true",
                    help="QUICK ESTIMATE instead: frozen features + logistic regression (not the paper's protocol)")

@@ -6,8 +6,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from medical_diffusion.backend.families import is_tiny_model, tiny_family
-
 log = logging.getLogger(__name__)
 
 
@@ -89,6 +87,7 @@ _NEW_RUN = (
 
 
 def handle(args: argparse.Namespace) -> int:
+    from medical_diffusion.backend.families import is_tiny_model, tiny_family
     from medical_diffusion.devices import runtime_from_args
     from medical_diffusion.errors import MedDiffError
     from medical_diffusion.training.config import TrainConfig

@@ -46,32 +46,66 @@ def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarra
     return fpr, tpr
 
 
-def save_roc_png(curves: Dict[str, List[tuple]], path: str | os.PathLike, title: str = "") -> Path:
-    """Plot ``{label: [(fpr, tpr, auc), ...]}`` (runs faint, their mean curve bold) to a PNG."""
+#: every mix's mean curve gets its own colour, line style and marker, so equal curves stay told apart
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+#: mean curves are sampled on this grid; markers every ``_MARK_STEP`` points, offset per curve
+_GRID_POINTS = 101
+_MARK_STEP = 10
+
+
+def curve_styles(n: int) -> List[dict]:
+    """Matplotlib keywords for ``n`` mean curves drawn in this order, each visible when curves coincide.
+
+    Colour, line style and marker differ; each curve's markers sit at other false-positive rates than
+    the others'; and each curve is narrower than the ones drawn before it (under it), so a curve lying
+    exactly under a later one still shows on both sides of it.
+    """
+    styles = []
+    for k in range(n):
+        styles.append(dict(color=f"C{k % 10}", linestyle=LINE_STYLES[k % len(LINE_STYLES)],
+                           marker=MARKERS[k % len(MARKERS)], markersize=max(4.0, 8.0 - 0.5 * k),
+                           markevery=(1 + round(k * _MARK_STEP / max(n, 1)) % _MARK_STEP, _MARK_STEP),
+                           linewidth=1.2 + 0.8 * (n - 1 - k), zorder=3 + k))
+    return styles
+
+
+def roc_figure(curves: Dict[str, List[tuple]], title: str = ""):
+    """The matplotlib figure of ``{label: [(fpr, tpr, auc), ...]}``: runs faint, each mix's mean curve bold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
-    grid = np.linspace(0, 1, 101)
-    for k, (label, runs) in enumerate(curves.items()):
-        colour = f"C{k % 10}"
+    grid = np.linspace(0, 1, _GRID_POINTS)
+    for (label, runs), style in zip(curves.items(), curve_styles(len(curves))):
         tprs = []
         for fpr, tpr, _ in runs:
             fpr, tpr = np.asarray(fpr), np.asarray(tpr)
-            ax.plot(fpr, tpr, color=colour, alpha=0.15, linewidth=0.8)
+            ax.plot(fpr, tpr, color=style["color"], alpha=0.15, linewidth=0.8, zorder=2)
             tprs.append(np.interp(grid, fpr, tpr))
         if tprs:
             aucs = [a for _, _, a in runs]
-            ax.plot(grid, np.mean(tprs, axis=0), color=colour, linewidth=2,
+            # from (0, 0): the interpolated mean alone would start at the top of a vertical first step
+            ax.plot(np.r_[0.0, grid], np.r_[0.0, np.mean(tprs, axis=0)], **style,
                     label=f"{label}: AUC {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1) if len(aucs) > 1 else 0:.3f}")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, zorder=1)
+    ax.set_xlim(-0.03, 1.03)  # curves along the border (a perfect classifier) stay clear of the frame
+    ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("False positive rate")
     ax.set_ylabel("True positive rate")
     ax.set_title(title or "Test ROC (best-validation checkpoints)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def save_roc_png(curves: Dict[str, List[tuple]], path: str | os.PathLike, title: str = "") -> Path:
+    """Plot ``{label: [(fpr, tpr, auc), ...]}`` (:func:`roc_figure`) to a PNG."""
+    fig = roc_figure(curves, title)
+    import matplotlib.pyplot as plt
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

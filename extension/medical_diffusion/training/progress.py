@@ -79,10 +79,9 @@ class EtaEstimator:
 
 
 def format_duration(seconds: float) -> str:
-    """``h:mm:ss`` (``59213`` -> ``16:26:53``), with days in front past 24 h (``1 d 02:00:00``)."""
+    """``h:mm:ss`` (``59213`` -> ``16:26:53``); from a day on, days, hours and minutes (``3 d 23 h 00 min``)."""
     total = max(0, int(round(seconds)))
     days, rest = divmod(total, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
-    clock = f"{hours}:{minutes:02d}:{secs:02d}"
-    return f"{days} d {hours:02d}:{minutes:02d}:{secs:02d}" if days else clock
+    return f"{days} d {hours} h {minutes:02d} min" if days else f"{hours}:{minutes:02d}:{secs:02d}"
