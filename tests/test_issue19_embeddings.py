@@ -1,0 +1,151 @@
+"""Issue 19, embeddings side: a misspelt embedding name is refused by every sampling command (plain
+prompts only with --allow-plain-prompt), and the embeddings home (./embeddings or
+$MEDDIFF_EMBEDDINGS_DIR) is read by default."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from medical_diffusion.cli import main
+from medical_diffusion.embeddings import Embedding, save_embedding
+
+SMALL = ["--steps", "1", "--width", "64", "--height", "64"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Each test runs in its own folder, with no embeddings home moved by the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEDDIFF_EMBEDDINGS_DIR", raising=False)
+
+
+def _embeddings(folder, names=("cxr_tiny", "cxr_sick"), width=32):
+    g = torch.Generator().manual_seed(0)
+    for name in names:
+        save_embedding(Embedding(name, torch.randn(2, width, generator=g) * 0.3), folder / f"{name}.pt")
+    return folder
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    from medical_diffusion.generation import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the prompt was not checked first"))
+
+
+@pytest.fixture
+def tiny(tiny_backend, monkeypatch):
+    """CLI model loads get the module's tiny model."""
+    from medical_diffusion.generation import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda model, device="cpu": tiny_backend)
+    return tiny_backend
+
+
+def _inpaint_inputs(tmp_path):
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "img.png")
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    return ["--image", str(tmp_path / "img.png"), "--mask", str(tmp_path / "mask.png")]
+
+
+def _command(name, tmp_path, word):
+    """A sampling command whose prompt uses ``word`` where an embedding name belongs."""
+    return {
+        "generate": ["generate", "--prompt", f"neg={word}", "-n", "1"],
+        "interpolate": ["interpolate", "--healthy", "cxr_sick", "--diseased", word, "-k", "2"],
+        "compose": ["compose", "--base", "cxr_sick", "--add", f"{word}:0.5"],
+        "inpaint": ["inpaint", *_inpaint_inputs(tmp_path), "--prompt", word],
+    }[name] + ["--model", "tiny", "--out", str(tmp_path / "out")]
+
+
+COMMANDS = ["generate", "interpolate", "compose", "inpaint"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_misspelt_embedding_is_refused_naming_the_word_and_the_folder(tmp_path, capsys, no_model_load, command):
+    folder = _embeddings(tmp_path / "emb")
+    assert main([*_command(command, tmp_path, "cxr_tinyy"), "--embeddings-dir", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown embedding name(s) cxr_tinyy (did you mean cxr_tiny?)" in err
+    assert f"looked in --embeddings-dir {folder}" in err and "found: cxr_sick, cxr_tiny" in err
+    assert "--allow-plain-prompt" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_allow_plain_prompt_samples_plain_text(tmp_path, capsys, tiny, command):
+    folder = _embeddings(tmp_path / "emb")
+    assert main([*_command(command, tmp_path, "a chest x-ray"), "--embeddings-dir", str(folder),
+                 "--allow-plain-prompt", *SMALL]) == 0
+    assert any((tmp_path / "out").rglob("*.png"))
+
+
+def test_a_name_on_disk_that_does_not_load_is_refused_after_the_model_loads(tmp_path, capsys, tiny):
+    """A file named like the prompt but made for another model passes the name check on disk; the loaded
+    table lacks it, and the same refusal comes from the core check."""
+    folder = _embeddings(tmp_path / "emb")
+    save_embedding(Embedding("cxr_sd2", torch.zeros(2, 1024) + 0.1), folder / "cxr_sd2.pt")
+    assert main(["generate", "--prompt", "pos=cxr_sd2", "-n", "1", "--model", "tiny", "--embeddings-dir",
+                 str(folder), "--out", str(tmp_path / "out"), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "unknown embedding name(s) cxr_sd2" in err and f"--embeddings-dir {folder}" in err
+    assert "found: cxr_sick, cxr_tiny" in err and not any((tmp_path / "out").rglob("*.png"))
+
+
+def test_composable_prompts_with_known_names_pass(tmp_path, tiny):
+    folder = _embeddings(tmp_path / "emb")
+    assert main(["generate", "--prompt", "mix=cxr_tiny:0.5 AND (CXR_SICK:1.1) :0.5", "-n", "1", "--model", "tiny",
+                 "--embeddings-dir", str(folder), "--out", str(tmp_path / "out"), *SMALL]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert set(manifest["params"]["embeddings"]) == {"cxr_tiny", "cxr_sick"}  # any case: the tokenizer lowercases
+
+
+def test_generate_reads_the_embeddings_home_by_default(tmp_path, capsys, tiny, monkeypatch):
+    args = ["generate", "--prompt", "neg=cxr_tiny", "-n", "1", "--model", "tiny", *SMALL]
+    assert main([*args, "--out", str(tmp_path / "none")]) == 1  # no ./embeddings yet
+    err = capsys.readouterr().err
+    assert f"the embeddings home {tmp_path / 'embeddings'} (the default ./embeddings" in err
+    assert "which does not exist" in err
+
+    _embeddings(tmp_path / "embeddings")
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert set(manifest["params"]["embeddings"]) == {"cxr_tiny"}
+
+    moved = _embeddings(tmp_path / "elsewhere", names=("cxr_moved",))
+    monkeypatch.setenv("MEDDIFF_EMBEDDINGS_DIR", str(moved))
+    assert main([*args, "--out", str(tmp_path / "b")]) == 1  # the variable moves the home away from ./embeddings
+    err = capsys.readouterr().err
+    assert f"{moved} ($MEDDIFF_EMBEDDINGS_DIR)" in err and "found: cxr_moved" in err
+    assert main([*args[:2], "neg=cxr_moved", *args[3:], "--out", str(tmp_path / "b")]) == 0
+
+
+def test_an_embedding_file_alone_does_not_read_the_home(tmp_path, capsys, no_model_load):
+    _embeddings(tmp_path / "embeddings")
+    single = _embeddings(tmp_path / "one", names=("cxr_one",)) / "cxr_one.pt"
+    assert main(["generate", "--prompt", "neg=cxr_tiny", "-n", "1", "--model", "tiny", "--embedding", str(single),
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"looked in --embedding {single}" in err and "found: cxr_one" in err
+
+
+def test_ui_reads_the_embeddings_home_and_says_so(tmp_path, capsys, monkeypatch):
+    import medical_diffusion.ui.standalone as standalone
+
+    seen = {}
+    monkeypatch.setattr(standalone, "launch", lambda ctx, **kw: seen.update(ctx=ctx))
+    assert main(["ui", "--work-dir", str(tmp_path / "w")]) == 0
+    assert seen["ctx"].embeddings_dir == tmp_path / "embeddings"
+    assert f"embeddings: {tmp_path / 'embeddings'} (the default ./embeddings" in capsys.readouterr().out
+    monkeypatch.setenv("MEDDIFF_EMBEDDINGS_DIR", str(tmp_path / "home"))
+    assert main(["ui", "--work-dir", str(tmp_path / "w")]) == 0
+    assert seen["ctx"].embeddings_dir == tmp_path / "home"
+    assert main(["ui", "--work-dir", str(tmp_path / "w"), "--embeddings-dir", str(tmp_path / "x")]) == 0
+    assert seen["ctx"].embeddings_dir == tmp_path / "x"
+    assert f"embeddings: {tmp_path / 'x'} (--embeddings-dir)" in capsys.readouterr().out
