@@ -149,3 +149,20 @@ def test_ui_reads_the_embeddings_home_and_says_so(tmp_path, capsys, monkeypatch)
     assert main(["ui", "--work-dir", str(tmp_path / "w"), "--embeddings-dir", str(tmp_path / "x")]) == 0
     assert seen["ctx"].embeddings_dir == tmp_path / "x"
     assert f"embeddings: {tmp_path / 'x'} (--embeddings-dir)" in capsys.readouterr().out
+
+
+def test_the_experiment_generate_stage_refuses_a_class_without_its_embedding(tmp_path, tiny):
+    from types import SimpleNamespace
+
+    from medical_diffusion.errors import MedDiffError
+    from medical_diffusion.experiment.stages import stage_generate
+
+    trained = _embeddings(tmp_path / "run", names=("phantom_neg",)) / "phantom_neg.pt"
+    ctx = SimpleNamespace(spec={"dep_order": ["train/neg"]}, out=tmp_path / "stage", torch_device=lambda: "cpu",
+                          dep_output=lambda dep, name: trained, progress=lambda *a: None)
+    settings = {"model": "tiny", "classes": {"neg": "phantom_negg"}, "n": 1, "batch_size": 1,
+                "sampling": {"seed": 0, "steps": 1, "cfg": 2.0, "negative_prompt": "", "width": 64, "height": 64,
+                             "sampler": "euler_a"}}
+    with pytest.raises(MedDiffError, match=r"phantom_negg \(did you mean phantom_neg\?\).*phantom_neg.pt"):
+        stage_generate(settings, ctx)
+    assert not (tmp_path / "stage").exists()
