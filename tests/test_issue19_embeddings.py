@@ -166,3 +166,81 @@ def test_the_experiment_generate_stage_refuses_a_class_without_its_embedding(tmp
     with pytest.raises(MedDiffError, match=r"phantom_negg \(did you mean phantom_neg\?\).*phantom_neg.pt"):
         stage_generate(settings, ctx)
     assert not (tmp_path / "stage").exists()
+
+
+# -- embedding inspect and the Embeddings tab ---------------------------------------------------------------
+class _Model:
+    """What the Embeddings tab asks of a loaded model: its text width and token-vector scale."""
+
+    text_width = 8
+
+    def token_embedding_norm(self) -> float:
+        return 2.5
+
+
+def _embeddings_tab(tmp_path, loaded_width):
+    import gradio as gr
+
+    from medical_diffusion.ui import tab_embeddings
+    from medical_diffusion.ui.context import UIContext
+
+    ctx = UIContext(backend_factory=_Model, work_dir=tmp_path, embeddings_dir=tmp_path / "emb",
+                    loaded_text_width=lambda: loaded_width)
+    with gr.Blocks() as blocks:
+        parts = tab_embeddings.build(ctx)
+    return blocks, parts
+
+
+def test_inspect_reports_a_tiny_models_embedding_alike_in_the_cli_and_the_tab(tmp_path, capsys):
+    _embeddings(tmp_path / "emb", names=("tiny32",))
+    path = tmp_path / "emb" / "tiny32.pt"
+    assert main(["embedding", "inspect", str(path), "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    _, parts = _embeddings_tab(tmp_path, None)  # no model loaded yet (the webui at start-up)
+    text, tab = parts["inspect"](None, "tiny32.pt")
+    for report in (cli, tab):
+        assert report["family"] == "unknown (width 32)" and report["fits"] == "unknown width 32 (a custom or tiny model)"
+        assert report["warnings"] == []
+    assert "--expected-width N or --model" in cli["notes"][0] and "expected_width" not in cli["notes"][0]
+    assert "load the model it was made for" in tab["notes"][0] and "--" not in text
+    # a loaded model of another width: reported with a warning and no norm check, not refused
+    _, parts = _embeddings_tab(tmp_path, _Model.text_width)
+    text, tab = parts["inspect"](None, "tiny32.pt")
+    assert tab["token_scale"] is None
+    assert tab["warnings"] == ["does not fit the model: embedding width 32 does not match the model's token width 8"]
+
+
+def test_embeddings_tab_never_picks_between_an_upload_and_the_list_silently(tmp_path):
+    import gradio as gr
+
+    folder = _embeddings(tmp_path / "emb", names=("listed", "uploaded"))
+    blocks, parts = _embeddings_tab(tmp_path, None)
+    with pytest.raises(gr.Error, match=r"embedding A: both an uploaded file \(uploaded.pt\) and a list choice "
+                                       r"\(listed.pt\)"):
+        parts["inspect"](str(folder / "uploaded.pt"), "listed.pt")
+    assert parts["inspect"](str(folder / "uploaded.pt"), None)[1]["name"] == "uploaded"
+    assert parts["inspect"](None, "listed.pt")[1]["name"] == "listed"
+    # the user's last pick wins in the page: an upload clears the list choice, a choice clears the upload
+    by_id = {b._id: b for b in blocks.blocks.values()}
+    links = {(type(by_id[d["targets"][0]]).__name__, d["trigger"], type(by_id[d["outputs"][0]]).__name__)
+             for d in blocks.dependencies if len(d["outputs"]) == 1 and d["trigger"] in ("upload", "select")}
+    assert links == {("File", "upload", "Dropdown"), ("Dropdown", "select", "File")}
+    pairs = [(d["targets"][0], d["outputs"][0]) for d in blocks.dependencies if d["trigger"] in ("upload", "select")]
+    assert len(pairs) == 4 and len({t for t, _ in pairs}) == 4  # A and B, each way
+
+
+def test_the_embeddings_core_imports_no_higher_layer():
+    import ast
+    from pathlib import Path
+
+    import medical_diffusion.embeddings as embeddings
+
+    higher = ("medical_diffusion.backend", "medical_diffusion.generation", "medical_diffusion.training",
+              "medical_diffusion.ui", "medical_diffusion.cli", "medical_diffusion.webui")
+    found = []
+    for path in Path(embeddings.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.name}: {n}" for n in names if n.startswith(higher)]
+    assert found == []
