@@ -149,6 +149,18 @@ def test_ui_reads_the_embeddings_home_and_says_so(tmp_path, capsys, monkeypatch)
     assert main(["ui", "--work-dir", str(tmp_path / "w"), "--embeddings-dir", str(tmp_path / "x")]) == 0
     assert seen["ctx"].embeddings_dir == tmp_path / "x"
     assert f"embeddings: {tmp_path / 'x'} (--embeddings-dir)" in capsys.readouterr().out
+    # the default home outside the allowed roots: said at start, not at the first tab that lists it
+    monkeypatch.delenv("MEDDIFF_EMBEDDINGS_DIR")
+    (tmp_path / "w").mkdir()
+    monkeypatch.setenv("MEDDIFF_ALLOWED_ROOTS", str(tmp_path / "w"))  # main() sets it from --allowed-roots
+    seen.clear()
+    assert main(["ui", "--work-dir", str(tmp_path / "w"), "--allowed-roots", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err
+    assert f"the embeddings folder {tmp_path / 'embeddings'} (the default ./embeddings" in err
+    assert "outside the allowed roots" in err and not seen
+    assert main(["ui", "--work-dir", str(tmp_path / "w"), "--allowed-roots", str(tmp_path / "w"),
+                 "--embeddings-dir", str(tmp_path / "w" / "emb")]) == 0
+    assert seen["ctx"].embeddings_dir == tmp_path / "w" / "emb"
 
 
 def test_the_experiment_generate_stage_refuses_a_class_without_its_embedding(tmp_path, tiny):

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medical_diffusion.allowed_roots import ENV_VAR
+    from medical_diffusion.allowed_roots import ENV_VAR, is_inside_roots
     from medical_diffusion.devices import runtime_from_args
     from medical_diffusion.embeddings.home import describe_home, embeddings_home
     from medical_diffusion.errors import MedDiffError
@@ -50,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
         os.environ[ENV_VAR] = os.pathsep.join(os.path.abspath(d) for d in args.allowed_roots)
     security = ServerSecurity.for_bind(args.host, ApiCredentials.from_options(args.api_auth, args.api_token),
                                        insecure=args.insecure)
+    embeddings = embeddings_home(args.embeddings_dir)
+    if not is_inside_roots(embeddings):
+        raise MedDiffError(f"the embeddings folder {describe_home(args.embeddings_dir)} is outside the allowed "
+                           "roots (--allowed-roots or $MEDDIFF_ALLOWED_ROOTS): give --embeddings-dir inside them, "
+                           "or allow its folder too")
     print(f"embeddings: {describe_home(args.embeddings_dir)}", flush=True)
-    launch(make_context(args.model, args.work_dir, embeddings_home(args.embeddings_dir), runtime),
+    launch(make_context(args.model, args.work_dir, embeddings, runtime),
            host=args.host, port=args.port, security=security, insecure=args.insecure)
     return 0
