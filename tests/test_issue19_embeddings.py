@@ -256,3 +256,19 @@ def test_the_embeddings_core_imports_no_higher_layer():
                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             found += [f"{path.name}: {n}" for n in names if n.startswith(higher)]
     assert found == []
+
+
+def test_embedding_commands_take_a_name_from_the_home(tmp_path, capsys):
+    home = _embeddings(tmp_path / "embeddings")
+    assert main(["embedding", "inspect", "cxr_tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["file"] == str(home / "cxr_tiny.pt")
+    assert main(["embedding", "blend", "cxr_tiny", "cxr_sick", "--weight", "0.5", "--name", "mix"]) == 0
+    assert (home / "mix.pt").is_file()  # beside A: in the home, where the other commands find it
+    assert main(["embedding", "inspect", "cxr_tinyy"]) == 1
+    err = capsys.readouterr().err
+    assert f"cxr_tinyy: no such file, and no embedding of that name in the embeddings home {home}" in err
+    assert "found there: cxr_sick, cxr_tiny, mix" in err
+    other = _embeddings(tmp_path / "other", names=("cxr_other",))
+    assert main(["embedding", "convert", "cxr_other", str(tmp_path / "o.safetensors"), "--to", "safetensors",
+                 "--embeddings-dir", str(other)]) == 0
+    assert (tmp_path / "o.safetensors").is_file()

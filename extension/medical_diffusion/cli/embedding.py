@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="embedding_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("inspect", help="name, shape, model family, training metadata, size, norm statistics")
-    p.add_argument("files", nargs="+", type=Path, help="embedding files (or diffusers folders)")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE_OR_NAME",
+                   help="embedding files (or diffusers folders), or names of embeddings in the embeddings home")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--model", help="model (diffusers folder, .safetensors/.ckpt, or 'tiny') whose token vectors set the norm scale")
     scale.add_argument("--token-norm", type=float, help="the model's mean token-vector norm, if known")
@@ -31,29 +32,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the model's token width (a custom or tiny model's; --model tiny knows it): warn when a "
                         "file does not fit it (default: any width is reported, an unknown one as such)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_home_arg(p)
     p.set_defaults(func=inspect_command)
 
     p = sub.add_parser("compare", help="per-vector and mean cosine similarity, norm ratio")
-    p.add_argument("a", type=Path)
-    p.add_argument("b", type=Path)
+    p.add_argument("a", type=Path, help="embedding file or name")
+    p.add_argument("b", type=Path, help="embedding file or name")
     p.add_argument("--expected-width", type=int, metavar="N",
                    help="refuse files that do not fit a model of this token width (default: any width)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_home_arg(p)
     p.set_defaults(func=compare_command)
 
     p = sub.add_parser("convert", help="rewrite an embedding in another format")
-    p.add_argument("input", type=Path)
+    p.add_argument("input", type=Path, help="embedding file or name")
     p.add_argument("output", type=Path, help="output file (.pt / .safetensors) or folder (diffusers)")
     p.add_argument("--to", required=True, choices=FORMAT_CHOICES, dest="fmt")
     p.add_argument("--name", help="token for a diffusers folder (default: the input's name)")
     p.add_argument("--expected-width", type=int, metavar="N",
                    help="refuse files that do not fit a model of this token width (default: any width)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _add_home_arg(p)
     p.set_defaults(func=convert_command)
 
     p = sub.add_parser("blend", help="interpolate two embeddings into a new one (linear or spherical)")
-    p.add_argument("a", type=Path)
-    p.add_argument("b", type=Path)
+    p.add_argument("a", type=Path, help="embedding file or name")
+    p.add_argument("b", type=Path, help="embedding file or name")
     p.add_argument("--weight", type=float, required=True, help="0 gives A, 1 gives B")
     p.add_argument("--mode", choices=("linear", "slerp"), default="linear")
     p.add_argument("--name", required=True, help="name of the new embedding (lowercase; also the file stem)")
@@ -63,7 +67,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--expected-width", type=int, metavar="N",
                    help="refuse files that do not fit a model of this token width (default: any width)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _add_home_arg(p)
     p.set_defaults(func=blend_command)
+
+
+def _add_home_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embeddings-dir", metavar="DIR",
+                   help="where an embedding given by NAME (not a path) is looked up (default: the embeddings home, "
+                        "./embeddings or $MEDDIFF_EMBEDDINGS_DIR)")
+
+
+def _embedding_path(text: str | Path, embeddings_dir: str | None = None) -> Path:
+    """``text`` as a path when it exists or looks like a file; else the file of the embedding of that
+    name in the embeddings home, or a :class:`MedDiffError` saying where it looked."""
+    from medical_diffusion.embeddings.home import describe_home, embeddings_home
+    from medical_diffusion.embeddings.readers import EMBEDDING_SUFFIXES, embedding_paths_on_disk
+
+    path = Path(text)
+    if path.exists() or len(path.parts) != 1 or path.suffix.lower() in EMBEDDING_SUFFIXES:
+        return path
+    home = embeddings_home(embeddings_dir)
+    found = embedding_paths_on_disk(home) if home.is_dir() else {}
+    if path.name.lower() in found:
+        return found[path.name.lower()]
+    raise MedDiffError(f"{text}: no such file, and no embedding of that name in the embeddings home "
+                       f"{describe_home(embeddings_dir)}" + ("" if home.is_dir() else ", which does not exist")
+                       + f"; found there: {', '.join(sorted(found)) or 'none'}")
 
 
 def _print_json(data) -> None:
@@ -101,6 +130,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     reports, failures = [], []
     for path in args.files:
         try:
+            path = _embedding_path(path, args.embeddings_dir)
             scale = args.token_norm
             if scale_of is not None:
                 emb = load_embedding(path, check_width=False)
@@ -141,6 +171,7 @@ def _load(path: Path, expected_width: int | None):
 def compare_command(args: argparse.Namespace) -> int:
     from medical_diffusion.embeddings.inspection import compare_report, format_compare_report
 
+    args.a, args.b = _embedding_path(args.a, args.embeddings_dir), _embedding_path(args.b, args.embeddings_dir)
     result = compare_report(_load(args.a, args.expected_width), _load(args.b, args.expected_width))
     result["files"] = [str(args.a), str(args.b)]
     print(json.dumps(result, indent=2) if args.json else format_compare_report(result))
@@ -158,6 +189,7 @@ def _save(emb, output: Path, fmt: str, force: bool) -> Path:
 
 
 def convert_command(args: argparse.Namespace) -> int:
+    args.input = _embedding_path(args.input, args.embeddings_dir)
     emb = _load(args.input, args.expected_width)
     if args.name:
         emb.name = args.name
@@ -170,6 +202,7 @@ def convert_command(args: argparse.Namespace) -> int:
 def blend_command(args: argparse.Namespace) -> int:
     from medical_diffusion.embeddings.blend import blend_embeddings
 
+    args.a, args.b = _embedding_path(args.a, args.embeddings_dir), _embedding_path(args.b, args.embeddings_dir)
     a, b = _load(args.a, args.expected_width), _load(args.b, args.expected_width)
     mixed = blend_embeddings(a, b, args.weight, args.mode, args.name)
     fmt = args.fmt or ("safetensors" if mixed.is_sdxl else "a1111")

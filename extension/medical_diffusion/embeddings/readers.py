@@ -248,24 +248,31 @@ def _candidate_files(folder: Path):
         yield path
 
 
-def embedding_names_on_disk(folder: str | os.PathLike | None = None, files=()) -> set[str]:
-    """The names the embeddings in ``folder`` and ``files`` go by, without reading their tensors
-    (file stems; an image's stored name): for checking a command's names before loading a model."""
+def embedding_paths_on_disk(folder: str | os.PathLike | None = None, files=()) -> dict[str, Path]:
+    """``{name: file}`` of the embeddings in ``folder`` and ``files`` without reading their tensors
+    (file stems; an image's stored name; the first file in sorted order per name): for checking a
+    command's names before loading a model."""
     paths = list(_candidate_files(Path(folder))) if folder else []
-    names = set()
+    found: dict[str, Path] = {}
     for path in [*paths, *map(Path, files)]:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             try:
-                found = read_image_embedding(path, with_source=True)
+                image = read_image_embedding(path, with_source=True)
             except MedDiffError:
                 continue
-            if found is None:  # a plain picture
+            if image is None:  # a plain picture
                 continue
-            stored = found[0].get("name")
-            names.add(name_from_token(stored) if isinstance(stored, str) and stored.strip() else path.stem.lower())
+            stored = image[0].get("name")
+            name = name_from_token(stored) if isinstance(stored, str) and stored.strip() else path.stem.lower()
         else:
-            names.add(path.stem.lower())
-    return names
+            name = path.stem.lower()
+        found.setdefault(name, path)
+    return found
+
+
+def embedding_names_on_disk(folder: str | os.PathLike | None = None, files=()) -> set[str]:
+    """The names the embeddings in ``folder`` and ``files`` go by (see :func:`embedding_paths_on_disk`)."""
+    return set(embedding_paths_on_disk(folder, files))
 
 
 _WARNED: set[str] = set()
