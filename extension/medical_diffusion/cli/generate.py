@@ -55,8 +55,6 @@ def check_inputs(args, out: str | None = None, prompts=()) -> None:
     sources = embedding_sources(args.embeddings_dir, args.embedding)
     args.embeddings_dir = str(sources.folder) if sources.folder else None
     args.embeddings_where = sources.where
-    if sources.folder:
-        log.info("embeddings from %s", sources.where)
     if out:
         check_output_folder(out)
     check_prompt_names(args, prompts)
@@ -88,8 +86,8 @@ def load_model_and_embeddings(args):
     backend = load_model(args.model, runtime)
     table = load_embedding_table(backend, args.embeddings_dir, args.embedding,
                                  where=getattr(args, "embeddings_where", None))
-    if table:
-        log.info("embeddings: %s", ", ".join(f"{n} ({e.vectors.shape[0]} vectors)" for n, e in sorted(table.items())))
+    log.info("embeddings: %s (from %s)", ", ".join(f"{n} ({e.vectors.shape[0]} vectors)"
+                                                   for n, e in sorted(table.items())) or "none", table.where)
     return backend, table, vectors_of(table)
 
 
@@ -271,7 +269,8 @@ def register(subparsers) -> None:
                     "command resumes.",
     )
     p.add_argument("--prompt", action="append", required=True, metavar="LABEL=PROMPT",
-                   help="class label and prompt, e.g. neg=prostate_neg (repeatable)")
+                   help="class label and prompt, e.g. neg=prostate_neg (repeatable); each prompt part must use "
+                        "a loaded embedding unless --allow-plain-prompt")
     p.add_argument("-n", "--n", type=int, required=True, help="images per class (paper: 1000)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=_batch_size, default=1,
@@ -288,10 +287,10 @@ def register(subparsers) -> None:
                     "weights 'healthy :(1-t) AND diseased :t' (the paper); 'embedding' mode blends the two "
                     "embeddings' vectors into one.",
     )
-    p.add_argument("--healthy", required=True, help="healthy embedding name (one word: must be a loaded "
-                                                    "embedding) or prompt")
-    p.add_argument("--diseased", required=True, help="diseased embedding name (one word: must be a loaded "
-                                                     "embedding) or prompt")
+    p.add_argument("--healthy", required=True, help="healthy embedding name, or a prompt that uses one "
+                                                    "(plain text only with --allow-plain-prompt)")
+    p.add_argument("--diseased", required=True, help="diseased embedding name, or a prompt that uses one "
+                                                     "(plain text only with --allow-plain-prompt)")
     p.add_argument("-k", "--k", type=int, default=5, help="number of images, including both ends (default 5)")
     p.add_argument("--mode", choices=("prompt", "embedding"), default="prompt")
     p.add_argument("--blend", choices=("linear", "slerp"), default="linear", help="embedding-mode blend")
@@ -306,7 +305,8 @@ def register(subparsers) -> None:
         description="Start from a base (healthy) prompt and add pathologies one by one with strengths, all at "
                     "one seed (paper Figure 3: strength 0.5 each, CFG 3 for three).",
     )
-    p.add_argument("--base", required=True, help="base prompt or embedding name (e.g. the healthy embedding)")
+    p.add_argument("--base", required=True, help="base embedding name (e.g. the healthy embedding) or a prompt "
+                                                 "that uses one")
     p.add_argument("--add", action="append", required=True, metavar="NAME[:STRENGTH]",
                    help="pathology prompt/embedding with its strength (repeatable, in order)")
     p.add_argument("--base-weight", type=float, default=1.0,
