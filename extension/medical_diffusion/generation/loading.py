@@ -87,7 +87,8 @@ def embedding_sources(embeddings_dir: str | None = None, files: Sequence[str] = 
     elif not files:
         home = embeddings_home()
         folder = home if home.is_dir() else None
-        places.append(f"the embeddings home {describe_home()}" + ("" if folder else ", which does not exist"))
+        missing = "" if folder else (", which is not a folder" if home.exists() else ", which does not exist")
+        places.append(f"the embeddings home {describe_home()}{missing}")
     if files:
         places.append(f"--embedding {', '.join(files)}")
     return EmbeddingSources(folder, files, " and ".join(places))
