@@ -272,3 +272,17 @@ def test_embedding_commands_take_a_name_from_the_home(tmp_path, capsys):
     assert main(["embedding", "convert", "cxr_other", str(tmp_path / "o.safetensors"), "--to", "safetensors",
                  "--embeddings-dir", str(other)]) == 0
     assert (tmp_path / "o.safetensors").is_file()
+
+
+def test_the_generate_tab_refuses_a_misspelt_name_through_the_same_check(tmp_path, tiny_backend):
+    import gradio as gr
+
+    from medical_diffusion.ui import tab_generate
+    from medical_diffusion.ui.context import UIContext
+
+    folder = _embeddings(tmp_path / "emb")
+    ctx = UIContext(backend_factory=lambda: tiny_backend, work_dir=tmp_path, embeddings_dir=folder)
+    with gr.Blocks():
+        parts = tab_generate.build(ctx)
+    with pytest.raises(gr.Error, match=rf"unknown embedding name.s. cxr_tinyy .did you mean cxr_tiny.*looked in {folder}"):
+        parts["generate"]("cxr_tinyy", 1, 2.0, 0, 64, 64, "")
