@@ -101,15 +101,15 @@ def test_inspect_sdxl_and_zero_vectors(tmp_path):
 def test_inspect_batch_collects_failures_and_goes_on(files, tmp_path, capsys):
     a, b, _ = files
     bad = tmp_path / "bad.pt"
-    torch.save({"string_to_param": {"*": torch.zeros(2, 300)}}, bad)
+    torch.save({"string_to_param": {"*": torch.full((2, 768), float("nan"))}}, bad)
     assert main(["embedding", "inspect", str(a), str(bad), str(b), "--json"]) == 1
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert [r["name"] for r in out["reports"]] == ["healthy", "tumour"]
-    assert len(out["errors"]) == 1 and "bad.pt" in out["errors"][0] and "width 300" in out["errors"][0]
+    assert len(out["errors"]) == 1 and "bad.pt" in out["errors"][0] and "NaN" in out["errors"][0]
     assert "bad.pt" in captured.err
     assert main(["embedding", "inspect", str(bad)]) == 1
-    assert "bad.pt: embedding width 300 matches no" in capsys.readouterr().err
+    assert "bad.pt: embedding contains 1536 NaN/inf value(s)" in capsys.readouterr().err
 
 
 def test_human_size():
@@ -238,11 +238,24 @@ def test_convert_bad_input_names_file(tmp_path, capsys):
 
 
 def test_custom_width_through_cli(tmp_path, capsys):
+    """A tiny model's embedding is reported, its family unknown, with the flags that name the model
+    (not a Python argument); a width given that the file does not fit is a warning of the report."""
     tiny = save_embedding(Embedding("t", torch.randn(2, 32)), tmp_path / "tiny.pt")
-    assert main(["embedding", "inspect", str(tiny)]) == 1
-    assert "matches no Stable Diffusion" in capsys.readouterr().err
+    assert main(["embedding", "inspect", str(tiny), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == "unknown (width 32)" and report["fits"] == "unknown width 32 (a custom or tiny model)"
+    assert "give --expected-width N or --model" in report["notes"][0] and "expected_width" not in report["notes"][0]
     assert main(["embedding", "inspect", str(tiny), "--expected-width", "32", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["family"] == "unknown (width 32)"
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == "unknown (width 32)" and report["warnings"] == [] and len(report["notes"]) == 1
+    assert main(["embedding", "inspect", str(tiny), "--expected-width", "1024"]) == 0
+    assert "WARNING: does not fit the model: embedding width 32 does not match the model's token width 1024" in (
+        capsys.readouterr().out)
+    assert main(["embedding", "convert", str(tiny), str(tmp_path / "t.safetensors"), "--to", "safetensors"]) == 0
+    assert "2 x 32; fits unknown width 32 (a custom or tiny model)" in capsys.readouterr().out
+    assert main(["embedding", "convert", str(tiny), str(tmp_path / "u.pt"), "--to", "a1111",
+                 "--expected-width", "768"]) == 1
+    assert "does not match the model's token width 768" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def test_tab_compare_of_different_families_shows_why(tmp_path, files):
 
 
 def test_a_tiny_sdxl_pair_is_not_called_sdxl_and_inspect_takes_the_tiny_model(tmp_path, capsys):
-    """A pair at tiny widths fits "an SDXL-shaped model", not SDXL; without a width the error says how to
+    """A pair at tiny widths fits "an SDXL-shaped model", not SDXL; without a width the report says how to
     give one; ``--model tiny-sdxl`` gives per-block token scales from one model load."""
     from medical_diffusion.backend.diffusers_backend import load_backend
 
@@ -136,8 +136,10 @@ def test_a_tiny_sdxl_pair_is_not_called_sdxl_and_inspect_takes_the_tiny_model(tm
     pair = Embedding("pair", torch.ones(2, widths["clip_l"]), extra={"clip_g": torch.ones(2, widths["clip_g"])})
     assert fits(pair).startswith("an SDXL-shaped model with clip_l 32 + clip_g 48")
     path = save_embedding(pair, tmp_path / "pair.safetensors", fmt="safetensors")
-    assert main(["embedding", "inspect", str(path)]) == 1
-    assert "--expected-width 80" in capsys.readouterr().err
+    assert main(["embedding", "inspect", str(path), "--json"]) == 0  # reported, its family unknown
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == "unknown (clip_l 32 + clip_g 48)"
+    assert "(80 in all)" in report["notes"][0] and "--expected-width N or --model" in report["notes"][0]
     norms = backend.block_token_norms()
     assert set(norms) == {"clip_l", "clip_g"} and all(v > 0 for v in norms.values())
     for part, table in zip(widths, backend.token_embeddings):

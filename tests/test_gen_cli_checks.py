@@ -74,7 +74,10 @@ def test_train_checks_data_and_model_first(tmp_path, capsys, no_model_load):
     assert "model not found" in _error(capsys)
 
 
-def test_interpolate_with_unknown_names_fails_naming_them_and_where(tmp_path, capsys, no_model_load, emb_dir):
+def test_interpolate_with_unknown_names_fails_naming_them_and_where(tmp_path, capsys, no_model_load, emb_dir,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEDDIFF_EMBEDDINGS_DIR", raising=False)
     args = ["interpolate", "--model", "tiny", "--embeddings-dir", str(emb_dir), "--out", str(tmp_path / "o")]
     assert main([*args, "--healthy", "healthy", "--diseased", "sickk"]) == 1
     err = _error(capsys)
@@ -82,5 +85,7 @@ def test_interpolate_with_unknown_names_fails_naming_them_and_where(tmp_path, ca
     assert "found: healthy, sick" in err
     assert main(["interpolate", "--model", "tiny", "--healthy", "a", "--diseased", "b",
                  "--out", str(tmp_path / "o")]) == 1
-    assert "unknown embedding name(s) a, b" in (err := _error(capsys)) and "no --embeddings-dir" in err
+    err = _error(capsys)
+    assert "unknown embedding name(s) a, b" in err and f"the embeddings home {tmp_path / 'embeddings'}" in err
+    assert "which does not exist" in err
     assert not (tmp_path / "o").exists()

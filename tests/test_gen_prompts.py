@@ -84,12 +84,15 @@ def test_prompt_warnings_flag_budget_and_parts_without_embeddings():
     import torch
 
     from medical_diffusion.generation.loading import prompt_warnings
+    from medical_diffusion.generation.prompts import UnknownEmbeddingError
     from test_gen_fake_backend import FakeBackend
 
     fb = FakeBackend()
     vectors = {"prostate_pos": torch.zeros(64, 16), "prostate_neg": torch.zeros(64, 16)}
     assert prompt_warnings(fb, "prostate_neg :0.25 AND prostate_pos :0.75", vectors) == []
-    typo = prompt_warnings(fb, "prostate_neg AND prostate_poss", vectors)
+    with pytest.raises(UnknownEmbeddingError, match="unknown embedding name.s. prostate_poss .did you mean prostate_pos"):
+        prompt_warnings(fb, "prostate_neg AND prostate_poss", vectors)
+    typo = prompt_warnings(fb, "prostate_neg AND prostate_poss", vectors, allow_plain=True)
     assert len(typo) == 1 and "'prostate_poss' uses none of the loaded embeddings" in typo[0]
     long = prompt_warnings(fb, "an axial t2 weighted mri slice of the large male prostate gland prostate_pos", vectors)
     assert any("does not fit" in w for w in long)

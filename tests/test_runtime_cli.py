@@ -51,12 +51,13 @@ def image(tmp_path):
 def _commands(tmp_path, image):
     out = str(tmp_path / "out")
     img, mask = image
+    plain = ["--allow-plain-prompt"]  # the prompts use no embeddings: these tests are about the device
     return {
-        "generate": ["generate", "--model", "tiny", "--prompt", "neg=a", "-n", "1", "--out", out],
-        "interpolate": ["interpolate", "--model", "tiny", "--healthy", "a b", "--diseased", "c d", "--out", out],
-        "compose": ["compose", "--model", "tiny", "--base", "a b", "--add", "c d", "--out", out],
+        "generate": ["generate", "--model", "tiny", "--prompt", "neg=a", "-n", "1", "--out", out, *plain],
+        "interpolate": ["interpolate", "--model", "tiny", "--healthy", "a b", "--diseased", "c d", "--out", out, *plain],
+        "compose": ["compose", "--model", "tiny", "--base", "a b", "--add", "c d", "--out", out, *plain],
         "inpaint": ["inpaint", "--model", "tiny", "--image", str(img), "--mask", str(mask), "--prompt", "x",
-                    "--out", out],
+                    "--out", out, *plain],
     }
 
 

@@ -20,8 +20,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True,
                    help="diffusers folder, .ckpt/.safetensors file (SD1/SD2/SDXL), or 'tiny' / 'tiny-sd1' / "
                         "'tiny-sdxl' (random-weight workflow demos)")
-    g.add_argument("--embeddings-dir", help="folder of embedding files; each is used by its name in prompts")
+    g.add_argument("--embeddings-dir",
+                   help="folder of embedding files; each is used by its name in prompts (default, when no "
+                        "--embedding is given either: the embeddings home, ./embeddings or $MEDDIFF_EMBEDDINGS_DIR, "
+                        "where 'meddiff train' publishes)")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE", help="an embedding file (repeatable)")
+    g.add_argument("--allow-plain-prompt", action="store_true",
+                   help="sample prompt parts that use none of the loaded embeddings as plain text (without it such "
+                        "a part, e.g. a misspelt name, is refused)")
     from medical_diffusion.devices import add_device_arguments
 
     add_device_arguments(g, attention=True)
@@ -34,38 +40,39 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--height", type=int, default=512)
 
 
-def check_inputs(args, out: str | None = None) -> None:
-    """Check the device, model, embedding paths and output folder before the model loads (that takes a while)."""
+def check_inputs(args, out: str | None = None, prompts=()) -> None:
+    """Check the device, model, embedding sources, the embedding names in ``prompts`` and the output
+    folder before the model loads (that takes a while).
+
+    Without ``--embeddings-dir`` and ``--embedding`` the embeddings home is read: ``args.embeddings_dir``
+    becomes that folder (None when it does not exist) and ``args.embeddings_where`` says where was looked.
+    """
     from medical_diffusion.devices import runtime_from_args
-    from medical_diffusion.generation.loading import check_embedding_sources, check_model_path, check_output_folder
+    from medical_diffusion.generation.loading import check_model_path, check_output_folder, embedding_sources
 
     args.runtime = runtime_from_args(args)  # --device cuda without CUDA: one line, before anything loads
     check_model_path(args.model)
-    check_embedding_sources(args.embeddings_dir, args.embedding)
+    sources = embedding_sources(args.embeddings_dir, args.embedding)
+    args.embeddings_dir = str(sources.folder) if sources.folder else None
+    args.embeddings_where = sources.where
     if out:
         check_output_folder(out)
+    check_prompt_names(args, prompts)
 
 
-#: a prompt that is one such word is meant as an embedding name
-_NAME_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def check_embedding_names(args, sides) -> None:
-    """Fail when a side given as a single word is not the name of an embedding in the given sources."""
+def check_prompt_names(args, prompts, allow_plain: bool | None = None) -> None:
+    """Refuse, before the model loads, prompts with a part that names none of the embeddings on disk
+    (file names; ``--allow-plain-prompt`` lets plain text through unless ``allow_plain`` is False)."""
     from medical_diffusion.embeddings.readers import embedding_names_on_disk
+    from medical_diffusion.generation.prompts import check_prompt_embeddings
 
-    words = [s.strip() for s in sides if _NAME_WORD.fullmatch(s.strip())]
-    if not words:
+    prompts = [p for p in prompts if p]
+    if not prompts:
         return
+    if allow_plain is None:
+        allow_plain = args.allow_plain_prompt
     known = embedding_names_on_disk(args.embeddings_dir, args.embedding)
-    unknown = [w for w in words if w.lower() not in known]
-    if unknown:
-        where = " and ".join(filter(None, [
-            f"--embeddings-dir {args.embeddings_dir}" if args.embeddings_dir else "",
-            f"--embedding {', '.join(args.embedding)}" if args.embedding else "",
-        ])) or "nowhere (no --embeddings-dir or --embedding given)"
-        raise MedDiffError(f"unknown embedding name(s) {', '.join(unknown)}: looked in {where}; "
-                           f"found: {', '.join(sorted(known)) or 'none'}")
+    check_prompt_embeddings(prompts, sorted(known), args.embeddings_where, allow_plain=allow_plain)
 
 
 def load_model_and_embeddings(args):
@@ -77,17 +84,20 @@ def load_model_and_embeddings(args):
 
         runtime = args.runtime = runtime_from_args(args)
     backend = load_model(args.model, runtime)
-    table = load_embedding_table(backend, args.embeddings_dir, args.embedding)
-    if table:
-        log.info("embeddings: %s", ", ".join(f"{n} ({e.vectors.shape[0]} vectors)" for n, e in sorted(table.items())))
+    table = load_embedding_table(backend, args.embeddings_dir, args.embedding,
+                                 where=getattr(args, "embeddings_where", None))
+    log.info("embeddings: %s (from %s)", ", ".join(f"{n} ({e.vectors.shape[0]} vectors)"
+                                                   for n, e in sorted(table.items())) or "none", table.where)
     return backend, table, vectors_of(table)
 
 
-def warn_prompts(backend, prompts, vectors) -> None:
+def warn_prompts(backend, prompts, vectors, allow_plain: bool = False) -> None:
+    """Refuse prompts whose parts use none of the loaded embeddings (unless ``allow_plain``); log the
+    token-budget warnings."""
     from medical_diffusion.generation.loading import prompt_warnings
 
     for prompt in prompts:
-        for warning in prompt_warnings(backend, prompt, vectors):
+        for warning in prompt_warnings(backend, prompt, vectors, allow_plain=allow_plain):
             log.warning("warning: %s", warning)
 
 
@@ -97,8 +107,9 @@ def sample_kwargs(args) -> dict:
 
 
 def used_in(name: str, prompts) -> bool:
-    """Whether embedding ``name`` appears as a word in any of ``prompts``."""
-    pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
+    """Whether embedding ``name`` appears as a word in any of ``prompts`` (in any case, as the tokenizer
+    lowercases)."""
+    pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
     return any(pattern.search(p) for p in prompts)
 
 
@@ -131,9 +142,9 @@ def run_generate(args) -> int:
     classes = dict(parse_class_prompt(p, i) for i, p in enumerate(args.prompt))
     if len(classes) != len(args.prompt):
         raise MedDiffError("two --prompt options use the same class label")
-    check_inputs(args, args.out)
+    check_inputs(args, args.out, list(classes.values()))
     backend, table, vectors = load_model_and_embeddings(args)
-    warn_prompts(backend, classes.values(), vectors)
+    warn_prompts(backend, classes.values(), vectors, args.allow_plain_prompt)
     seed = args.seed
     manifest = Path(args.out) / "manifest.json"
     if seed < 0 and manifest.exists() and not args.restart:  # a random seed is drawn once per set
@@ -184,20 +195,21 @@ def run_interpolate(args) -> int:
     from medical_diffusion.generation.sampling import resolve_seed
 
     check_inputs(args, args.out)
-    check_embedding_names(args, [args.healthy, args.diseased])
+    # embedding mode blends two embeddings: the names are needed whatever --allow-plain-prompt says
+    check_prompt_names(args, [args.healthy, args.diseased], False if args.mode == "embedding" else None)
     backend, table, vectors = load_model_and_embeddings(args)
     seed = resolve_seed(args.seed)
     bar = StepBar("interpolate")
     try:
         if args.mode == "prompt":
-            warn_prompts(backend, [f"{args.healthy} AND {args.diseased}"], vectors)
+            warn_prompts(backend, [f"{args.healthy} AND {args.diseased}"], vectors, args.allow_plain_prompt)
             frames = interpolate_prompts(backend, args.healthy, args.diseased, args.k, embeddings=vectors, seed=seed,
                                          progress=bar, **sample_kwargs(args))
         else:
             missing = [n for n in (args.healthy, args.diseased) if n not in table]
             if missing:
                 raise MedDiffError(f"embedding mode needs embedding names; not loaded: {', '.join(missing)} "
-                                   f"(loaded: {', '.join(sorted(table)) or 'none'})")
+                                   f"(looked in {table.where}; loaded: {', '.join(sorted(table)) or 'none'})")
             frames = interpolate_embeddings(backend, table[args.healthy], table[args.diseased], args.k,
                                             mode=args.blend, template=args.template, embeddings=vectors, seed=seed,
                                             progress=bar, **sample_kwargs(args))
@@ -229,9 +241,9 @@ def run_compose(args) -> int:
     stage_cfg = [float(v) for v in args.stage_cfg.split(",")] if args.stage_cfg else None
     stages = composition_stages(args.base, additions, base_weight=args.base_weight, cfg_scale=args.cfg,
                                 stage_cfg=stage_cfg)
-    check_inputs(args, args.out)
+    check_inputs(args, args.out, [s.prompt for s in stages])
     backend, table, vectors = load_model_and_embeddings(args)
-    warn_prompts(backend, [s.prompt for s in stages], vectors)
+    warn_prompts(backend, [s.prompt for s in stages], vectors, args.allow_plain_prompt)
     seed = resolve_seed(args.seed)
     kwargs = sample_kwargs(args)
     kwargs.pop("cfg_scale")
@@ -257,7 +269,8 @@ def register(subparsers) -> None:
                     "command resumes.",
     )
     p.add_argument("--prompt", action="append", required=True, metavar="LABEL=PROMPT",
-                   help="class label and prompt, e.g. neg=prostate_neg (repeatable)")
+                   help="class label and prompt, e.g. neg=prostate_neg (repeatable); each prompt part must use "
+                        "a loaded embedding unless --allow-plain-prompt")
     p.add_argument("-n", "--n", type=int, required=True, help="images per class (paper: 1000)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=_batch_size, default=1,
@@ -274,10 +287,10 @@ def register(subparsers) -> None:
                     "weights 'healthy :(1-t) AND diseased :t' (the paper); 'embedding' mode blends the two "
                     "embeddings' vectors into one.",
     )
-    p.add_argument("--healthy", required=True, help="healthy embedding name (one word: must be a loaded "
-                                                    "embedding) or prompt")
-    p.add_argument("--diseased", required=True, help="diseased embedding name (one word: must be a loaded "
-                                                     "embedding) or prompt")
+    p.add_argument("--healthy", required=True, help="healthy embedding name, or a prompt that uses one "
+                                                    "(plain text only with --allow-plain-prompt)")
+    p.add_argument("--diseased", required=True, help="diseased embedding name, or a prompt that uses one "
+                                                     "(plain text only with --allow-plain-prompt)")
     p.add_argument("-k", "--k", type=int, default=5, help="number of images, including both ends (default 5)")
     p.add_argument("--mode", choices=("prompt", "embedding"), default="prompt")
     p.add_argument("--blend", choices=("linear", "slerp"), default="linear", help="embedding-mode blend")
@@ -292,7 +305,8 @@ def register(subparsers) -> None:
         description="Start from a base (healthy) prompt and add pathologies one by one with strengths, all at "
                     "one seed (paper Figure 3: strength 0.5 each, CFG 3 for three).",
     )
-    p.add_argument("--base", required=True, help="base prompt or embedding name (e.g. the healthy embedding)")
+    p.add_argument("--base", required=True, help="base embedding name (e.g. the healthy embedding) or a prompt "
+                                                 "that uses one")
     p.add_argument("--add", action="append", required=True, metavar="NAME[:STRENGTH]",
                    help="pathology prompt/embedding with its strength (repeatable, in order)")
     p.add_argument("--base-weight", type=float, default=1.0,

@@ -126,13 +126,13 @@ def run_inpaint(args) -> int:
     from medical_diffusion.generation.sampling import resolve_seed
     from medical_diffusion.png_io import load_image, save_png
 
-    check_inputs(args, args.out)
+    check_inputs(args, args.out, [args.prompt])
     image = load_image(args.image, "RGB")
     masks = [load_mask(m, image.size) for m in args.mask]
     out = Path(args.out)
     grid_path = check_writable(out / "inpaint_grid.png", args.force)
     backend, _table, vectors = load_model_and_embeddings(args)
-    warn_prompts(backend, [args.prompt], vectors)
+    warn_prompts(backend, [args.prompt], vectors, args.allow_plain_prompt)
     seed = resolve_seed(args.seed)
     results, records, failures = [], [], []
     bar = StepBar("inpaint")

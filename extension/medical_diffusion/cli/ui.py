@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="diffusers folder, .ckpt/.safetensors file (SD1/SD2/SDXL), or 'tiny' (default) / 'tiny-sd1' / "
                         "'tiny-sdxl' (random-weight workflow demos)")
     p.add_argument("--work-dir", default="meddiff-work", help="folder the tabs write to (default: ./meddiff-work)")
-    p.add_argument("--embeddings-dir", default=None, help="embeddings folder (default: WORK_DIR/embeddings)")
+    p.add_argument("--embeddings-dir", default=None,
+                   help="embeddings folder the tabs list, train into and read (default: the embeddings home, "
+                        "./embeddings or $MEDDIFF_EMBEDDINGS_DIR, shared with the other commands)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7861)
     p.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]",
@@ -33,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medical_diffusion.allowed_roots import ENV_VAR
+    from medical_diffusion.allowed_roots import ENV_VAR, is_inside_roots
     from medical_diffusion.devices import runtime_from_args
+    from medical_diffusion.embeddings.home import describe_home, embeddings_home
     from medical_diffusion.errors import MedDiffError
     from medical_diffusion.ui.api_guard import ApiCredentials, ServerSecurity
     from medical_diffusion.ui.standalone import launch, make_context
@@ -47,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
         os.environ[ENV_VAR] = os.pathsep.join(os.path.abspath(d) for d in args.allowed_roots)
     security = ServerSecurity.for_bind(args.host, ApiCredentials.from_options(args.api_auth, args.api_token),
                                        insecure=args.insecure)
-    launch(make_context(args.model, args.work_dir, args.embeddings_dir, runtime), host=args.host, port=args.port,
-           security=security, insecure=args.insecure)
+    embeddings = embeddings_home(args.embeddings_dir)
+    if not is_inside_roots(embeddings):
+        raise MedDiffError(f"the embeddings folder {describe_home(args.embeddings_dir)} is outside the allowed "
+                           "roots (--allowed-roots or $MEDDIFF_ALLOWED_ROOTS): give --embeddings-dir inside them, "
+                           "or allow its folder too")
+    print(f"embeddings: {describe_home(args.embeddings_dir)}", flush=True)
+    launch(make_context(args.model, args.work_dir, embeddings, runtime),
+           host=args.host, port=args.port, security=security, insecure=args.insecure)
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from medical_diffusion.embeddings.model import SDXL_WIDTHS, Embedding
+from medical_diffusion.embeddings.model import SDXL_WIDTHS, Embedding, validate
 from medical_diffusion.embeddings.readers import read_embedding
 from medical_diffusion.embeddings.safe_pickle import safe_torch_load
 from medical_diffusion.errors import InputFileError, MedDiffError
@@ -135,20 +135,9 @@ def _token_matrices(model: str) -> list[tuple[str, torch.Tensor]]:
 
 
 def token_embedding_scale(model: str | os.PathLike, width: int) -> float:
-    """Mean L2 norm of the token vectors of width ``width`` in ``model``.
-
-    ``model`` is a diffusers folder, a ``.safetensors``/``.ckpt`` checkpoint, or a name that
-    ``medical_diffusion.backend.diffusers_backend.load_backend`` understands (e.g. ``"tiny"``).
-    """
-    if not Path(model).exists():
-        try:
-            from medical_diffusion.backend.diffusers_backend import load_backend
-        except ImportError:
-            raise InputFileError(model, "no such model file or folder") from None
-        backend = load_backend(str(model))
-        if backend.text_width == width:
-            return float(backend.token_embedding_norm())
-        raise MedDiffError(f"model {model}: token width {backend.text_width} does not match the embedding's {width}")
+    """Mean L2 norm of the token vectors of width ``width`` in ``model`` (a diffusers folder or a
+    ``.safetensors``/``.ckpt`` checkpoint; a named model such as ``"tiny"`` is the caller's to load:
+    :func:`backend_scales_for`)."""
     matrices = _token_matrices(str(model))
     for _key, weight in matrices:
         if weight.ndim == 2 and weight.shape[1] == width:
@@ -178,20 +167,46 @@ def _norm_warnings(label: str, stats: dict, scale: float | None, tolerance: floa
     return out
 
 
+def _width_words(emb: Embedding) -> str:
+    """``width 32`` or ``clip_l 32 + clip_g 48`` (an SDXL-shaped pair)."""
+    if emb.is_sdxl:
+        return " + ".join(f"{part} {int(t.shape[1])}" for part, t in emb.parts().items())
+    return f"width {emb.width}"
+
+
 def inspect_embedding(
     path: str | os.PathLike,
     token_scale: float | dict[str, float] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     expected_width: int | None = None,
     scale_hint: str = "pass --model (or --token-norm)",
+    width_hint: str = "give --expected-width N or --model",
 ) -> dict[str, Any]:
-    """A JSON-ready report on one embedding file.
+    """A JSON-ready report on one embedding file, whatever model it was made for.
 
+    A width that fits no Stable Diffusion text encoder (a custom or tiny model's) is reported as an
+    unknown family, with a note (``width_hint``: how to name the model; the CLI's flags by default);
+    one that does not fit ``expected_width`` (the model's width) gets a warning, and no norm check.
     ``token_scale`` is the model's token-vector scale (one number, or per SDXL block
     ``{"clip_l": ..., "clip_g": ...}``); without it the norm check is skipped, with a note that
-    says how to give one (``scale_hint``: the CLI's flags by default).
+    says how to give one (``scale_hint``).
     """
-    emb, fmt, file = read_embedding(path, expected_width)
+    emb, fmt, file = read_embedding(path, check_width=False)
+    notes: list[str] = []
+    warnings: list[str] = []
+    fits_model, family = True, emb.family
+    try:
+        validate(emb, file, expected_width)
+    except InputFileError as exc:
+        if expected_width is None:
+            family = None
+            total = f" ({emb.width} in all)" if emb.is_sdxl else ""
+            notes.append(f"{_width_words(emb)}{total} fits no Stable Diffusion text encoder (768 SD1, 1024 SD2, "
+                         f"768+1280 SDXL): an embedding for a custom or tiny model? {width_hint} to check it "
+                         "against that model")
+        else:
+            warnings.append(f"does not fit the model: {exc.problem}")
+            fits_model, token_scale = False, None
     size = file.stat().st_size
     report: dict[str, Any] = {
         "file": str(file),
@@ -199,7 +214,7 @@ def inspect_embedding(
         "name": emb.name,
         "vectors": emb.n_vectors,
         "width": emb.width,
-        "family": emb.family or f"unknown (width {emb.width})",
+        "family": family or f"unknown ({_width_words(emb)})",
         "fits": fits(emb),
         "step": emb.step,
         "sd_checkpoint": emb.sd_checkpoint,
@@ -208,7 +223,7 @@ def inspect_embedding(
         "file_size": human_size(size),
         "norms": {},
         "token_scale": token_scale,
-        "warnings": [],
+        "warnings": warnings,
     }
     for part, tensor in emb.parts().items():
         stats = norm_stats(tensor)
@@ -216,8 +231,10 @@ def inspect_embedding(
         scale = token_scale.get(part) if isinstance(token_scale, dict) else token_scale
         label = "" if part == "vectors" else f"{part}: "
         report["warnings"] += _norm_warnings(label, stats, scale, tolerance)
-    if token_scale is None:
-        report["notes"] = [f"norm scale check skipped: {scale_hint} to compare with the model's token vectors"]
+    if token_scale is None and fits_model:
+        notes.append(f"norm scale check skipped: {scale_hint} to compare with the model's token vectors")
+    if notes:
+        report["notes"] = notes
     return report
 
 
@@ -232,19 +249,20 @@ def backend_token_scale(backend) -> float | dict[str, float] | None:
 
 
 def scales_for(emb: Embedding, model: str | os.PathLike) -> float | dict[str, float]:
-    """Token scale(s) of ``model`` matching ``emb``'s block widths."""
-    if emb.is_sdxl and not Path(model).exists():  # a named model: loaded once for both blocks
-        from medical_diffusion.backend.diffusers_backend import load_backend
-
-        backend = load_backend(str(model))
-        want = {part: int(t.shape[1]) for part, t in emb.parts().items()}
-        if dict(getattr(backend, "text_widths", {})) != want:
-            raise MedDiffError(f"model {model}: token blocks {dict(backend.text_widths)} do not match the "
-                               f"embedding's {want}")
-        return backend_token_scale(backend)
+    """Token scale(s) of the model file or folder ``model`` matching ``emb``'s block widths."""
     if emb.is_sdxl:
         return {part: token_embedding_scale(model, int(t.shape[1])) for part, t in emb.parts().items()}
     return token_embedding_scale(model, emb.width)
+
+
+def backend_scales_for(emb: Embedding, backend, label: str = "the model") -> float | dict[str, float] | None:
+    """Token scale(s) of a loaded model (``backend``) for ``emb``; :class:`MedDiffError` naming both
+    layouts when the embedding's blocks are not the model's."""
+    want = {part: int(t.shape[1]) for part, t in emb.parts().items()}
+    have = dict(getattr(backend, "text_widths", None) or {"vectors": int(backend.text_width)})
+    if list(have.values()) != list(want.values()):
+        raise MedDiffError(f"{label}: token blocks {have} do not match the embedding's {want}")
+    return backend_token_scale(backend)
 
 
 def format_report(report: dict[str, Any]) -> str:

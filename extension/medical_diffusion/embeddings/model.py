@@ -102,6 +102,7 @@ def validate(
     path: str | os.PathLike,
     expected_width: int | None = None,
     expected_widths: dict[str, int] | None = None,
+    check_width: bool = True,
 ) -> Embedding:
     """Raise :class:`InputFileError` naming ``path`` when ``emb`` is unusable.
 
@@ -110,6 +111,7 @@ def validate(
     ``text_widths``, e.g. a tiny SDXL model's ``{"clip_l": 32, "clip_g": 48}``: then the blocks must
     be exactly those, and a message names both families on a mismatch) or ``expected_width`` (one
     total width: an SD1/SD2-style width, or an SDXL pair's sum; 2048 keeps the strict 768/1280 check).
+    ``check_width=False`` skips the width checks (for inspecting or converting a file of any model).
     """
     path = Path(path)
     for part, tensor in emb.parts().items():
@@ -124,6 +126,8 @@ def validate(
             path,
             f"SDXL embedding blocks disagree on vector count: clip_l {emb.vectors.shape[0]}, clip_g {emb.extra['clip_g'].shape[0]}",
         )
+    if not check_width:
+        return emb
     if expected_widths is not None:
         want = {str(k): int(v) for k, v in dict(expected_widths).items()}
         have = {part: int(t.shape[1]) for part, t in emb.parts().items()}
@@ -155,6 +159,7 @@ def validate(
         raise InputFileError(
             path,
             f"embedding width {width} matches no Stable Diffusion text encoder "
-            "(768 SD1, 1024 SD2, 768+1280 SDXL); pass expected_width for another model",
+            "(768 SD1, 1024 SD2, 768+1280 SDXL); for a custom or tiny model give its width (--expected-width N) "
+            "or the model (--model)",
         )
     return emb

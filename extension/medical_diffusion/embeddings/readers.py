@@ -147,7 +147,8 @@ def describe_data(data: Any, path: Path, image_source: str | None = None) -> str
 
 
 def read_embedding(path: str | os.PathLike, expected_width: int | None = None,
-                   expected_widths: dict[str, int] | None = None) -> tuple[Embedding, str, Path]:
+                   expected_widths: dict[str, int] | None = None,
+                   check_width: bool = True) -> tuple[Embedding, str, Path]:
     """Like :func:`load_embedding`, also returning the format label and the file actually read."""
     path = Path(path)
     if not path.exists():
@@ -177,11 +178,12 @@ def read_embedding(path: str | os.PathLike, expected_width: int | None = None,
     else:
         raise InputFileError(path, f"unsupported embedding file type {suffix or '(none)'}; expected one of {', '.join(EMBEDDING_SUFFIXES)}")
     emb = embedding_from_data(data, path, name, metadata)
-    return validate(emb, path, expected_width, expected_widths), describe_data(data, path, image_source), path
+    return (validate(emb, path, expected_width, expected_widths, check_width), describe_data(data, path, image_source),
+            path)
 
 
 def load_embedding(path: str | os.PathLike, expected_width: int | None = None,
-                   expected_widths: dict[str, int] | None = None) -> Embedding:
+                   expected_widths: dict[str, int] | None = None, check_width: bool = True) -> Embedding:
     """Read an embedding file of any supported format.
 
     The name is the lowercased file stem, as the webui names embeddings (a diffusers
@@ -190,10 +192,10 @@ def load_embedding(path: str | os.PathLike, expected_width: int | None = None,
     ``expected_width`` admits a custom text width (e.g. a tiny test model); otherwise the width
     must match SD1, SD2 or SDXL. ``expected_widths`` (a backend's ``text_widths``) asks for exactly
     that model's blocks: an SDXL pair for an SDXL model, one tensor of that width otherwise (see
-    :func:`~medical_diffusion.embeddings.model.validate`). Raises :class:`InputFileError` naming the
-    file and problem.
+    :func:`~medical_diffusion.embeddings.model.validate`); ``check_width=False`` takes any width (to
+    inspect or convert a file). Raises :class:`InputFileError` naming the file and problem.
     """
-    return read_embedding(path, expected_width, expected_widths)[0]
+    return read_embedding(path, expected_width, expected_widths, check_width)[0]
 
 
 def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = None,
@@ -246,24 +248,31 @@ def _candidate_files(folder: Path):
         yield path
 
 
-def embedding_names_on_disk(folder: str | os.PathLike | None = None, files=()) -> set[str]:
-    """The names the embeddings in ``folder`` and ``files`` go by, without reading their tensors
-    (file stems; an image's stored name): for checking a command's names before loading a model."""
+def embedding_paths_on_disk(folder: str | os.PathLike | None = None, files=()) -> dict[str, Path]:
+    """``{name: file}`` of the embeddings in ``folder`` and ``files`` without reading their tensors
+    (file stems; an image's stored name; the first file in sorted order per name): for checking a
+    command's names before loading a model."""
     paths = list(_candidate_files(Path(folder))) if folder else []
-    names = set()
+    found: dict[str, Path] = {}
     for path in [*paths, *map(Path, files)]:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             try:
-                found = read_image_embedding(path, with_source=True)
+                image = read_image_embedding(path, with_source=True)
             except MedDiffError:
                 continue
-            if found is None:  # a plain picture
+            if image is None:  # a plain picture
                 continue
-            stored = found[0].get("name")
-            names.add(name_from_token(stored) if isinstance(stored, str) and stored.strip() else path.stem.lower())
+            stored = image[0].get("name")
+            name = name_from_token(stored) if isinstance(stored, str) and stored.strip() else path.stem.lower()
         else:
-            names.add(path.stem.lower())
-    return names
+            name = path.stem.lower()
+        found.setdefault(name, path)
+    return found
+
+
+def embedding_names_on_disk(folder: str | os.PathLike | None = None, files=()) -> set[str]:
+    """The names the embeddings in ``folder`` and ``files`` go by (see :func:`embedding_paths_on_disk`)."""
+    return set(embedding_paths_on_disk(folder, files))
 
 
 _WARNED: set[str] = set()

@@ -141,11 +141,14 @@ def stage_train(s: dict, ctx: StageContext) -> dict:
 
 def stage_generate(s: dict, ctx: StageContext) -> dict:
     from medical_diffusion.generation.loading import load_embedding_table, load_model, vectors_of
+    from medical_diffusion.generation.prompts import check_prompt_embeddings
     from medical_diffusion.generation.synthetic_set import SetParams, embedding_fingerprint, generate_set
 
     backend = load_model(s["model"], ctx.torch_device())
     files = [str(ctx.dep_output(dep, "embedding")) for dep in ctx.spec["dep_order"] if dep.startswith("train/")]
-    table = load_embedding_table(backend, None, files)
+    table = load_embedding_table(backend, None, files, where=f"the train stages' embeddings ({', '.join(files) or 'none'})")
+    check_prompt_embeddings(list(s["classes"].values()), list(table), table.where,
+                            plain_hint="name a trained embedding in 'classes'")
     sm = s["sampling"]
     params = SetParams(classes=dict(s["classes"]), seed=int(sm["seed"]), steps=int(sm["steps"]),
                        cfg_scale=float(sm["cfg"]), negative_prompt=sm["negative_prompt"], width=int(sm["width"]),

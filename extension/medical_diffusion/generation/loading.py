@@ -1,9 +1,11 @@
-"""Model and embeddings for the generation commands and tabs, plus prompt sanity warnings."""
+"""Model and embeddings for the generation commands and tabs; prompt checks (unknown embedding names are
+refused, token-budget problems warned about)."""
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -11,7 +13,8 @@ import torch
 
 from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.errors import InputFileError
-from medical_diffusion.generation.prompts import budget_warnings, check_token_budget, parse_composable
+from medical_diffusion.generation.prompts import (PLAIN_PROMPT_HINT, budget_warnings, check_prompt_embeddings,
+                                                  check_token_budget, parse_composable, parts_without_embeddings)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,47 @@ def check_embedding_sources(embeddings_dir: str | None, files: Sequence[str] = (
             raise InputFileError(file, "no such embedding file (--embedding)")
 
 
+@dataclass
+class EmbeddingSources:
+    """Where a command reads its embeddings: a folder (or none), single files, and that in words."""
+
+    folder: Path | None
+    files: list[str] = field(default_factory=list)
+    where: str = ""
+
+
+def embedding_sources(embeddings_dir: str | None = None, files: Sequence[str] = ()) -> EmbeddingSources:
+    """``--embeddings-dir`` and ``--embedding`` as given; with neither, the embeddings home
+    (:func:`~medical_diffusion.embeddings.home.embeddings_home`: ``./embeddings`` or
+    ``$MEDDIFF_EMBEDDINGS_DIR``), read when it exists. Fails at once on a missing folder or file."""
+    from medical_diffusion.embeddings.home import describe_home, embeddings_home
+
+    files = [str(f) for f in files or ()]
+    check_embedding_sources(embeddings_dir, files)
+    places = []
+    folder = None
+    if embeddings_dir:
+        folder = Path(embeddings_dir).expanduser().resolve()
+        places.append(f"--embeddings-dir {folder}")
+    elif not files:
+        home = embeddings_home()
+        folder = home if home.is_dir() else None
+        missing = "" if folder else (", which is not a folder" if home.exists() else ", which does not exist")
+        places.append(f"the embeddings home {describe_home()}{missing}")
+    if files:
+        places.append(f"--embedding {', '.join(files)}")
+    return EmbeddingSources(folder, files, " and ".join(places))
+
+
+class EmbeddingTable(dict):
+    """``{name: Embedding or vectors}`` that also says where the embeddings were looked for (``where``),
+    for messages about names that are not in it."""
+
+    def __init__(self, items: Mapping = (), where: str = ""):
+        super().__init__(items)
+        self.where = where
+
+
 def check_output_folder(out: str) -> None:
     """An output folder must not be an existing file."""
     if Path(out).exists() and not Path(out).is_dir():
@@ -66,19 +110,23 @@ def check_output_folder(out: str) -> None:
 
 
 def load_embedding_table(
-    backend: ModelBackend, embeddings_dir: str | None = None, files: Sequence[str] = ()
-) -> dict:
+    backend: ModelBackend, embeddings_dir: str | None = None, files: Sequence[str] = (), where: str | None = None
+) -> EmbeddingTable:
     """``{name: Embedding}`` from a folder (all readable files) and single files (later wins).
 
     Only embeddings of the backend's family load: its ``text_widths`` blocks (an SDXL model takes
     clip_l + clip_g pairs; a file of another family is refused naming the file and both families,
-    a folder's skipped with that warning).
+    a folder's skipped with that warning). ``where`` (default: the folder and files) is kept on the
+    table for :func:`prompt_warnings`' refusals.
     """
     from medical_diffusion.embeddings import load_embedding, load_embeddings_dir
     from medical_diffusion.embeddings.vector_blocks import vectors_from_embedding
 
     widths = dict(backend.text_widths)
-    table = {}
+    if where is None:
+        where = " and ".join(filter(None, [str(Path(embeddings_dir).resolve()) if embeddings_dir else "",
+                                           ", ".join(map(str, files or ()))])) or "no folder or file"
+    table = EmbeddingTable(where=where)
     if embeddings_dir:
         table.update(load_embeddings_dir(embeddings_dir, expected_widths=widths))
     for path in files or ():
@@ -89,11 +137,13 @@ def load_embedding_table(
     return table
 
 
-def vectors_of(table: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """``{name: vectors}`` as the sampler wants it (an SDXL pair as one ``(n, clip_l + clip_g)`` tensor)."""
+def vectors_of(table: Mapping[str, object]) -> EmbeddingTable:
+    """``{name: vectors}`` as the sampler wants it (an SDXL pair as one ``(n, clip_l + clip_g)`` tensor),
+    keeping the table's ``where``."""
     from medical_diffusion.embeddings.vector_blocks import vectors_from_embedding
 
-    return {name: vectors_from_embedding(emb) for name, emb in table.items()}
+    return EmbeddingTable({name: vectors_from_embedding(emb) for name, emb in table.items()},
+                          where=getattr(table, "where", ""))
 
 
 def backend_token_counter(backend: ModelBackend):
@@ -101,8 +151,16 @@ def backend_token_counter(backend: ModelBackend):
     return lambda text: int(backend.text_to_vectors(text).shape[0])
 
 
-def prompt_warnings(backend: ModelBackend, prompt: str, vectors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Token-budget warnings, and parts that use none of the loaded embeddings (typos)."""
+def prompt_warnings(backend: ModelBackend, prompt: str, vectors: Mapping[str, torch.Tensor],
+                    allow_plain: bool = False, plain_hint: str = PLAIN_PROMPT_HINT) -> list[str]:
+    """Refuse a prompt with a part that uses none of the loaded embeddings (a misspelt name: the
+    :class:`~medical_diffusion.generation.prompts.UnknownEmbeddingError` names the part and where the
+    table was loaded from, ``vectors.where``); else token-budget and weight-syntax warnings.
+
+    ``allow_plain`` (opt-in) lets such parts through with a warning instead.
+    """
+    check_prompt_embeddings([prompt], list(vectors), getattr(vectors, "where", "") or "the loaded embeddings",
+                            allow_plain=allow_plain, plain_hint=plain_hint)
     lengths = {name: int(v.shape[0]) for name, v in vectors.items()}
     warnings = budget_warnings(check_token_budget(prompt, lengths, backend_token_counter(backend)))
     for text, _ in parse_composable(prompt):
@@ -111,11 +169,9 @@ def prompt_warnings(backend: ModelBackend, prompt: str, vectors: Mapping[str, to
             warnings.append(f"weight '{odd.group(0).strip()}' in part {text.strip()!r} is not read as a weight "
                             f"(A1111 takes decimals: write :{float(odd.group(1)) / 100:g})")
     if lengths:
-        names = "|".join(re.escape(n) for n in lengths)
-        for text, _ in parse_composable(prompt):
-            if text.strip() and not re.search(rf"(?<![\w-])({names})(?![\w-])", text):
-                warnings.append(f"prompt part {text.strip()!r} uses none of the loaded embeddings "
-                                f"({', '.join(sorted(lengths))})")
+        for text in parts_without_embeddings(prompt, list(lengths)):
+            warnings.append(f"prompt part {text!r} uses none of the loaded embeddings "
+                            f"({', '.join(sorted(lengths))}): sampled as plain text")
     elif prompt.strip():
         warnings.append("no embeddings loaded: the prompt is plain text")
     return warnings

@@ -102,11 +102,11 @@ class PartBudget:
         return self.chunks * CHUNK_TOKENS - self.tokens
 
 
-def _name_pattern(names: Sequence[str]) -> re.Pattern | None:
+def _name_pattern(names: Sequence[str], flags: int = 0) -> re.Pattern | None:
     if not names:
         return None
     alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-    return re.compile(rf"(?<![\w-])({alternatives})(?![\w-])")
+    return re.compile(rf"(?<![\w-])({alternatives})(?![\w-])", flags)
 
 
 def estimate_text_tokens(text: str) -> int:
@@ -181,3 +181,67 @@ def check_token_budget(
 def budget_warnings(budgets: Sequence[PartBudget]) -> list[str]:
     """All warnings of a token-budget check, flattened."""
     return [w for b in budgets for w in b.warnings]
+
+
+# -- embedding names ------------------------------------------------------------------------
+
+#: how a refusal tells the user to sample a prompt without embeddings on purpose
+PLAIN_PROMPT_HINT = "pass --allow-plain-prompt to sample a prompt without embeddings"
+
+
+class UnknownEmbeddingError(MedDiffError):
+    """A prompt part names none of the loaded embeddings (a misspelt name, or a plain-text prompt)."""
+
+    def __init__(self, message: str, parts: Sequence[str]):
+        super().__init__(message)
+        self.parts = list(parts)
+
+
+def parts_without_embeddings(prompt: str, names: Sequence[str]) -> list[str]:
+    """The non-empty composable parts of ``prompt`` (weights stripped) that use none of ``names``.
+
+    A name counts as used where it stands as a whole word (not inside ``a_b`` or ``a-b``), in any
+    case: the CLIP tokenizer lowercases the prompt before the embedding lookup.
+    """
+    pattern = _name_pattern(list(names), re.IGNORECASE)
+    found = []
+    for text, _weight in parse_composable(prompt):
+        text = text.strip()
+        if text and (pattern is None or not pattern.search(text)):
+            found.append(text)
+    return found
+
+
+def check_prompt_embeddings(
+    prompts: Sequence[str], names: Sequence[str], where: str, allow_plain: bool = False,
+    plain_hint: str = PLAIN_PROMPT_HINT,
+) -> None:
+    """Refuse prompts with a part that uses none of the loaded embeddings ``names``.
+
+    The :class:`UnknownEmbeddingError` lists those parts (with a close name where one exists), where
+    the embeddings were looked for (``where``) and what was found. ``allow_plain`` lets plain-text
+    parts through (an explicit opt-in; ``plain_hint`` says how to give it).
+    """
+    if allow_plain:
+        return
+    import difflib
+
+    names = sorted(set(names))
+    bad: list[str] = []
+    for prompt in prompts:
+        bad += [p for p in parts_without_embeddings(prompt, names) if p not in bad]
+    if not bad:
+        return
+    lowered = {n.lower(): n for n in names}
+
+    def shown(part: str) -> str:
+        close = difflib.get_close_matches(part.lower(), list(lowered), n=1, cutoff=0.75)
+        return f"{part} (did you mean {lowered[close[0]]}?)" if close else part
+
+    raise UnknownEmbeddingError(
+        f"unknown embedding name(s) {', '.join(shown(p) for p in bad)}: "
+        f"{'this prompt part uses' if len(bad) == 1 else 'these prompt parts use'} none of the loaded embeddings; "
+        f"looked in {where}; found: {', '.join(names) or 'none'}. Check the spelling and the folder, or "
+        f"{plain_hint}",
+        bad,
+    )

@@ -19,8 +19,10 @@ JAVASCRIPT_DIR = Path(__file__).resolve().parents[3] / "javascript"
 def make_context(model: str, work_dir: str | Path, embeddings_dir: str | Path | None = None,
                  runtime: Runtime | None = None) -> UIContext:
     """The standalone app's host: the model is built on first use on ``runtime``'s device and precision
-    (default: the CPU in fp32, as before ``--device`` existed)."""
+    (default: the CPU in fp32, as before ``--device`` existed); embeddings are listed, trained into and
+    read in ``embeddings_dir`` (default: the embeddings home, shared with the other commands)."""
     from medical_diffusion.backend.diffusers_backend import load_backend
+    from medical_diffusion.embeddings.home import embeddings_home
 
     work_dir = Path(work_dir).resolve()
     from medical_diffusion.backend.families import tiny_family
@@ -34,7 +36,7 @@ def make_context(model: str, work_dir: str | Path, embeddings_dir: str | Path | 
                                              attention=runtime.attention),
         runtime=runtime,
         work_dir=work_dir,
-        embeddings_dir=Path(embeddings_dir).resolve() if embeddings_dir else work_dir / "embeddings",
+        embeddings_dir=embeddings_home(embeddings_dir),
         model_label=label,
         model_id=model,
     )
@@ -71,7 +73,8 @@ def launch(ctx: UIContext, host: str = "127.0.0.1", port: int = 7861, block: boo
             blocks.load(None, None, None, _js=f"() => {{ {script} }}")
     blocks.queue(concurrency_count=1)
     auth = "API and page need a login" if security.credentials.enabled else "no login (local only)"
-    log.info("Medical Diffusion UI on http://%s:%d (work folder %s; %s)", host, port, ctx.work_dir, auth)
+    log.info("Medical Diffusion UI on http://%s:%d (work folder %s; embeddings %s; %s)", host, port, ctx.work_dir,
+             ctx.embeddings_dir, auth)
     blocks.launch(server_name=host, server_port=port, prevent_thread_lock=True, show_api=False,
                   inbrowser=False, quiet=True, auth=security.gradio_auth(),
                   app_kwargs={"middleware": [security.middleware()]})

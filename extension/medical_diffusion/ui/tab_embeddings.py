@@ -24,13 +24,18 @@ def list_embedding_files(ctx: UIContext) -> list[str]:
     )
 
 
-def _resolve(ctx: UIContext, upload, choice: str | None) -> Path:
+def _resolve(ctx: UIContext, upload, choice: str | None, which: str = "A") -> Path:
+    """The file of embedding ``which``: the uploaded one or the list's choice, never a silent pick
+    between both (choosing clears the upload and uploading clears the choice; a call with both is refused)."""
     path = uploaded_path(upload)
+    if path and choice:
+        raise ValueError(f"embedding {which}: both an uploaded file ({Path(path).name}) and a list choice ({choice}) "
+                         "are given; remove the upload or clear the choice")
     if path:
         return Path(path)
     if choice:
         return ctx.path(ctx.embeddings_dir / choice, must_exist=True)
-    raise ValueError("choose an embedding from the list or upload a file")
+    raise ValueError(f"embedding {which}: choose an embedding from the list or upload a file")
 
 
 def build(ctx: UIContext) -> dict:
@@ -46,15 +51,20 @@ def build(ctx: UIContext) -> dict:
         """The loaded model's text width (None in the webui before a checkpoint has loaded)."""
         return ctx.text_width_if_ready()
 
-    def load(path):
-        return load_embedding(path, expected_width=width())
+    def load(path, for_model: bool = False):
+        """Any width (compare and convert need no model, as on the command line); ``for_model``: the
+        loaded model's width (a blend is saved into its embeddings folder)."""
+        model_width = width() if for_model else None
+        return load_embedding(path, expected_width=model_width, check_width=model_width is not None)
 
     def inspect(path) -> tuple[str, dict]:
-        """Text and JSON report, with the norm check against the loaded model's token vectors."""
+        """Text and JSON report, with the norm check against the loaded model's token vectors (a file of
+        another width is reported with a warning, as ``meddiff embedding inspect --model`` does)."""
         model_width = width()
         scale = backend_token_scale(ctx.backend()) if model_width is not None else None
         report = inspect_embedding(path, expected_width=model_width, token_scale=scale,
-                                   scale_hint="load a Stable Diffusion model")
+                                   scale_hint="load a Stable Diffusion model",
+                                   width_hint="load the model it was made for")
         return format_report(report), json.loads(json.dumps(report, default=str))
 
     def refresh():
@@ -71,6 +81,10 @@ def build(ctx: UIContext) -> dict:
             upload_b = gr.File(label="…or upload B", file_types=list(EMBEDDING_SUFFIXES))
     refresh_btn = gr.Button("Refresh list", elem_id="md_emb_refresh")
     refresh_btn.click(refresh, outputs=[choice_a, choice_b])
+    # one source per embedding: the last one the user gave (user events only: clearing fires neither)
+    for choice, upload in ((choice_a, upload_a), (choice_b, upload_b)):
+        upload.upload(lambda: gr.Dropdown.update(value=None), outputs=[choice])
+        choice.select(lambda: None, outputs=[upload])
 
     with gr.Row():
         inspect_btn = gr.Button("Inspect A", variant="primary", elem_id="md_emb_inspect")
@@ -84,7 +98,7 @@ def build(ctx: UIContext) -> dict:
 
     @shows_errors
     def do_compare(ua, ca, ub, cb):
-        result = compare_report(load(_resolve(ctx, ua, ca)), load(_resolve(ctx, ub, cb)))
+        result = compare_report(load(_resolve(ctx, ua, ca)), load(_resolve(ctx, ub, cb, "B")))
         return format_compare_report(result), json.loads(json.dumps(result, default=str))
 
     inspect_btn.click(do_inspect, [upload_a, choice_a], [report_text, report_json])
@@ -99,7 +113,7 @@ def build(ctx: UIContext) -> dict:
 
     @shows_errors
     def do_blend(ua, ca, ub, cb, w, m, name):
-        a, b = load(_resolve(ctx, ua, ca)), load(_resolve(ctx, ub, cb))
+        a, b = load(_resolve(ctx, ua, ca), for_model=True), load(_resolve(ctx, ub, cb, "B"), for_model=True)
         name = name.strip().lower()
         blended = blend_embeddings(a, b, float(w), mode=m, name=name)
         widths = embedding_widths(blended)  # an SDXL pair is saved as clip_l/clip_g .safetensors
