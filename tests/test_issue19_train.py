@@ -179,3 +179,79 @@ def test_prepare_prints_each_class_data_path_and_a_train_line(tmp_path, capsys):
         assert f"{label}: --data {folder}  ({n} images)" in text
         assert f"meddiff train --model MODEL --data {folder} --name {label}\n" in text
     assert f"--data {shlex.quote(str(out))} " not in text
+
+
+def _tab(ctx):
+    gr = pytest.importorskip("gradio")
+    from medical_diffusion.ui import tab_train
+
+    with gr.Blocks() as demo:
+        tab_train.build(ctx)
+    values = {b.elem_id: getattr(b, "value", None) for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    start = next(f.fn for f in demo.fns if f.fn.__name__ == "start")
+    return values, start
+
+
+def test_tab_defaults_follow_the_model_without_loading_it(tmp_path):
+    from medical_diffusion.ui.context import UIContext
+
+    def no_model():
+        raise AssertionError("building the tab must not load the model")
+
+    tiny, _ = _tab(UIContext(backend_factory=no_model, work_dir=tmp_path, embeddings_dir=tmp_path / "e",
+                             model_id="tiny-sdxl"))
+    assert (tiny["md_train_steps"], tiny["md_train_resolution"], tiny["md_train_preview_every"]) == (200, 64, 50)
+    assert tiny["md_train_val_every"] == 50
+    webui, _ = _tab(UIContext(backend_factory=no_model, work_dir=tmp_path, embeddings_dir=tmp_path / "e",
+                              model_id="webui", defaults={"steps": 40000}))
+    assert (webui["md_train_steps"], webui["md_train_resolution"], webui["md_train_preview_every"]) == \
+        (40000, 512, 500)
+    real, _ = _tab(UIContext(backend_factory=no_model, work_dir=tmp_path, embeddings_dir=tmp_path / "e",
+                             model_id=str(tmp_path / "sd2")))
+    assert (real["md_train_steps"], real["md_train_resolution"]) == (50000, 512)  # the paper's
+
+
+def test_tab_trains_a_class_of_a_prepare_output_and_publishes(prepared, tmp_path, monkeypatch, tiny_backend):
+    from medical_diffusion.training.config import TrainConfig
+    from medical_diffusion.ui.context import UIContext
+
+    monkeypatch.setenv("MEDDIFF_ALLOWED_ROOTS", str(tmp_path))
+    home = tmp_path / "emb"
+    ctx = UIContext(backend_factory=lambda: tiny_backend, work_dir=tmp_path, embeddings_dir=home, model_id="tiny")
+    _, start = _tab(ctx)
+
+    def run(data, cls, run_dir, replace=False):
+        # name, data, run, vectors, init text, lr, steps, batch, accumulation, seed, resolution, save/preview
+        # every, preview steps, latents, hflip, gradient checkpointing, resume, val data, val every, min-SNR,
+        # EMA, log, bucketing, class, replace
+        return list(start("neg", str(data), str(run_dir), 1, "", "0.01", 1, 1, 1, 0, 64, 0, 0, 2, "mean", False,
+                          False, False, "", 0, 0, 0, "none", False, cls, replace))
+
+    with pytest.raises(Exception) as err:  # the prepare output itself: its class folders are named
+        run(prepared, "", tmp_path / "r0")
+    assert f"{prepared / 'embedding' / 'neg'}" in str(err.value) and "--class neg|pos" in str(err.value)
+    message = run(prepared, "neg", tmp_path / "r1")[-1][0]
+    neg = (prepared / "embedding" / "neg").resolve()
+    assert f"Training on 3 images from {neg}." in message and message.startswith("finished at step 1")
+    assert TrainConfig.load(tmp_path / "r1" / "run_config.json").data_dir == str(neg)
+    assert (home / "neg.pt").read_bytes() == (tmp_path / "r1" / "neg.pt").read_bytes()
+    assert ctx.trainer.state.data == f"3 images from {neg}"
+
+    before = (home / "neg.pt").read_bytes()
+    with pytest.raises(Exception, match="Replace a different embedding"):  # another run of that name
+        run(prepared / "embedding" / "pos", "", tmp_path / "r2")
+    assert (home / "neg.pt").read_bytes() == before and not (tmp_path / "r2").exists()
+    run(prepared / "embedding" / "pos", "", tmp_path / "r2", replace=True)
+    assert (home / "neg.pt").read_bytes() == (tmp_path / "r2" / "neg.pt").read_bytes()
+
+
+def test_context_and_runner_import_no_circle():
+    import ast
+    from pathlib import Path
+
+    import medical_diffusion.ui.training_runner as runner
+
+    tree = ast.parse(Path(runner.__file__).read_text("utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not any(name.startswith("medical_diffusion.ui") for name in imported)
