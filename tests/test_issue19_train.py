@@ -255,3 +255,22 @@ def test_context_and_runner_import_no_circle():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert not any(name.startswith("medical_diffusion.ui") for name in imported)
+
+
+def test_cli_tiny_model_defaults_to_a_quick_run(tmp_path, monkeypatch, home):
+    import medical_diffusion.training.loop as loop
+    from medical_diffusion.cli import main
+
+    seen = []
+
+    def fake_run(config, run_dir, **kw):
+        seen.append(config)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run_training", fake_run)
+    data = _pngs(tmp_path / "data", 2)
+    base = ["train", "--model", "tiny", "--data", str(data), "--name", "blob", "--out", str(tmp_path / "run")]
+    assert main(base) == 130
+    assert (seen[0].steps, seen[0].resolution, seen[0].save_every, seen[0].preview_every) == (200, 64, 50, 50)
+    assert main([*base, "--steps", "7", "--resolution", "32"]) == 130
+    assert (seen[1].steps, seen[1].resolution) == (7, 32)

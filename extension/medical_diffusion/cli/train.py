@@ -43,14 +43,14 @@ def register(subparsers) -> None:
     g.add_argument("--init-text", help="text whose tokens initialise the vectors (default '*')")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", dest="learning_rate", help='learning rate or A1111 schedule "0.05:10, 0.005:200, 0.001"')
-    g.add_argument("--steps", type=int, help="optimizer steps (default 50000; with --resume: new total)")
+    g.add_argument("--steps", type=int, help="optimizer steps (default 50000, tiny models 200; with --resume: new total)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--grad-accumulation", type=int)
     g.add_argument("--clip-grad-norm", type=float)
     g.add_argument("--clip-grad-value", type=float)
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("data")
-    g.add_argument("--resolution", type=int, help="training image size in pixels (default 512)")
+    g.add_argument("--resolution", type=int, help="training image size in pixels (default 512, tiny models 64)")
     g.add_argument("--latents", choices=["mean", "sample"], help="cache the VAE posterior mean or one sample")
     g.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips (off by default)")
     g.add_argument("--bucketing", action="store_true", default=None,
@@ -63,15 +63,17 @@ def register(subparsers) -> None:
     g = p.add_argument_group("validation and training quality (all off by default: the paper's run)")
     g.add_argument("--val-data", help="folder of held-out images for a validation loss on fixed noise and "
                    "timesteps (keeps best.pt); 'auto': the val split beside a `meddiff prepare --splits` folder")
-    g.add_argument("--val-every", type=int, help="validate every N steps (default 500; 0 = at the start and end)")
+    g.add_argument("--val-every", type=int,
+                   help="validate every N steps (default 500, tiny models 50; 0 = at the start and end)")
     g.add_argument("--val-timesteps", type=int, help="fixed timesteps per validation image, 1-32 (default 8)")
     g.add_argument("--min-snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023; e.g. 5)")
     g.add_argument("--ema-decay", type=float, help="keep an EMA of the vectors as <name>-ema.pt (e.g. 0.999)")
     g.add_argument("--log-with", choices=["none", "tensorboard"],
                    help="also log loss, val loss, lr, vector norm and previews (tensorboard: RUN/tensorboard)")
     g = p.add_argument_group("outputs")
-    g.add_argument("--save-every", type=int, help="checkpoint every N steps (default 500; 0 = only at the end)")
-    g.add_argument("--preview-every", type=int, help="preview image every N steps (default 500; 0 = off)")
+    g.add_argument("--save-every", type=int,
+                   help="checkpoint every N steps (default 500, tiny models 50; 0 = only at the end)")
+    g.add_argument("--preview-every", type=int, help="preview image every N steps (default 500, tiny models 50; 0 = off)")
     g.add_argument("--preview-steps", type=int, help="sampler steps for previews (default 20)")
     g.add_argument("--preview-seed", type=int)
     g = p.add_argument_group("speed and memory")
@@ -133,6 +135,11 @@ def handle(args: argparse.Namespace) -> int:
         values = {k: getattr(args, k) for k in _NEW_RUN if getattr(args, k, None) is not None}
         if "vectors" in values:
             values["n_vectors"] = values.pop("vectors")
+        if is_tiny_model(args.model):  # a demo model: a quick run unless told otherwise
+            from medical_diffusion.training.defaults import size_defaults
+
+            for key, value in size_defaults(args.model).items():
+                values.setdefault(key, value)
         if values.get("val_data") and values["val_data"].strip().lower() != "auto":
             values["val_data"] = str(resolve_data_folder(values["val_data"], what="validation", flag="--val-data"))
         config = TrainConfig(name=args.name, data_dir=str(data_folder), model=args.model, **values)
