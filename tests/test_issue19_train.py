@@ -274,3 +274,23 @@ def test_cli_tiny_model_defaults_to_a_quick_run(tmp_path, monkeypatch, home):
     assert (seen[0].steps, seen[0].resolution, seen[0].save_every, seen[0].preview_every) == (200, 64, 50, 50)
     assert main([*base, "--steps", "7", "--resolution", "32"]) == 130
     assert (seen[1].steps, seen[1].resolution) == (7, 32)
+
+
+def test_real_scans_prepare_then_train_a_class(testdata, tmp_path, capsys, monkeypatch, home):
+    """The researcher's path on real files: prepare chest X-rays and a DICOM series, then train their class."""
+    pytest.importorskip("diffusers")
+    from medical_diffusion.cli import main
+
+    out = tmp_path / "OUT"
+    inputs = [str(testdata / "cxr" / "00000001_000.png"), str(testdata / "cxr" / "00027426_000.png"),
+              str(testdata / "dicom_series" / "ProstateX-0000_adc")]
+    assert main(["prepare", "images", *inputs, "--label", "scan", "--out", str(out), "--quiet"]) == 0
+    folder = (out / "embedding" / "scan").resolve()
+    assert f"scan: --data {folder}  (3 images)" in capsys.readouterr().out
+    assert (out / "contact_sheet.png").is_file()
+    small = ["--model", "tiny", "--name", "scan", "--vectors", "1", "--steps", "1", "--resolution", "64"]
+    assert main(["train", "--data", str(out), *small, "--out", str(tmp_path / "r0")]) == 1
+    assert f"--data {folder}" in capsys.readouterr().err
+    assert main(["train", "--data", str(out), "--class", "scan", *small, "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert f"training on 3 images from {folder}\n" in printed and (home / "scan.pt").is_file()

@@ -126,7 +126,7 @@ def _common_kwargs(args) -> dict:
 
 def _report(result, source_names: bool = False) -> int:
     print(f"{result.processed} made, {result.skipped} already done, {len(result.failures)} failed")
-    print(f"output: {result.out_dir} (shareable: its manifest.csv holds no case IDs or source paths"
+    print(f"output: {result.out_dir.resolve()} (shareable: its manifest.csv holds no case IDs or source paths"
           + ("; but --source-names put case IDs into the file names" if source_names else "") + ")")
     _print_training_folders(result)
     print(f"provenance: {result.provenance_dir} (case IDs, source paths, failures, resume journal: keep it private)")

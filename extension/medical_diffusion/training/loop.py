@@ -238,7 +238,7 @@ def train(
     tb_logging.check_log_with(config.log_with)
     load = load_bucketed_images if config.bucketing else load_training_images
     data = training_images(config.data_dir, config.data_class)  # never a prepare output's contact sheet
-    log.info("training on %s", data.describe())
+    log.debug("training on %s", data.describe())  # the CLI prints it, the tab shows it
     images = load(data.folder, config.resolution, config.mask)  # before touching the run folder
     val_dir = resolve_val_dir(config.val_data, data.folder)
     val_images = load(val_dir, config.resolution, what="validation") if val_dir is not None else None
