@@ -217,8 +217,10 @@ def test_generate_interpolate_inpaint(family_backend):
     assert np.array_equal(np.asarray(result.image)[:4, :4], np.asarray(image)[:4, :4])  # outside the mask kept
 
 
-def test_cli_train_generate_interpolate_inpaint(tmp_path, data_dir, capsys):
+def test_cli_train_generate_interpolate_inpaint(tmp_path, data_dir, capsys, monkeypatch):
     from medical_diffusion.cli import main
+
+    monkeypatch.setenv("MEDDIFF_EMBEDDINGS_DIR", str(tmp_path / "embeddings_home"))  # where train publishes
 
     run = tmp_path / "run"
     assert main(["train", "--model", "tiny-sdxl", "--data", str(data_dir), "--name", "blob", "--out", str(run),

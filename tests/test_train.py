@@ -19,6 +19,12 @@ from medical_diffusion.training.lr_schedule import LearnRateSchedule
 
 
 
+@pytest.fixture(autouse=True)
+def _embeddings_home(tmp_path, monkeypatch):
+    """`meddiff train` publishes its embedding here, never into ./embeddings of the repository."""
+    monkeypatch.setenv("MEDDIFF_EMBEDDINGS_DIR", str(tmp_path / "embeddings_home"))
+
+
 @pytest.fixture(scope="module")
 def backend(tiny_backend):
     return tiny_backend

@@ -27,6 +27,12 @@ STEP = 16
 SIZES = [(40, 80), (80, 40), (64, 64), (40, 80), (42, 80), (64, 64), (80, 40)]  # (width, height)
 
 
+@pytest.fixture(autouse=True)
+def _embeddings_home(tmp_path, monkeypatch):
+    """`meddiff train` publishes its embedding here, never into ./embeddings of the repository."""
+    monkeypatch.setenv("MEDDIFF_EMBEDDINGS_DIR", str(tmp_path / "embeddings_home"))
+
+
 @pytest.fixture(scope="module")
 def backend(tiny_backend):
     return tiny_backend

@@ -39,6 +39,12 @@ def _images(folder, n, seed, shift=0):
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _embeddings_home(tmp_path, monkeypatch):
+    """`meddiff train` publishes its embedding here, never into ./embeddings of the repository."""
+    monkeypatch.setenv("MEDDIFF_EMBEDDINGS_DIR", str(tmp_path / "embeddings_home"))
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return _images(tmp_path_factory.mktemp("train"), 4, 0)

@@ -126,8 +126,9 @@ def _common_kwargs(args) -> dict:
 
 def _report(result, source_names: bool = False) -> int:
     print(f"{result.processed} made, {result.skipped} already done, {len(result.failures)} failed")
-    print(f"training folders: {result.out_dir} (shareable: its manifest.csv holds no case IDs or source paths"
+    print(f"output: {result.out_dir.resolve()} (shareable: its manifest.csv holds no case IDs or source paths"
           + ("; but --source-names put case IDs into the file names" if source_names else "") + ")")
+    _print_training_folders(result)
     print(f"provenance: {result.provenance_dir} (case IDs, source paths, failures, resume journal: keep it private)")
     if result.failures:
         for f in result.failures[:10]:
@@ -139,6 +140,25 @@ def _report(result, source_names: bool = False) -> int:
     if len(result.warnings) > 10:
         print(f"  ... {len(result.warnings) - 10} more warnings")
     return 0 if not result.failures else 3
+
+
+def _print_training_folders(result) -> None:
+    """Each class's exact ``--data`` folder and a ready ``meddiff train`` line (never OUT itself: it also
+    holds the contact sheet and the classifier sets)."""
+    import shlex
+
+    from medical_diffusion.datasets.layout import EMBEDDING_DIR, embedding_class_folders
+    from medical_diffusion.embeddings.model import name_from_token
+
+    folders = embedding_class_folders(result.out_dir)
+    if not folders:
+        print("no training folders were made")
+        return
+    print("train an embedding per class (--data is the class folder, not the output folder):")
+    for label, folder in folders.items():
+        count = sum(1 for row in result.rows if row.output.startswith(f"{EMBEDDING_DIR}/{label}/"))
+        print(f"  {label}: --data {shlex.quote(str(folder))}  ({count} images)")
+        print(f"    meddiff train --model MODEL --data {shlex.quote(str(folder))} --name {name_from_token(label)}")
 
 
 def _run(fn, options, args) -> int:

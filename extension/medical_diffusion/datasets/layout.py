@@ -94,3 +94,12 @@ def split_names_from(text: str | Sequence[str] | None) -> tuple[str, ...]:
     if isinstance(text, str):
         text = text.split(",")
     return tuple(s.strip() for s in text if s.strip())
+
+
+def embedding_class_folders(out: str | os.PathLike) -> dict[str, Path]:
+    """``{class: OUT/embedding/<class>}`` for each class folder under ``OUT/embedding/``, sorted by class
+    (absolute; empty when there is none)."""
+    base = Path(out).expanduser().resolve() / EMBEDDING_DIR
+    if not base.is_dir():
+        return {}
+    return {p.name: p for p in sorted(base.iterdir()) if p.is_dir() and not p.name.startswith(".")}

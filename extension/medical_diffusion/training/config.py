@@ -35,6 +35,8 @@ class TrainConfig:
     name: str
     data_dir: str
     model: str = "tiny"
+    #: a class of a ``meddiff prepare`` output ``data_dir``: trains on ``data_dir/embedding/<class>``
+    data_class: str | None = None
     prediction_type: str | None = None  # None: as the model says
     # embedding
     n_vectors: int = 64
@@ -101,6 +103,10 @@ class TrainConfig:
             raise MedDiffError(f"latents must be one of {', '.join(LATENT_MODES)}, got {self.latents!r}")
         if self.resolution % 8:
             raise MedDiffError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.data_class is not None and self.data_class.strip():
+            from medical_diffusion.datasets.layout import check_plain_name
+
+            check_plain_name(self.data_class.strip(), "class")
         if self.mask is not None and not self.mask.strip():
             raise MedDiffError("mask: give 'alpha', a folder of masks, or null for none")
         if self.template_file is not None and not self.template_file.strip():

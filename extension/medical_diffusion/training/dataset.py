@@ -22,7 +22,8 @@ from PIL import Image
 from medical_diffusion.allowed_roots import check_allowed
 from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.errors import InputFileError, MedDiffError
-from medical_diffusion.png_io import list_images, load_image
+from medical_diffusion.png_io import load_image
+from medical_diffusion.training.data_folder import image_files
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ def _place(img: Image.Image, placement: Placement, resample: int) -> Image.Image
 def load_images(
     data_dir: str | Path, mask: str | None, placement: Callable[[tuple[int, int]], Placement], what: str = "training"
 ) -> list[TrainImage]:
-    """Load every image in ``data_dir``, each resized as ``placement(its (width, height))`` says.
+    """Load every image in ``data_dir`` (:func:`~.data_folder.image_files`: never a contact sheet), each
+    resized as ``placement(its (width, height))`` says.
 
     Each file is resolved (symlinks followed) and refused when it lands outside the allowed roots;
     all problems are reported together. ``mask``: None, ``"alpha"`` or a folder of masks named like
@@ -104,7 +106,7 @@ def load_images(
     if not str(data_dir).strip():
         raise MedDiffError(f"no {what} images folder given")
     folder = Path(data_dir)
-    paths = list_images(folder)
+    paths = image_files(folder)
     if not paths:
         raise InputFileError(folder, f"no {what} images found (expected .png/.jpg/... files directly inside)")
     mask_dir = None

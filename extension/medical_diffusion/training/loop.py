@@ -31,6 +31,7 @@ from medical_diffusion.errors import Cancelled, MedDiffError
 from medical_diffusion.training import tb_logging
 from medical_diffusion.training.config import TrainConfig
 from medical_diffusion.training.buckets import BucketBatchOrder, BucketedLatentCache, load_bucketed_images
+from medical_diffusion.training.data_folder import training_images
 from medical_diffusion.training.dataset import LatentCache, load_training_images
 from medical_diffusion.training.ema import VectorEma
 from medical_diffusion.training.embedding_init import initial_vectors
@@ -236,8 +237,10 @@ def train(
         resume_config(run.root, config)
     tb_logging.check_log_with(config.log_with)
     load = load_bucketed_images if config.bucketing else load_training_images
-    images = load(config.data_dir, config.resolution, config.mask)  # before touching the run folder
-    val_dir = resolve_val_dir(config.val_data, config.data_dir)
+    data = training_images(config.data_dir, config.data_class)  # never a prepare output's contact sheet
+    log.debug("training on %s", data.describe())  # the CLI prints it, the tab shows it
+    images = load(data.folder, config.resolution, config.mask)  # before touching the run folder
+    val_dir = resolve_val_dir(config.val_data, data.folder)
     val_images = load(val_dir, config.resolution, what="validation") if val_dir is not None else None
     start_step, state = 0, None
     if resume:

@@ -327,7 +327,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 
 #: settings a resumed run keeps from its ``run_config.json`` (changing them would mix two runs)
 RESUME_FIXED = (
-    "name", "data_dir", "model", "n_vectors", "init", "init_text", "init_random_scale", "seed", "resolution",
+    "name", "data_dir", "data_class", "model", "n_vectors", "init", "init_text", "init_random_scale", "seed", "resolution",
     "latents", "hflip", "bucketing", "mask", "mask_weight", "template_file",
     # validation set and its draws, loss weighting and EMA define what the run's numbers mean
     "val_data", "val_timesteps", "min_snr_gamma", "ema_decay",
@@ -345,7 +345,7 @@ def resume_differences(saved: TrainConfig, requested: dict[str, Any]) -> list[st
     ``data_dir`` means "the run's own"."""
     out = []
     for key in RESUME_FIXED:
-        if key not in requested or (key == "data_dir" and not requested[key]):
+        if key not in requested or (key in ("data_dir", "data_class") and not requested[key]):
             continue
         old, new = getattr(saved, key), requested[key]
         if not _same(key, old, new):

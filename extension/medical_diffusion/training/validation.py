@@ -27,6 +27,7 @@ from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.training.config import VAL_AUTO
 from medical_diffusion.training.buckets import BucketedLatentCache
+from medical_diffusion.training.data_folder import image_files, resolve_data_folder
 from medical_diffusion.training.dataset import LatentCache, TrainImage
 from medical_diffusion.training.prompts import PromptSource
 from medical_diffusion.training.seeds import mix
@@ -43,7 +44,7 @@ def resolve_val_dir(val_data: str | None, data_dir: str | Path) -> Path | None:
         return None
     train_dir = Path(data_dir).expanduser().resolve()
     if val_data.strip().lower() != VAL_AUTO:
-        folder = Path(val_data).expanduser().resolve()
+        folder = resolve_data_folder(val_data, what="validation", flag="--val-data")
     else:
         from medical_diffusion.datasets.layout import CLASSIFIER_DIR, EMBEDDING_DIR
 
@@ -66,9 +67,7 @@ def resolve_val_dir(val_data: str | None, data_dir: str | Path) -> Path | None:
         raise MedDiffError(f"val data {folder}: the validation images must not be the training images")
     if not folder.is_dir():
         raise InputFileError(folder, "validation images folder not found")
-    from medical_diffusion.png_io import list_images
-
-    if not list_images(folder):
+    if not image_files(folder):
         raise InputFileError(folder, "no validation images found (expected .png/.jpg/... files directly inside)")
     return folder
 

@@ -14,6 +14,7 @@ import torch
 from medical_diffusion.allowed_roots import resolve_user_path
 from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.devices import Runtime, resolve_device
+from medical_diffusion.ui.training_runner import TrainingRunner
 
 
 @dataclass
@@ -62,7 +63,7 @@ class UIContext:
     #: called with each training step's event (the webui: its progress bar and status text)
     on_training_step: Callable[[object], None] = lambda event: None
     _backend: ModelBackend | None = field(default=None, init=False, repr=False)
-    _trainer: object = field(default=None, init=False, repr=False)
+    _trainer: TrainingRunner | None = field(default=None, init=False, repr=False)
     _backend_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -100,10 +101,8 @@ class UIContext:
         return self.backend().text_width
 
     @property
-    def trainer(self):
+    def trainer(self) -> TrainingRunner:
         """The one :class:`~medical_diffusion.ui.training_runner.TrainingRunner` of this host."""
-        from medical_diffusion.ui.training_runner import TrainingRunner
-
         with self._backend_lock:
             if self._trainer is None:
                 self._trainer = TrainingRunner(self)

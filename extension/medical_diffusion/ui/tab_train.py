@@ -22,27 +22,47 @@ def quality_options(val_data, val_every, min_snr_gamma, ema_decay, log_with) -> 
     )
 
 
+def size_defaults(ctx: UIContext) -> dict[str, int]:
+    """Steps, resolution and the checkpoint/preview/validation intervals the tab offers for the host's model,
+    told from its name without loading it: a quick run for a tiny demo model, else the paper's (the steps
+    as the host's settings say)."""
+    from medical_diffusion.backend.families import is_tiny_model
+    from medical_diffusion.training.defaults import size_defaults as for_model
+
+    sizes = for_model(ctx.model_id)
+    if not is_tiny_model(ctx.model_id):
+        sizes["steps"] = int(ctx.defaults.get("steps", sizes["steps"]))
+    return sizes
+
+
 def build(ctx: UIContext) -> None:
     from medical_diffusion.training.config import TrainConfig
 
+    sizes = size_defaults(ctx)
     with gr.Row():
         name = gr.Textbox(label="Embedding name (lowercase; the prompt is this name alone)",
                           elem_id="md_train_name")
-        data_dir = gr.Textbox(label="Training images folder", elem_id="md_train_data")
+        data_dir = gr.Textbox(label="Training images folder (or a `meddiff prepare` output with a class)",
+                              elem_id="md_train_data")
+        data_class = gr.Textbox(label="Class (of a prepare output: trains on OUT/embedding/CLASS)",
+                                elem_id="md_train_class")
         run_dir = gr.Textbox(label="Run folder (default: WORK/runs/NAME)", elem_id="md_train_run")
     with gr.Row():
         vectors = gr.Slider(1, 75, value=int(ctx.defaults.get("vectors", 64)), step=1, label="Vectors (paper: 64)", elem_id="md_train_vectors")
         init_text = gr.Textbox(value="*", label="Initialisation text (empty: zeros)")
         lr = gr.Textbox(value=str(ctx.defaults.get("learning_rate", "0.005")), label="Learning rate or A1111 schedule (paper: 0.005)")
     with gr.Row():
-        steps = gr.Number(value=int(ctx.defaults.get("steps", 50000)), precision=0, label="Steps (paper: 50,000)", elem_id="md_train_steps")
+        steps = gr.Number(value=sizes["steps"], precision=0, label="Steps (paper: 50,000)",
+                          elem_id="md_train_steps")
         batch = gr.Number(value=1, precision=0, label="Batch size")
         accum = gr.Number(value=1, precision=0, label="Gradient accumulation")
         seed = gr.Number(value=0, precision=0, label="Seed")
     with gr.Row():
-        resolution = gr.Number(value=512, precision=0, label="Resolution (px)", elem_id="md_train_resolution")
-        save_every = gr.Number(value=500, precision=0, label="Checkpoint every N steps")
-        preview_every = gr.Number(value=500, precision=0, label="Preview every N steps (0: off)",
+        resolution = gr.Number(value=sizes["resolution"], precision=0,
+                               label="Resolution (px; paper: 512)",
+                               elem_id="md_train_resolution")
+        save_every = gr.Number(value=sizes["save_every"], precision=0, label="Checkpoint every N steps")
+        preview_every = gr.Number(value=sizes["preview_every"], precision=0, label="Preview every N steps (0: off)",
                                   elem_id="md_train_preview_every")
         preview_steps = gr.Number(value=20, precision=0, label="Preview sampling steps",
                                   elem_id="md_train_preview_steps")
@@ -60,8 +80,8 @@ def build(ctx: UIContext) -> None:
         with gr.Row():
             val_data = gr.Textbox(label="Validation images folder (empty: none; 'auto': the prepared val split)",
                                   elem_id="md_train_val_data")
-            val_every = gr.Number(value=500, precision=0, label="Validate every N steps (0: start and end)",
-                                  elem_id="md_train_val_every")
+            val_every = gr.Number(value=sizes["val_every"], precision=0,
+                                  label="Validate every N steps (0: start and end)", elem_id="md_train_val_every")
         with gr.Row():
             min_snr = gr.Number(value=0, label="Min-SNR-gamma loss weighting (0: off; e.g. 5)",
                                 elem_id="md_train_min_snr")
@@ -69,6 +89,11 @@ def build(ctx: UIContext) -> None:
                                   elem_id="md_train_ema")
             log_with = gr.Radio(["none", "tensorboard"], value="none", label="Also log with",
                                 elem_id="md_train_log_with")
+    with gr.Row():
+        replace = gr.Checkbox(False, label="Replace a different embedding of the same name",
+                              info=f"The finished embedding is published into {ctx.embeddings_dir}, where the "
+                                   "other tabs find it; a different one of that name there is kept unless ticked.",
+                              elem_id="md_train_replace")
     with gr.Row():
         start_btn = gr.Button("Train", variant="primary", elem_id="md_train_start")
         stop_btn = gr.Button("Stop (saves a checkpoint)", elem_id="md_train_stop")
@@ -82,9 +107,10 @@ def build(ctx: UIContext) -> None:
         preview = gr.Image(label="Latest preview", type="filepath", interactive=False, elem_id="md_train_preview")
 
     def config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc=False,
-                    vd=None, ve=500, snr=0, ema=0, lw="none", bk=False):
+                    vd=None, ve=500, snr=0, ema=0, lw="none", bk=False, dc=""):
         return TrainConfig(
-            name=(n or "").strip(), data_dir=(d or "").strip(), model=ctx.model_id or "webui",
+            name=(n or "").strip(), data_dir=(d or "").strip(), data_class=(dc or "").strip() or None,
+            model=ctx.model_id or "webui",
             n_vectors=int(v), init="text" if (it or "").strip() else "zeros", init_text=(it or "*").strip() or "*",
             learning_rate=str(lr_).strip(), steps=int(st), batch_size=int(b), grad_accumulation=int(acc),
             seed=int(sd), resolution=int(res), save_every=int(se), preview_every=int(pe),
@@ -99,27 +125,32 @@ def build(ctx: UIContext) -> None:
         rows = [(s, v, "training") for s, v in points] + [(s, v, "validation") for s, v in val_points]
         return pd.DataFrame(rows or [(0, float("nan"), "training")], columns=["step", "loss", "series"])
 
+    def status_text(state) -> str:
+        """The run's message, and what it trains on under it."""
+        return state.message + (f"  \nTraining on {state.data}." if state.data else "")
+
     @shows_errors
     def start(n, d, r, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, res_flag, vd, ve, snr, ema, lw,
-              bk=False):
+              bk=False, dc="", replace_published=False):
         if not (d or "").strip() and not res_flag:
             raise ValueError("give the training images folder")
         config = config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, vd, ve, snr, ema, lw,
-                             bk)
+                             bk, dc)
         runner = ctx.trainer
-        state = runner.start(config, (r or "").strip() or None, resume=bool(res_flag))
+        state = runner.start(config, (r or "").strip() or None, resume=bool(res_flag),
+                             replace_published=bool(replace_published))
         shown = (-1, None)
         while True:
             snapshot = (len(state.losses), state.message)
             if snapshot != shown:
                 shown = snapshot
-                yield state.message, frame(list(state.losses), list(state.val_losses)), state.preview
+                yield status_text(state), frame(list(state.losses), list(state.val_losses)), state.preview
             if not state.running:
                 break
             time.sleep(0.5)
         if state.error:
             raise ValueError(state.error)
-        yield state.message, frame(list(state.losses), list(state.val_losses)), state.preview
+        yield status_text(state), frame(list(state.losses), list(state.val_losses)), state.preview
 
     def stop():
         if not ctx.trainer.running:
@@ -128,6 +159,6 @@ def build(ctx: UIContext) -> None:
 
     start_btn.click(start, [name, data_dir, run_dir, vectors, init_text, lr, steps, batch, accum, seed, resolution,
                             save_every, preview_every, preview_steps, latents, hflip, gckpt, resume,
-                            val_data, val_every, min_snr, ema_decay, log_with, bucketing],
+                            val_data, val_every, min_snr, ema_decay, log_with, bucketing, data_class, replace],
                     [status, loss_plot, preview])
     stop_btn.click(stop, None, [status], queue=False)

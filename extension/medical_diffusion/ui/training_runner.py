@@ -1,16 +1,40 @@
-"""One training run at a time in a background thread, shared by the Train tab and the API."""
+"""One training run at a time in a background thread, shared by the Train tab and the API.
+
+It needs only the few host services of :class:`TrainingHost` (which
+:class:`~medical_diffusion.ui.context.UIContext` provides), so it imports nothing from the UI: the
+context holds the one runner of its host (``ctx.trainer``), not the other way round.
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager, Protocol
 
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.training.progress import format_duration
-from medical_diffusion.ui.context import UIContext
+
+#: how the tab and the API replace a different embedding of the same name, in refusals
+REPLACE_HINT = ("use another name, or tick 'Replace a different embedding of the same name' in the Train tab "
+                "(or remove that file)")
+
+
+class TrainingHost(Protocol):
+    """What a run needs from its host (:class:`~medical_diffusion.ui.context.UIContext`)."""
+
+    work_dir: Path
+    embeddings_dir: Path
+    training_session: Callable[[str, int], ContextManager[Callable[[], bool]]]
+    on_training_step: Callable[[object], None]
+    on_embedding_saved: Callable[[Path], None]
+
+    def path(self, value: str | os.PathLike, *, must_exist: bool = False, kind: str = "path",
+             label: str = "path") -> Path: ...
+
+    def model_work(self) -> ContextManager: ...
 
 
 @dataclass
@@ -36,6 +60,8 @@ class RunState:
     best: str | None = None  # best.pt in the run folder, once finished
     ema: str | None = None  # <name>-ema.pt in the run folder, once finished
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    #: what it trains on: ``100 images from /abs/OUT/embedding/neg``
+    data: str = ""
     message: str = ""
     error: str | None = None
     embedding: str | None = None  # the saved embedding, once finished
@@ -52,9 +78,9 @@ class RunState:
 
 
 class TrainingRunner:
-    """Start, stop and watch a training run; the final embedding lands in ``ctx.embeddings_dir``."""
+    """Start, stop and watch a training run; the final embedding is published into ``ctx.embeddings_dir``."""
 
-    def __init__(self, ctx: UIContext):
+    def __init__(self, ctx: TrainingHost):
         self.ctx = ctx
         self.state = RunState()
         self._lock = threading.Lock()
@@ -65,29 +91,51 @@ class TrainingRunner:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, config, run_dir: str | Path | None = None, resume: bool = False) -> RunState:
+    def start(self, config, run_dir: str | Path | None = None, resume: bool = False,
+              replace_published: bool = False) -> RunState:
         """Validate ``config`` (a :class:`TrainConfig` or a dict of its fields) and start it; raise if a
         run is going. Every path goes through the allowed-roots resolver; ``resume`` keeps the run's
-        own name, vectors, data ... (:func:`~medical_diffusion.training.run_folder.resume_config`)."""
-        config, folder = self.prepare(config, run_dir, resume)
+        own name, vectors, data ... (:func:`~medical_diffusion.training.run_folder.resume_config`).
+        ``replace_published``: the final embedding may replace a different one of its name in
+        ``ctx.embeddings_dir`` (otherwise that is refused, before training)."""
+        from medical_diffusion.training.data_folder import training_images
+
+        config, folder = self.prepare(config, run_dir, resume, replace_published)
+        data = training_images(config.data_dir).describe()
         with self._lock:
             if self.running:
                 raise MedDiffError(f"a training run ({self.state.name}) is already going; stop it first")
             self._stop.clear()
             self.state = RunState(name=config.name, run_dir=str(folder), running=True, total=config.steps,
-                                  message=f"starting {config.name} in {folder}", started_at=time.time())
-            self._thread = threading.Thread(target=self._work, args=(config, folder, resume),
+                                  data=data, message=f"starting {config.name} in {folder}: training on {data}",
+                                  started_at=time.time())
+            self._thread = threading.Thread(target=self._work, args=(config, folder, resume, replace_published),
                                             name=f"meddiff-train-{config.name}", daemon=True)
             self._thread.start()
         return self.state
 
-    def prepare(self, config, run_dir: str | Path | None = None, resume: bool = False):
-        """``(config, run folder)`` of a run about to start, checked; raises :class:`MedDiffError`."""
+    def _training_folder(self, data_dir, data_class) -> Path:
+        """The folder of training images ``data_dir`` (a class of a prepare output) means, inside the roots."""
+        from medical_diffusion.training.data_folder import resolve_data_folder
+
+        ctx = self.ctx
+        root = ctx.path(data_dir, must_exist=True, kind="folder", label="training images folder")
+        return ctx.path(resolve_data_folder(root, data_class), must_exist=True, kind="folder",
+                        label="training images folder")
+
+    def prepare(self, config, run_dir: str | Path | None = None, resume: bool = False,
+                replace_published: bool = False):
+        """``(config, run folder)`` of a run about to start, checked; raises :class:`MedDiffError`.
+        The config names the folder of training images itself (a prepare output's class resolved)."""
         from medical_diffusion.training.config import CONFIG_FILE, TrainConfig
+        from medical_diffusion.training.publish import check_publishable
         from medical_diffusion.training.run_folder import resume_config
 
         ctx = self.ctx
         requested = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+        if resume and isinstance(requested.get("data_dir"), str) and requested["data_dir"].strip():
+            requested["data_dir"] = str(self._training_folder(requested["data_dir"], requested.get("data_class")))
+            requested["data_class"] = None
         if run_dir is not None and not isinstance(run_dir, (str, Path)):
             raise MedDiffError(f"run folder must be a path, got {type(run_dir).__name__}")
         if run_dir is not None and str(run_dir).strip():
@@ -107,16 +155,18 @@ class TrainingRunner:
         from medical_diffusion.training.tb_logging import check_log_with
 
         check_log_with(config.log_with)
-        config.data_dir = str(ctx.path(config.data_dir, must_exist=True, kind="folder",
-                                       label="training images folder"))
+        config.data_dir, config.data_class = str(self._training_folder(config.data_dir, config.data_class)), None
         if config.mask not in (None, "alpha"):
             config.mask = str(ctx.path(config.mask, must_exist=True, kind="folder", label="mask folder"))
         if config.val_data is not None and config.val_data.strip().lower() != "auto":
-            config.val_data = str(ctx.path(config.val_data, must_exist=True, kind="folder",
-                                           label="validation images folder"))
+            from medical_diffusion.training.data_folder import resolve_data_folder
+
+            val = ctx.path(config.val_data, must_exist=True, kind="folder", label="validation images folder")
+            config.val_data = str(resolve_data_folder(val, what="validation", flag="validation folder"))
         if config.template_file is not None:
             config.template_file = str(ctx.path(config.template_file, must_exist=True, kind="file",
                                                 label="template file"))
+        check_publishable(ctx.embeddings_dir, config.name, folder, force=replace_published, hint=REPLACE_HINT)
         return config, folder
 
     def stop(self) -> RunState:
@@ -151,10 +201,9 @@ class TrainingRunner:
                      f"{speed}{eta}")
         self.ctx.on_training_step(event)
 
-    def _work(self, config, folder: Path, resume: bool) -> None:
-        from medical_diffusion.embeddings import load_embedding, save_embedding
-        from medical_diffusion.embeddings.vector_blocks import embedding_format, embedding_suffix
+    def _work(self, config, folder: Path, resume: bool, replace_published: bool = False) -> None:
         from medical_diffusion.training.loop import train
+        from medical_diffusion.training.publish import publish_embedding
 
         ctx, s = self.ctx, self.state
         try:
@@ -163,10 +212,10 @@ class TrainingRunner:
                     s.device = _describe_backend(backend)
                     result = train(config, backend, folder, resume=resume, progress=self._on_event,
                                    stop=lambda: self._stop.is_set() or host_stop())
-                    widths = backend.text_widths
-            final = load_embedding(result.embedding_path, expected_widths=widths)
-            target = ctx.path(ctx.embeddings_dir / f"{config.name}{embedding_suffix(widths)}")  # SDXL: clip_l + clip_g
-            target = save_embedding(final, target, fmt=embedding_format(widths), force=True)
+            # the run's file in its family's format (SDXL: clip_l + clip_g .safetensors), copied as it is
+            ctx.path(ctx.embeddings_dir / result.embedding_path.name)  # the home is inside the allowed roots
+            target = publish_embedding(result.embedding_path, ctx.embeddings_dir, config.name, result.run_dir,
+                                       force=replace_published, hint=REPLACE_HINT)
             ctx.on_embedding_saved(target)
             s.embedding, s.interrupted = str(target), result.interrupted
             loss = f" (loss {result.last_loss:.4f})" if result.last_loss is not None else ""
