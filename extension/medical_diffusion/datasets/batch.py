@@ -276,13 +276,12 @@ def run_batch(
         sha, info = finished[key]
         for text in info.get("warnings", []):
             result.warnings.append(ItemFailure(key, payloads[key][0], text))
-        result.rows.append(ManifestRow(
-            output=item.outputs[0], split=item.split, label=item.candidate.label, case_id=key,
-            source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha))
-        for extra in item.outputs[1:]:
+        geometry = {k: str(v) for k, v in info.get("geometry", {}).items()}
+        for output in item.outputs:
             result.rows.append(ManifestRow(
-                output=extra, split=item.split, label=item.candidate.label, case_id=key,
-                source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha))
+                output=output, split=item.split, label=item.candidate.label, case_id=key,
+                source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha,
+                **geometry))
     write_manifest(result.provenance_manifest_path, result.rows)
     write_manifest(result.manifest_path, result.rows, SHARED_COLUMNS)
     lines = ["key,source,error"] + [

@@ -21,7 +21,8 @@ from PIL import Image
 from medical_diffusion.datasets import volume_ops as vo
 from medical_diffusion.datasets.batch import (BatchOptions, BatchResult, ItemFailure, ProgressCallback,
                                             options_to_json, run_batch)
-from medical_diffusion.datasets.image_fit import FITS, crop_to_nonzero, fit_square
+from medical_diffusion.datasets.image_fit import FITS, crop_to_nonzero
+from medical_diffusion.datasets.slice_geometry import square
 from medical_diffusion.datasets.layout import plan_outputs, slug
 from medical_diffusion.datasets.picai import choose_slice
 from medical_diffusion.datasets.splits import Candidate, select_items
@@ -124,6 +125,21 @@ class DicomFrame:
     window: tuple[float, float] | None
     position: float | None
     instance: int
+    spacing: tuple[float, float] | None = None  # mm per pixel (x = column, y = row)
+
+
+def dicom_pixel_spacing(ds) -> tuple[float, float] | None:
+    """(x, y) mm per pixel from PixelSpacing (row, column), else ImagerPixelSpacing; None without either."""
+    for key in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(key)
+        if value is not None and len(value) == 2:
+            try:
+                row_sp, col_sp = (float(v) for v in value)
+            except (TypeError, ValueError):
+                continue
+            if row_sp > 0 and col_sp > 0:
+                return col_sp, row_sp
+    return None
 
 
 def _first(value) -> float | None:
@@ -179,7 +195,7 @@ def read_dicom(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) ->
         position = float(np.dot(normal, np.array(ipp, float)))
     return DicomFrame(pixels, float(slope), float(intercept), mono1,
                       (c, w) if c is not None and w is not None and w >= 1 else None,
-                      position, int(ds.get("InstanceNumber", 0) or 0))
+                      position, int(ds.get("InstanceNumber", 0) or 0), dicom_pixel_spacing(ds))
 
 
 def sort_series(frames: list[DicomFrame]) -> list[DicomFrame]:
@@ -246,11 +262,11 @@ def dicom_to_uint8(files: list[str], window: str, slice_index: int | None, max_v
     else:
         stored = frames[0].pixels
         if stored.ndim == 3 and stored.shape[-1] == 3:  # colour DICOM: already display RGB
-            return stored.astype(np.uint8), {"slice": ""}
+            return stored.astype(np.uint8), {"slice": "", "spacing": frames[0].spacing}
         values = stored.astype(np.float64) * frames[0].slope + frames[0].intercept
     first = frames[0]
     values = _finite(values, files[0] if len(files) == 1 else os.path.dirname(files[0]), nonfinite)
-    info: dict = {"slice": ""}
+    info: dict = {"slice": "", "spacing": first.spacing}
     if warnings:
         info["warnings"] = warnings
     if values.ndim == 3:
@@ -288,7 +304,8 @@ def volume_to_uint8(path: str, window: str, slice_index: int | None, mask: str |
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputFileError(path, "vector/colour volumes are not supported")
     if img.GetDimension() == 2:
-        return to_uint8(sitk.GetArrayFromImage(img).astype(np.float64), window), {"slice": ""}
+        return (to_uint8(sitk.GetArrayFromImage(img).astype(np.float64), window),
+                {"slice": "", "spacing": tuple(float(v) for v in img.GetSpacing()[:2])})
     if img.GetDimension() != 3:
         raise InputFileError(path, f"{img.GetDimension()}D images are not supported (3D volumes only)")
     oriented = sitk.DICOMOrient(img, "LPS")
@@ -305,7 +322,8 @@ def volume_to_uint8(path: str, window: str, slice_index: int | None, mask: str |
         z = values.shape[0] // 2 if slice_index is None else slice_index
     if not 0 <= z < values.shape[0]:
         raise InputFileError(path, f"slice {z} out of range (0..{values.shape[0] - 1})")
-    return to_uint8(values[z], window, reference=values), {"slice": z}
+    return (to_uint8(values[z], window, reference=values),
+            {"slice": z, "spacing": tuple(float(v) for v in oriented.GetSpacing()[:2])})
 
 
 def picture_to_uint8(path: str, window: str, color: str, nonfinite: float | None = None) -> tuple[np.ndarray, dict]:
@@ -354,7 +372,9 @@ def process_item(job: ImportJob) -> tuple[np.ndarray, dict]:
         img = np.asarray(Image.fromarray(img).convert("L"))
     if job.crop_nonzero:
         img = crop_to_nonzero(img)
-    return fit_square(img, job.size, job.fit), info
+    geometry = square((img.shape[1], img.shape[0]), job.size, info.pop("spacing", None), job.fit)
+    info["geometry"] = geometry.record()
+    return geometry.apply(img), info
 
 
 # --- discovery --------------------------------------------------------------------------------------------
