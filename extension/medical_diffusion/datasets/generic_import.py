@@ -26,12 +26,11 @@ from medical_diffusion.datasets.slice_geometry import square
 from medical_diffusion.datasets.layout import plan_outputs, slug
 from medical_diffusion.datasets.picai import choose_slice
 from medical_diffusion.datasets.splits import Candidate, select_items
-from medical_diffusion.datasets.file_kinds import DICOM_SUFFIXES, is_dicom  # noqa: F401 (re-exported)
+from medical_diffusion.datasets.file_kinds import DICOM_SUFFIXES, VOLUME_SUFFIXES, is_dicom  # noqa: F401 (re-exported)
 from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS, too_many_voxels
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.png_io import IMAGE_SUFFIXES
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 WINDOWS = ("auto", "minmax", "percentile")  # or "CENTER,WIDTH"
 MASK_RULES = ("max", "median")
 
