@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -80,9 +81,32 @@ def _picture(path: Path) -> tuple[np.ndarray, dict]:
     return picture_to_uint8(str(path), "auto", "auto")
 
 
-def read_image_input(path: str | os.PathLike, slice_index: int | None = None) -> ImageInput:
-    """Read ``path`` (see the module docstring); ``slice_index`` picks a slice of a volume or series
-    (None: the middle one). A clear :class:`InputFileError` names the file for anything unreadable."""
+def _read_series_files(paths: list[Path], slice_index: int | None) -> ImageInput:
+    from medical_diffusion.datasets.generic_import import dicom_to_uint8
+
+    if not paths:
+        raise InputFileError("(no file)", "choose an image file or the DICOM files of one series")
+    for p in paths:
+        if not p.is_file() or not is_dicom(p):
+            raise InputFileError(p, "several files are read as one DICOM series: this one is not a DICOM file")
+    pixels, info = dicom_to_uint8([str(p) for p in paths], "auto", slice_index)
+    image = Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
+    spacing = info.get("spacing")
+    taken = info.get("slice", "")
+    return ImageInput(paths[0].parent, image, tuple(spacing) if spacing else None,
+                      None if taken == "" else int(taken), "series")
+
+
+def read_image_input(path: str | os.PathLike | Sequence[str | os.PathLike],
+                     slice_index: int | None = None) -> ImageInput:
+    """Read ``path`` (see the module docstring; several paths: the DICOM files of one series, as an upload
+    gives them); ``slice_index`` picks a slice of a volume or series (None: the middle one). A clear
+    :class:`InputFileError` names the file for anything unreadable."""
+    if not isinstance(path, (str, os.PathLike)):
+        paths = [Path(p) for p in path]
+        if len(paths) != 1:
+            return _read_series_files(paths, slice_index)
+        path = paths[0]
     path = Path(path)
     if path.is_dir():
         from medical_diffusion.datasets.generic_import import dicom_to_uint8
