@@ -256,4 +256,4 @@ def build(ctx: UIContext) -> dict:
         return gr.Dropdown.update(choices=embedding_names(ctx))
 
     return {"take_image": take_image, "on_show": (refresh_names, [emb]), "on_upload": on_upload,
-            "on_load": on_load, "render": render}
+            "on_load": on_load, "on_add": on_add, "render": render}
