@@ -94,6 +94,18 @@ def test_old_manifests_still_read_and_say_when_spacing_is_missing(tmp_path):
         manifest_spacing(old, "y.png")
 
 
+def test_mask_json_saved_before_the_fit_was_recorded_renders_as_it_was_drawn():
+    from medical_diffusion.generation.masks import MaskShape, MaskSpec, render_mask
+
+    old = {"shapes": [{"center": [40, 60], "radii": [10, 10], "angle": 0}], "unit": "px", "source_size": [84, 128],
+           "spacing": None, "target_size": [512, 512], "feather": 0.0, "invert": False}
+    spec = MaskSpec.from_dict(old)
+    assert spec.fit == "stretch"
+    stretched = MaskSpec([MaskShape.circle(40, 60, 10)], source_size=(84, 128), fit="stretch")
+    assert np.array_equal(render_mask(spec).mask, render_mask(stretched).mask)
+    assert MaskSpec.from_dict(json.loads(MaskSpec([MaskShape.circle(1, 1, 1)]).to_json())).fit == "pad"
+
+
 def test_geometry_maps_both_ways_and_matches_prepare():
     geo = SliceGeometry((84, 128), (512, 512), (2.0, 2.0))
     assert geo.pad == (88, 0) and geo.mm_per_px == pytest.approx((0.5, 0.5))

@@ -92,7 +92,7 @@ class SliceGeometry:
         """What a prepare manifest keeps about an output: mm per pixel (when known) and padding."""
         mm = self.mm_per_px
         left, top = self.pad
-        return {"mm_per_px_x": round(mm[0], 6) if mm else "", "mm_per_px_y": round(mm[1], 6) if mm else "",
+        return {"mm_per_px_x": round(mm[0], 10) if mm else "", "mm_per_px_y": round(mm[1], 10) if mm else "",
                 "pad_left": left, "pad_top": top}
 
 
