@@ -83,6 +83,17 @@ def test_mask_measured_on_a_prepared_image_from_its_manifest(prepared_adc, tmp_p
         assert json.loads(target.with_suffix(".json").read_text())["spec"]["spacing"] == pytest.approx([0.5, 0.5])
 
 
+def test_mask_on_a_generated_image_takes_the_spacing_of_the_prepared_set(prepared_adc, tmp_path):
+    _series, out, _result = prepared_adc
+    generated = tmp_path / "generated" / "0001.png"
+    generated.parent.mkdir()
+    Image.new("RGB", (512, 512), (90, 90, 90)).save(generated)
+    assert main(["mask", "--unit", "mm", "--image", str(generated), "--spacing-from", str(out / "manifest.csv"),
+                 "--circle", "128", "128", "5", "--out", str(tmp_path / "g")]) == 0
+    dx, dy, _, _ = _diameters_px(np.asarray(Image.open(tmp_path / "g.png")))
+    assert dx * 0.5 == pytest.approx(10, rel=0.03) and dy * 0.5 == pytest.approx(10, rel=0.03)
+
+
 def test_old_manifests_still_read_and_say_when_spacing_is_missing(tmp_path):
     old = tmp_path / "manifest.csv"
     old.write_text("output,split,label,slice,sha256\nembedding/x/x_0001.png,,x,4,abc\n")

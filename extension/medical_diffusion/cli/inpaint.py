@@ -33,11 +33,11 @@ def _spacing_from(args, image):
         from medical_diffusion.datasets.prepared_spacing import manifest_spacing
 
         entry = args.entry
-        if entry is None and image is not None:
+        if entry is None and image is not None:  # the --image's row when it is one of the manifest's outputs
             try:
                 entry = image.path.resolve().relative_to(path.resolve().parent).as_posix()
             except ValueError:
-                entry = image.path.name
+                entry = None  # e.g. a generated image: the spacing the prepared images share
         return manifest_spacing(path, entry), image.size if image is not None else None
     source = read_image_input(path)
     if source.spacing is None:
