@@ -221,7 +221,8 @@ def test_cli_slice_choice_and_the_manifest(testdata, tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "o" / "embedding" / "images").iterdir())
     assert names == ["images_0001_s005.png", "images_0001_s009.png"]  # slice 9 was not replaced by slice 5
     with open(tmp_path / "o" / "manifest.csv", newline="") as fh:
-        assert [r["slice"] for r in csv.DictReader(fh)] == ["5"]
+        rows = {r["output"]: r for r in csv.DictReader(fh)}
+    assert rows["embedding/images/images_0001_s005.png"]["slice"] == "5"
     assert main(["prepare", "images", series, "--out", str(tmp_path / "o"), "--slice", "4-x"]) == 1
     assert "bad slice choice" in capsys.readouterr().err
 

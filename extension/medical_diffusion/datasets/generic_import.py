@@ -389,6 +389,11 @@ class ImportJob:
     max_voxels: int = DEFAULT_MAX_VOXELS
     nonfinite: float | None = None
 
+    @property
+    def slice_choice(self) -> str:
+        """How a volume's slice is chosen: "mask", "middle" or "index"."""
+        return "mask" if self.mask else ("middle" if self.slice_index is None else "index")
+
 
 def process_item(job: ImportJob) -> tuple[np.ndarray, dict]:
     """One input item -> ``size x size`` uint8 image."""
@@ -406,7 +411,7 @@ def process_item(job: ImportJob) -> tuple[np.ndarray, dict]:
     geometry = square((img.shape[1], img.shape[0]), job.size, info.pop("spacing", None), job.fit)
     info["geometry"] = geometry.record()
     if info.get("slice", "") != "":  # how the slice was chosen: a re-run choosing otherwise must not replace it
-        info["slice_choice"] = "mask" if job.mask else ("middle" if job.slice_index is None else "index")
+        info["slice_choice"] = job.slice_choice
     return geometry.apply(img), info
 
 
@@ -458,7 +463,7 @@ def _check_slice_choices(planned: list, jobs: dict, out: str, provenance: str | 
         if rec is None or rec.get("outputs") != item.outputs or job.kind == "picture":
             continue
         before = (rec.get("info") or {}).get("slice_choice")
-        now = "mask" if job.mask else "middle" if job.slice_index is None else "index"
+        now = job.slice_choice
         existing = Path(out) / item.outputs[0]
         if before and before != now and existing.is_file():
             raise MedDiffError(f"{existing}: made by an earlier run from slice {rec['info'].get('slice')} "
