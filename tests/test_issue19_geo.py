@@ -298,6 +298,15 @@ def test_tab_overlay_and_inpaint_input_use_the_prepare_geometry(testdata, tmp_pa
     assert dx * 0.5 == pytest.approx(10, rel=0.03) and dy * 0.5 == pytest.approx(10, rel=0.03)
     # a click on the overlay's centre of the circle gives back its centre in mm
     assert click_to_source(257.5, 257.5, (84, 128), "mm", (2.0, 2.0)) == pytest.approx((84, 128))
+    # inpainting here gets the slice as prepare makes it; the webui's img2img gets it on its own grid
+    fitted, fitted_mask = parts["fitted_image_and_mask"](img, src, [], unit, spx, spy, 84, 128, 5, 5, 0, 0, False)
+    assert fitted.size == fitted_mask.size == (512, 512) and np.array_equal(np.asarray(fitted_mask), res.mask)
+    assert not np.asarray(fitted)[:, :88].any() and np.asarray(fitted)[:, 88:424].any()
+    native, native_mask = parts["image_and_mask"](img, src, [], unit, spx, spy, 84, 128, 10, 10, 0, 0, False)
+    assert native is img and native_mask.size == (84, 128)
+    dx, dy, cx, cy = _diameters_px(np.asarray(native_mask))
+    assert dx * 2 == pytest.approx(20, rel=0.1) and dy * 2 == pytest.approx(20, rel=0.1)  # 10 px of 2 mm
+    assert (cx, cy) == pytest.approx((42, 64), abs=0.5)
     picture = read_image_input(testdata.joinpath(*ADC)).fitted()
     prepared = prepare_images(ImportOptions(inputs=(str(testdata.joinpath(*ADC)),), out=str(tmp_path / "p")))
     np.testing.assert_array_equal(np.asarray(picture.convert("L")),

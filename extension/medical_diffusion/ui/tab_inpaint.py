@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gradio as gr
 import numpy as np
 from PIL import Image
@@ -143,12 +145,20 @@ def build(ctx: UIContext) -> dict:
         return overlay_preview(img, res, spec), "\n\n".join(lines), res, spec
 
     def image_and_mask(img, src, extra, *geo):
-        """The picture fitted onto the mask's grid as ``prepare`` fits it, and the mask (white = repaint)."""
+        """The picture and its mask drawn on the picture's own grid (white = repaint), for the webui's
+        img2img, which resizes them its own way."""
+        if img is None:
+            raise ValueError("load or upload an image first")
+        spec = spec_of(src, extra, *geo)
+        return img, Image.fromarray(render_mask(replace(spec, target_size=spec.source_size)).mask)
+
+    def fitted_image_and_mask(img, src, extra, *geo):
+        """The picture fitted onto the 512-px mask grid as ``prepare`` fits a slice (aspect kept, zero
+        padding), and the mask: what the model was trained on."""
         if img is None:
             raise ValueError("load or upload an image first")
         _picture, _text, res, spec = render(img, src, extra, *geo)
-        fitted = Image.fromarray(spec.geometry().apply(np.asarray(img.convert("RGB"))))
-        return fitted, Image.fromarray(res.mask)
+        return Image.fromarray(spec.geometry().apply(np.asarray(img.convert("RGB")))), Image.fromarray(res.mask)
 
     @shows_errors
     def on_upload(img):
@@ -209,7 +219,7 @@ def build(ctx: UIContext) -> dict:
         name, text, steps, cfg, seed, width, height, negative, s, fm, b, om, pad = rest
         if not name and not (text or "").strip():
             raise ValueError("choose an embedding or type a prompt")
-        img, mask = image_and_mask(img, src, extra, *geo)
+        img, mask = (image_and_mask if ctx.inpaint is not None else fitted_image_and_mask)(img, src, extra, *geo)
         the_prompt = (text or "").strip() or name
         settings = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), cfg_scale=float(cfg),
                         denoising_strength=float(s), fill=fm, mask_blur=int(b), only_masked=bool(om),
@@ -256,4 +266,5 @@ def build(ctx: UIContext) -> dict:
         return gr.Dropdown.update(choices=embedding_names(ctx))
 
     return {"take_image": take_image, "on_show": (refresh_names, [emb]), "on_upload": on_upload,
-            "on_load": on_load, "on_add": on_add, "render": render}
+            "on_load": on_load, "on_add": on_add, "render": render, "image_and_mask": image_and_mask,
+            "fitted_image_and_mask": fitted_image_and_mask}
