@@ -205,7 +205,7 @@ def run_inpaint(args) -> int:
     if results:
         save_png(inpaint_grid(image, [r for r, _ in results], [l for _, l in results],
                               title=f"{args.prompt} (seed {seed}, {args.fill})"), grid_path)
-    params = {"image": str(args.image), "prompt": args.prompt, "negative_prompt": args.negative_prompt,
+    params = {"image": str(args.image), "slice": args.slice, "size": list(image.size), "prompt": args.prompt, "negative_prompt": args.negative_prompt,
               "seed": seed, "steps": args.steps, "cfg_scale": args.cfg, "denoising_strength": args.denoising_strength,
               "fill": args.fill, "mask_blur": args.mask_blur, "invert_mask": args.invert_mask,
               "only_masked": not args.whole_image, "padding": args.padding, "width": args.width,
