@@ -24,7 +24,7 @@ def _extent(mask, axis):
 def test_circle_in_mm_with_anisotropic_spacing_is_round_in_mm():
     # 300 x 150 source pixels of 0.5 x 1.0 mm = 150 x 150 mm, stretched to 512 x 512
     spec = MaskSpec([MaskShape.circle(75.0, 60.0, 20.0)], unit="mm", source_size=(300, 150),
-                    spacing=(0.5, 1.0), target_size=(512, 512))
+                    spacing=(0.5, 1.0), target_size=(512, 512), fit="stretch")
     res = render_mask(spec)
     mm_per_px = 150 / 512
     assert res.target_spacing == pytest.approx((mm_per_px, mm_per_px))
@@ -41,7 +41,8 @@ def test_circle_in_mm_with_anisotropic_spacing_is_round_in_mm():
 
 
 def test_same_circle_in_pixels_is_stretched_by_non_square_pixels():
-    spec = MaskSpec([MaskShape.circle(150, 75, 40)], unit="px", source_size=(300, 150), target_size=(512, 512))
+    spec = MaskSpec([MaskShape.circle(150, 75, 40)], unit="px", source_size=(300, 150), target_size=(512, 512),
+                    fit="stretch")
     res = render_mask(spec)
     width, _ = _extent(res.mask, 0)
     height, _ = _extent(res.mask, 1)
@@ -71,7 +72,7 @@ def test_rotation_union_invert_feather_and_small_warning():
 
 def test_feather_in_mm_uses_physical_distance():
     spec = MaskSpec([MaskShape.circle(50.0, 50.0, 20.0)], unit="mm", source_size=(200, 100),
-                    spacing=(0.5, 1.0), target_size=(200, 200), feather=10.0)
+                    spacing=(0.5, 1.0), target_size=(200, 200), feather=10.0, fit="stretch")
     m = render_mask(spec).mask.astype(float)
     # 0.5 mm per target pixel on both axes: the 10 mm ramp spans 20 px horizontally and vertically
     ramp_x = np.flatnonzero((m[100, 100:] > 0) & (m[100, 100:] < 255)).size

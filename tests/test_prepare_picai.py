@@ -86,6 +86,10 @@ def test_paper_mode_geometry_and_slice_choice(tmp_path):
     img = Image.open(tmp_path / "out" / rows["1002_2002"].output)
     assert img.size == (512, 512) and img.mode == "RGB"
     assert rows["1002_2002"].output == "embedding/pos/1002_2002.png"
+    # the 300 x 300 crop of 0.5 mm voxels fills the 512 px image: 150 mm / 512 px on both axes, no padding
+    shared = read_manifest(tmp_path / "out" / "manifest.csv")[0]
+    assert (float(shared.mm_per_px_x), float(shared.mm_per_px_y)) == pytest.approx((150 / 512, 150 / 512))
+    assert (shared.pad_left, shared.pad_top) == ("0", "0")
     # manifest beside, not inside, the class folders; contact sheet written
     assert (tmp_path / "out" / "manifest.csv").is_file() and (tmp_path / "out" / "contact_sheet.png").is_file()
     assert not list((tmp_path / "out" / "embedding").rglob("*.csv"))

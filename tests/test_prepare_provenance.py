@@ -38,7 +38,8 @@ def test_output_folder_holds_no_ids_and_resume_still_works(tmp_path, capsys):
     assert rc == 3  # the broken PNG
     assert f"provenance: {tmp_path / 'shared.provenance'}" in text and "keep it private" in text
     assert ID.encode() not in _shared_bytes(out) and str(src).encode() not in _shared_bytes(out)
-    assert (out / "manifest.csv").read_text().splitlines()[0] == "output,split,label,slice,sha256"
+    assert (out / "manifest.csv").read_text().splitlines()[0] == ("output,split,label,slice,sha256,"
+                                                                   "mm_per_px_x,mm_per_px_y,pad_left,pad_top")
     prov = tmp_path / "shared.provenance"
     assert ID in (prov / "manifest.csv").read_text() and ID in (prov / "failures.csv").read_text()
     keys = [json.loads(line)["key"] for line in (prov / ".prepare_journal.jsonl").read_text().splitlines()]

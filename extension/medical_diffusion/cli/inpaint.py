@@ -22,9 +22,36 @@ class _ShapeAction(argparse.Action):
         setattr(namespace, self.dest, shapes)
 
 
+def _spacing_from(args, image):
+    """(spacing, source size) from ``--spacing-from``: a prepare manifest (row ``--entry``, the
+    ``--image``'s row, or the spacing all rows share), or any image input (a DICOM file or series,
+    a volume, or a PNG listed in a prepare manifest)."""
+    from medical_diffusion.datasets.image_input import read_image_input
+
+    path = Path(args.spacing_from)
+    if path.suffix.lower() == ".csv":
+        from medical_diffusion.datasets.prepared_spacing import manifest_spacing
+
+        entry = args.entry
+        if entry is None and image is not None:  # the --image's row when it is one of the manifest's outputs
+            try:
+                entry = image.path.resolve().relative_to(path.resolve().parent).as_posix()
+            except ValueError:
+                entry = None  # e.g. a generated image: the spacing the prepared images share
+        return manifest_spacing(path, entry), image.size if image is not None else None
+    source = read_image_input(path)
+    if source.spacing is None:
+        why = ("is not listed with a pixel spacing in a prepare manifest" if source.kind == "picture"
+               else "holds no pixel spacing")
+        raise InputFileError(path, f"{why}; give --spacing SX SY")
+    return source.spacing, source.size
+
+
 def build_mask_spec(args):
-    """A :class:`MaskSpec` from the command line (sizes and spacing from files where given)."""
-    from medical_diffusion.generation.masks import MaskShape, MaskSpec, read_source_geometry
+    """A :class:`MaskSpec` from the command line and the overlay image (sizes and spacing from the
+    inputs where given: ``--spacing-from``, else the ``--image`` itself)."""
+    from medical_diffusion.datasets.image_input import read_image_input
+    from medical_diffusion.generation.masks import MaskShape, MaskSpec
 
     shapes = []
     for kind, values in args.shapes or []:  # in command-line order
@@ -36,22 +63,32 @@ def build_mask_spec(args):
         shapes.append(MaskShape((values[0], values[1]), (values[2], values[3]), values[4] if len(values) == 5 else 0.0))
     spacing = tuple(args.spacing) if args.spacing else None
     source_size = tuple(args.source_size) if args.source_size else None
+    image = read_image_input(args.image, args.slice) if args.image else None
+    if args.entry and not (args.spacing_from and args.spacing_from.lower().endswith(".csv")):
+        raise MedDiffError("--entry names a row of a --spacing-from manifest.csv")
     if args.spacing_from:
-        geo = read_source_geometry(args.spacing_from)
-        if spacing is None:
-            if geo.spacing is None:
-                raise InputFileError(args.spacing_from, "holds no pixel spacing; give --spacing SX SY")
-            spacing = geo.spacing
-        source_size = source_size or geo.size
-    image = None
-    if args.image:
-        from medical_diffusion.generation.masks import load_source_image
-
-        image = load_source_image(args.image, args.slice)
+        found, size = _spacing_from(args, image)
+        spacing = spacing or found
+        source_size = source_size or size
+    elif image is not None and spacing is None:
+        spacing = image.spacing
+    if image is not None:
         source_size = source_size or image.size
     target = tuple(args.target_size)
     return MaskSpec(shapes=shapes, unit=args.unit, source_size=source_size or target, spacing=spacing,
-                    target_size=target, feather=args.feather, invert=args.invert), image
+                    target_size=target, feather=args.feather, invert=args.invert, fit=args.fit), \
+        image.image if image is not None else None
+
+
+def mask_output(text: str) -> Path:
+    """The mask PNG for ``--out``: ``NAME.png`` as given, or ``NAME`` + ``.png``; other suffixes refused."""
+    out = Path(text)
+    if out.suffix == "":
+        return out.with_name(out.name + ".png")
+    if out.suffix.lower() != ".png":
+        raise MedDiffError(f"{out}: the mask is written as PNG; give a .png name or a name without suffix "
+                           f"(not {out.suffix!r})")
+    return out
 
 
 def run_mask(args) -> int:
@@ -61,10 +98,8 @@ def run_mask(args) -> int:
 
     if not args.shapes:
         raise MedDiffError("give at least one --ellipse or --circle")
+    out = mask_output(args.out)
     spec, image = build_mask_spec(args)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise MedDiffError(f"{out}: the mask is written as PNG; use a .png name")
     overlay_path = out.with_name(out.stem + ".overlay.png")
     json_path = out.with_suffix(".json")
     for path in (out, overlay_path, json_path):
@@ -94,12 +129,14 @@ def run_mask(args) -> int:
 
 
 # -- inpaint ----------------------------------------------------------------------------------
-def load_mask(path: str, size: tuple[int, int]):
-    """A mask image, or a mask JSON written by ``meddiff mask`` (re-rendered); white = repaint."""
+def read_mask(path: str, slice_index: int | None = None):
+    """A mask (PIL "L", white = repaint) and its label: a mask JSON written by ``meddiff mask``
+    (re-rendered), or any image input (PNG, DICOM file or series, a label volume at ``slice_index``)."""
     from PIL import Image
 
+    from medical_diffusion.datasets.file_kinds import is_dicom, is_volume
+    from medical_diffusion.datasets.image_input import read_image_input
     from medical_diffusion.generation.masks import MaskSpec, render_mask
-    from medical_diffusion.png_io import load_image
 
     p = Path(path)
     if p.suffix.lower() == ".json":
@@ -108,14 +145,24 @@ def load_mask(path: str, size: tuple[int, int]):
             spec = MaskSpec.from_dict(data.get("spec", data))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputFileError(p, f"not a mask description ({exc})") from exc
-        mask = Image.fromarray(render_mask(spec).mask)
-        label = p.stem
-    else:
-        mask = load_image(p, "L")
-        label = p.stem
-    if mask.size != size:
-        raise InputFileError(p, f"mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}")
-    return mask, label
+        return Image.fromarray(render_mask(spec).mask), p.stem
+    has_slices = p.is_dir() or is_volume(p) or is_dicom(p)
+    return read_image_input(p, slice_index if has_slices else None).image.convert("L"), p.stem
+
+
+def load_inputs(image_path: str, mask_paths: list[str], slice_index: int | None = None):
+    """The masks (all one size) and the image fitted onto their grid as ``prepare`` fits a slice (aspect
+    kept, zero padding; unchanged when it already has the masks' size)."""
+    from medical_diffusion.datasets.image_input import read_image_input
+
+    source = read_image_input(image_path, slice_index)
+    masks = [read_mask(m, slice_index) for m in mask_paths]
+    size = masks[0][0].size
+    for path, (mask, _label) in zip(mask_paths, masks):
+        if mask.size != size:
+            raise InputFileError(path, f"mask is {mask.size[0]}x{mask.size[1]} but {mask_paths[0]} is "
+                                       f"{size[0]}x{size[1]}: all masks must share one grid")
+    return masks, source.fitted(size)
 
 
 def run_inpaint(args) -> int:
@@ -124,11 +171,10 @@ def run_inpaint(args) -> int:
     from medical_diffusion.progress_bar import StepBar
     from medical_diffusion.generation.inpainting import inpaint, inpaint_grid
     from medical_diffusion.generation.sampling import resolve_seed
-    from medical_diffusion.png_io import load_image, save_png
+    from medical_diffusion.png_io import save_png
 
     check_inputs(args, args.out, [args.prompt])
-    image = load_image(args.image, "RGB")
-    masks = [load_mask(m, image.size) for m in args.mask]
+    masks, image = load_inputs(args.image, args.mask, args.slice)
     out = Path(args.out)
     grid_path = check_writable(out / "inpaint_grid.png", args.force)
     backend, _table, vectors = load_model_and_embeddings(args)
@@ -159,7 +205,7 @@ def run_inpaint(args) -> int:
     if results:
         save_png(inpaint_grid(image, [r for r, _ in results], [l for _, l in results],
                               title=f"{args.prompt} (seed {seed}, {args.fill})"), grid_path)
-    params = {"image": str(args.image), "prompt": args.prompt, "negative_prompt": args.negative_prompt,
+    params = {"image": str(args.image), "slice": args.slice, "size": list(image.size), "prompt": args.prompt, "negative_prompt": args.negative_prompt,
               "seed": seed, "steps": args.steps, "cfg_scale": args.cfg, "denoising_strength": args.denoising_strength,
               "fill": args.fill, "mask_blur": args.mask_blur, "invert_mask": args.invert_mask,
               "only_masked": not args.whole_image, "padding": args.padding, "width": args.width,
@@ -177,23 +223,31 @@ def register(subparsers) -> None:
         "mask", help="inpainting mask from ellipses/circles in px or mm (PNG + overlay + JSON)",
         description="Draw an inpainting mask (white = repaint) from ellipses/circles whose centre and radii are "
                     "in source pixels or mm. Coordinates: x = column, y = row of the source grid, (0, 0) = centre "
-                    "of the top-left pixel. The source (e.g. a DICOM slice) is rescaled to the target size (512) "
-                    "with the image. Writes OUT.png, OUT.overlay.png (size labelled) and OUT.json. For a prepared "
-                    "slice (e.g. a 150 mm PI-CAI crop at 512 px) give that image's own spacing (150/512 mm).",
+                    "of the top-left pixel. The source (e.g. a DICOM slice) is fitted to the target size (512) as "
+                    "'prepare images' fits it (aspect ratio kept, zero padding), so a mask drawn on the source "
+                    "lies on the prepared image. For a prepared or generated image give --spacing-from "
+                    "OUT/manifest.csv (or a PNG listed there): its spacing is recorded there. Writes OUT.png, "
+                    "OUT.overlay.png (size labelled) and OUT.json.",
     )
-    p.add_argument("--out", required=True, help="mask PNG to write")
+    p.add_argument("--out", required=True, help="mask to write: OUT.png (a name without suffix gets .png)")
     p.add_argument("--ellipse", nargs="+", type=float, action=_ShapeAction, dest="shapes", metavar="V",
                    help="CX CY RX RY [ANGLE_DEG] (repeatable; all shapes are united)")
     p.add_argument("--circle", nargs=3, type=float, action=_ShapeAction, dest="shapes", metavar=("CX", "CY", "R"),
                    help="circle centre and radius (repeatable)")
     p.add_argument("--unit", choices=("px", "mm"), default="px", help="unit of centres, radii and feather")
     p.add_argument("--spacing", nargs=2, type=float, metavar=("SX", "SY"), help="mm per source pixel (x, y)")
-    p.add_argument("--spacing-from", help="DICOM file or series folder, or a volume, giving pixel spacing and source size")
+    p.add_argument("--spacing-from", help="pixel spacing and source grid from a DICOM file or series folder, a "
+                                          "volume, a prepared PNG, or a prepare manifest.csv")
+    p.add_argument("--entry", help="row of the --spacing-from manifest.csv (output path or file name; default: "
+                                   "the --image's row, else the spacing all rows share)")
     p.add_argument("--source-size", nargs=2, type=int, metavar=("W", "H"),
                    help="source pixel grid (default: from --spacing-from, else --image, else the target size)")
     p.add_argument("--target-size", nargs=2, type=int, default=(512, 512), metavar=("W", "H"))
-    p.add_argument("--image", help="image for the overlay preview (PNG/JPEG, DICOM, or a volume)")
-    p.add_argument("--slice", type=int, help="slice of a volume --image (default: middle)")
+    p.add_argument("--fit", choices=("pad", "stretch"), default="pad",
+                   help="how the source lies on the target: pad (as 'prepare images' does, default) or stretch")
+    p.add_argument("--image", help="image for the overlay preview (PNG/JPEG, DICOM file or series folder, "
+                                   "MHA/NIfTI volume); gives the spacing when nothing else does")
+    p.add_argument("--slice", type=int, help="slice of a volume or series --image (default: middle)")
     p.add_argument("--feather", type=float, default=0.0, help="soft edge width (same unit)")
     p.add_argument("--invert", action="store_true", help="repaint everything outside the shapes")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
@@ -207,9 +261,13 @@ def register(subparsers) -> None:
                     "every step, mask blur, 'only masked' crop with padding, paste-back. Several --mask give a "
                     "grid of the same image inpainted at several places (paper Figure 4).",
     )
-    p.add_argument("--image", required=True, help="image to inpaint (e.g. a generated healthy case)")
+    p.add_argument("--image", required=True,
+                   help="image to inpaint (e.g. a generated healthy case): PNG/JPEG, DICOM file or series folder, "
+                        "MHA/NIfTI volume; fitted onto the masks' grid as 'prepare images' fits it")
     p.add_argument("--mask", action="append", required=True,
-                   help="mask PNG (white = repaint) or mask JSON from 'meddiff mask' (repeatable)")
+                   help="mask JSON from 'meddiff mask', or a mask image (PNG, DICOM, label volume; white = "
+                        "repaint) (repeatable)")
+    p.add_argument("--slice", type=int, help="slice of a volume or series --image/--mask (default: middle)")
     p.add_argument("--prompt", required=True, help="prompt for the masked area (e.g. the positive embedding)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fill", choices=("original", "latent noise", "fill", "latent nothing"), default="original",

@@ -83,7 +83,9 @@ def register(subparsers) -> None:
     p.add_argument("--class-from-folder", action="store_true", help="class = each item's parent folder name")
     p.add_argument("--window", default="auto",
                    help="auto (DICOM window tags, else min-max), minmax, percentile, or CENTER,WIDTH")
-    p.add_argument("--slice", type=int, default=None, help="axial slice index for volumes (default: middle)")
+    p.add_argument("--slice", default=None, metavar="CHOICE",
+                   help="axial slice(s) of volumes and DICOM series: middle (default), an index (9), all, a range "
+                        "(5-12) or a list (3,5,9-11); chosen slices are written as NAME_s009.png, one per slice")
     p.add_argument("--mask", default=None, help="mask file (or folder of same-named masks) choosing the slice")
     p.add_argument("--mask-rule", choices=("max", "median"), default="max",
                    help="max: slice with the largest mask sum; median: median slice of the mask")

@@ -165,7 +165,8 @@ def _move_old_provenance(out_dir: Path, prov_dir: Path) -> None:
     (out_dir / FAILURES_NAME).unlink(missing_ok=True)
 
 
-def _load_journal(path: Path) -> dict[str, dict]:
+def load_journal(path: Path) -> dict[str, dict]:
+    """The resume journal's records by item key (a torn last line is skipped)."""
     done: dict[str, dict] = {}
     if path.is_file():
         with open(path, encoding="utf-8") as fh:
@@ -220,7 +221,7 @@ def run_batch(
     fingerprint = options_fingerprint(pixel_options_json if pixel_options_json is not None else options_json)
     journal_path = prov_dir / JOURNAL_NAME
     _move_old_provenance(out_dir, prov_dir)
-    journal = _load_journal(journal_path)
+    journal = load_journal(journal_path)
     by_key = {p.candidate.key: p for p in planned}
     result = BatchResult(out_dir, prov_dir, failures=list(rejected or []))
     todo: list[WorkUnit] = []
@@ -276,13 +277,12 @@ def run_batch(
         sha, info = finished[key]
         for text in info.get("warnings", []):
             result.warnings.append(ItemFailure(key, payloads[key][0], text))
-        result.rows.append(ManifestRow(
-            output=item.outputs[0], split=item.split, label=item.candidate.label, case_id=key,
-            source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha))
-        for extra in item.outputs[1:]:
+        geometry = {k: str(v) for k, v in info.get("geometry", {}).items()}
+        for output in item.outputs:
             result.rows.append(ManifestRow(
-                output=extra, split=item.split, label=item.candidate.label, case_id=key,
-                source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha))
+                output=output, split=item.split, label=item.candidate.label, case_id=key,
+                source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha,
+                **geometry))
     write_manifest(result.provenance_manifest_path, result.rows)
     write_manifest(result.manifest_path, result.rows, SHARED_COLUMNS)
     lines = ["key,source,error"] + [

@@ -5,6 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def is_volume(path: Path) -> bool:
+    """An MHA/NIfTI/NRRD volume, by its name."""
+    name = Path(path).name.lower()
+    return any(name.endswith(s) for s in VOLUME_SUFFIXES)
 
 
 def is_dicom(path: Path) -> bool:

@@ -11,7 +11,7 @@ index (default: the middle one) or from a mask.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +21,23 @@ from PIL import Image
 from medical_diffusion.datasets import volume_ops as vo
 from medical_diffusion.datasets.batch import (BatchOptions, BatchResult, ItemFailure, ProgressCallback,
                                             options_to_json, run_batch)
-from medical_diffusion.datasets.image_fit import FITS, crop_to_nonzero, fit_square
-from medical_diffusion.datasets.layout import plan_outputs, slug
+from medical_diffusion.datasets.image_fit import FITS, crop_to_nonzero
+from medical_diffusion.datasets.slice_geometry import square
+from medical_diffusion.datasets.layout import PlannedItem, plan_outputs, slug
 from medical_diffusion.datasets.picai import choose_slice
 from medical_diffusion.datasets.splits import Candidate, select_items
-from medical_diffusion.datasets.file_kinds import DICOM_SUFFIXES, is_dicom  # noqa: F401 (re-exported)
+from medical_diffusion.datasets.file_kinds import DICOM_SUFFIXES, VOLUME_SUFFIXES, is_dicom  # noqa: F401 (re-exported)
 from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS, too_many_voxels
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.png_io import IMAGE_SUFFIXES
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 WINDOWS = ("auto", "minmax", "percentile")  # or "CENTER,WIDTH"
 MASK_RULES = ("max", "median")
 
 
-#: options that change the pixels of an item (a change redoes finished items on a re-run)
-PIXEL_OPTIONS = ("window", "slice_index", "mask", "mask_rule", "color", "fit", "crop_nonzero", "size", "nonfinite")
+#: options that change the pixels of an item (a change redoes finished items on a re-run); not the slice
+#: choice: a chosen slice is in its output's name, and the middle one is the only unnamed one
+PIXEL_OPTIONS = ("window", "mask", "mask_rule", "color", "fit", "crop_nonzero", "size", "nonfinite")
 
 @dataclass
 class ImportOptions(BatchOptions):
@@ -46,7 +47,8 @@ class ImportOptions(BatchOptions):
     label: str = "images"  # class folder when class_from == "label"
     class_from: str = "label"  # "label", or "folder": the name of each item's parent folder
     window: str = "auto"  # "auto" (DICOM window tags, else min-max), "minmax", "percentile", "C,W"
-    slice_index: int | None = None  # volumes/series: axial slice (default: middle)
+    #: volumes/series: axial slice(s): None or "middle", an index, "all", a range "5-12", a list "3,5,9-11"
+    slice_index: int | str | None = None
     mask: str | None = None  # volumes: a mask file, or a folder of masks named like the volumes
     mask_rule: str = "max"  # "max": slice with the largest mask sum; "median": median of the slices holding mask voxels
     color: str = "auto"  # "auto", "grey" or "rgb" (2D colour images)
@@ -70,6 +72,36 @@ class ImportOptions(BatchOptions):
                 raise InputFileError(p, "no such file or folder")
         if self.mask and not os.path.exists(self.mask):
             raise InputFileError(self.mask, "mask not found")
+        if self.mask and parse_slices(self.slice_index) is not None:
+            raise MedDiffError("choose the slice either by --slice or by --mask, not both")
+
+
+def parse_slices(value: int | str | None) -> tuple[int, ...] | str | None:
+    """A slice choice: None (the middle slice), "all", or the indexes of an int, a range ``5-12`` or a list
+    ``3,5,9-11``; a clear error for anything else."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "middle")):
+        return None
+    if isinstance(value, bool):
+        raise MedDiffError(f"bad slice choice {value!r}")
+    if isinstance(value, int):
+        value = str(value)
+    text = str(value).strip().lower()
+    if text == "all":
+        return "all"
+    out: list[int] = []
+    for part in text.split(","):
+        bounds = part.strip().split("-")
+        try:
+            if len(bounds) not in (1, 2) or not all(b.strip().isdigit() for b in bounds):
+                raise ValueError
+            lo, hi = int(bounds[0]), int(bounds[-1])
+        except ValueError:
+            raise MedDiffError(f"bad slice choice {value!r}: use middle, all, an index (9), a range (5-12) or "
+                               "a list (3,5,9-11) of slice indexes from 0") from None
+        if hi < lo:
+            raise MedDiffError(f"bad slice range {part.strip()!r}: the first index must not exceed the last")
+        out.extend(i for i in range(lo, hi + 1) if i not in out)
+    return tuple(out)
 
 
 def parse_window(text: str) -> tuple[str, float, float]:
@@ -124,6 +156,21 @@ class DicomFrame:
     window: tuple[float, float] | None
     position: float | None
     instance: int
+    spacing: tuple[float, float] | None = None  # mm per pixel (x = column, y = row)
+
+
+def dicom_pixel_spacing(ds) -> tuple[float, float] | None:
+    """(x, y) mm per pixel from PixelSpacing (row, column), else ImagerPixelSpacing; None without either."""
+    for key in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(key)
+        if value is not None and len(value) == 2:
+            try:
+                row_sp, col_sp = (float(v) for v in value)
+            except (TypeError, ValueError):
+                continue
+            if row_sp > 0 and col_sp > 0:
+                return col_sp, row_sp
+    return None
 
 
 def _first(value) -> float | None:
@@ -179,7 +226,7 @@ def read_dicom(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) ->
         position = float(np.dot(normal, np.array(ipp, float)))
     return DicomFrame(pixels, float(slope), float(intercept), mono1,
                       (c, w) if c is not None and w is not None and w >= 1 else None,
-                      position, int(ds.get("InstanceNumber", 0) or 0))
+                      position, int(ds.get("InstanceNumber", 0) or 0), dicom_pixel_spacing(ds))
 
 
 def sort_series(frames: list[DicomFrame]) -> list[DicomFrame]:
@@ -246,11 +293,11 @@ def dicom_to_uint8(files: list[str], window: str, slice_index: int | None, max_v
     else:
         stored = frames[0].pixels
         if stored.ndim == 3 and stored.shape[-1] == 3:  # colour DICOM: already display RGB
-            return stored.astype(np.uint8), {"slice": ""}
+            return stored.astype(np.uint8), {"slice": "", "spacing": frames[0].spacing}
         values = stored.astype(np.float64) * frames[0].slope + frames[0].intercept
     first = frames[0]
     values = _finite(values, files[0] if len(files) == 1 else os.path.dirname(files[0]), nonfinite)
-    info: dict = {"slice": ""}
+    info: dict = {"slice": "", "spacing": first.spacing}
     if warnings:
         info["warnings"] = warnings
     if values.ndim == 3:
@@ -288,7 +335,8 @@ def volume_to_uint8(path: str, window: str, slice_index: int | None, mask: str |
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputFileError(path, "vector/colour volumes are not supported")
     if img.GetDimension() == 2:
-        return to_uint8(sitk.GetArrayFromImage(img).astype(np.float64), window), {"slice": ""}
+        return (to_uint8(sitk.GetArrayFromImage(img).astype(np.float64), window),
+                {"slice": "", "spacing": tuple(float(v) for v in img.GetSpacing()[:2])})
     if img.GetDimension() != 3:
         raise InputFileError(path, f"{img.GetDimension()}D images are not supported (3D volumes only)")
     oriented = sitk.DICOMOrient(img, "LPS")
@@ -305,7 +353,8 @@ def volume_to_uint8(path: str, window: str, slice_index: int | None, mask: str |
         z = values.shape[0] // 2 if slice_index is None else slice_index
     if not 0 <= z < values.shape[0]:
         raise InputFileError(path, f"slice {z} out of range (0..{values.shape[0] - 1})")
-    return to_uint8(values[z], window, reference=values), {"slice": z}
+    return (to_uint8(values[z], window, reference=values),
+            {"slice": z, "spacing": tuple(float(v) for v in oriented.GetSpacing()[:2])})
 
 
 def picture_to_uint8(path: str, window: str, color: str, nonfinite: float | None = None) -> tuple[np.ndarray, dict]:
@@ -340,6 +389,11 @@ class ImportJob:
     max_voxels: int = DEFAULT_MAX_VOXELS
     nonfinite: float | None = None
 
+    @property
+    def slice_choice(self) -> str:
+        """How a volume's slice is chosen: "mask", "middle" or "index"."""
+        return "mask" if self.mask else ("middle" if self.slice_index is None else "index")
+
 
 def process_item(job: ImportJob) -> tuple[np.ndarray, dict]:
     """One input item -> ``size x size`` uint8 image."""
@@ -354,7 +408,67 @@ def process_item(job: ImportJob) -> tuple[np.ndarray, dict]:
         img = np.asarray(Image.fromarray(img).convert("L"))
     if job.crop_nonzero:
         img = crop_to_nonzero(img)
-    return fit_square(img, job.size, job.fit), info
+    geometry = square((img.shape[1], img.shape[0]), job.size, info.pop("spacing", None), job.fit)
+    info["geometry"] = geometry.record()
+    if info.get("slice", "") != "":  # how the slice was chosen: a re-run choosing otherwise must not replace it
+        info["slice_choice"] = job.slice_choice
+    return geometry.apply(img), info
+
+
+def slice_count(kind: str, files: list[str]) -> int | None:
+    """How many axial slices an item has (as :func:`dicom_to_uint8`/:func:`volume_to_uint8` index them),
+    from headers only; None for a 2D image (or a header that cannot be read: processing reports it)."""
+    import pydicom
+
+    if kind == "dicom":
+        if len(files) > 1:
+            return len(files)
+        try:
+            frames = int(pydicom.dcmread(files[0], stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+        except Exception:
+            return None
+        return frames if frames > 1 else None
+    if kind != "volume":
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    size = reader.GetSize()
+    if len(size) != 3:
+        return None
+    # the image axis DICOMOrient(..., "LPS") puts last: the one pointing most along S
+    direction = np.abs(np.array(reader.GetDirection(), dtype=np.float64).reshape(3, 3))
+    axes = [j for j in range(3) if int(np.argmax(direction[:, j])) == 2]
+    return int(size[axes[0] if axes else int(np.argmax(direction[2]))])
+
+
+def slice_suffix(z: int) -> str:
+    """What an output name gets for slice ``z`` of a volume or series."""
+    return f"_s{z:03d}"
+
+
+def _check_slice_choices(planned: list, jobs: dict, out: str, provenance: str | None) -> None:
+    """Refuse when an output this run would write was made by an earlier run from a slice chosen
+    otherwise (the middle one vs. by mask): it would be replaced silently."""
+    from medical_diffusion.datasets.batch import load_journal
+    from medical_diffusion.datasets.layout import JOURNAL_NAME, provenance_folder
+
+    journal = load_journal(provenance_folder(out, provenance) / JOURNAL_NAME)
+    for item in planned:
+        rec = journal.get(item.candidate.key)
+        job = jobs[item.candidate.key][1]
+        if rec is None or rec.get("outputs") != item.outputs or job.kind == "picture":
+            continue
+        before = (rec.get("info") or {}).get("slice_choice")
+        now = job.slice_choice
+        existing = Path(out) / item.outputs[0]
+        if before and before != now and existing.is_file():
+            raise MedDiffError(f"{existing}: made by an earlier run from slice {rec['info'].get('slice')} "
+                               f"(chosen: {before}); this run chooses the slice by {now} and would replace it. "
+                               "Use another --out, or delete the earlier outputs first")
 
 
 # --- discovery --------------------------------------------------------------------------------------------
@@ -422,7 +536,8 @@ def prepare_images(options: ImportOptions, progress: ProgressCallback | None = N
     items, rejected = discover_items(tuple(options.inputs))
     if not items and not rejected:
         raise MedDiffError(f"no supported images found in {', '.join(options.inputs)}")
-    candidates, jobs = [], {}
+    choice = parse_slices(options.slice_index)
+    candidates, jobs, several = [], {}, {}
     for key, kind, files, group in items:
         label = slug(Path(files[0]).parent.name if kind != "dicom" or len(files) == 1
                      else Path(files[0]).parent.parent.name) if options.class_from == "folder" else slug(options.label)
@@ -431,14 +546,36 @@ def prepare_images(options: ImportOptions, progress: ProgressCallback | None = N
         except MedDiffError as exc:
             rejected.append(ItemFailure(key, files[0], str(exc)))
             continue
+        source = ";".join(files) if len(files) <= 3 else f"{os.path.dirname(files[0])} ({len(files)} files)"
+        count = slice_count(kind, files) if choice is not None else None
+        if count is not None:  # chosen slices of a volume or series: each its own output, named by slice
+            wanted = range(count) if choice == "all" else choice
+            bad = [z for z in wanted if z >= count]
+            if bad:
+                rejected.append(ItemFailure(key, source, f"slice(s) {', '.join(map(str, bad))} out of range "
+                                                         f"(0..{count - 1})"))
+            several[key] = [z for z in wanted if z < count]
+            if not several[key]:
+                continue
         candidates.append(Candidate(key, label, group))
-        jobs[key] = (";".join(files) if len(files) <= 3 else f"{os.path.dirname(files[0])} ({len(files)} files)",
-                     ImportJob(kind, files, options.window, options.slice_index, mask, options.mask_rule,
-                               options.color, options.fit, options.crop_nonzero, options.size,
-                               options.max_voxels, options.nonfinite))
+        jobs[key] = (source, ImportJob(kind, files, options.window, None, mask, options.mask_rule, options.color,
+                                       options.fit, options.crop_nonzero, options.size, options.max_voxels,
+                                       options.nonfinite))
     labels = tuple(sorted({c.label for c in candidates}))
     selected = select_items(candidates, options.n_per_class, tuple(options.splits), options.seed, labels)
-    planned = plan_outputs(selected, options.neutral_names)
+    planned = []
+    for item in plan_outputs(selected, options.neutral_names):
+        key = item.candidate.key
+        if key not in several:
+            planned.append(item)
+            continue
+        source, job = jobs.pop(key)
+        for z in several[key]:
+            slice_key = f"{key}#s{z:03d}"
+            jobs[slice_key] = (f"{source} slice {z}", replace(job, slice_index=z))
+            planned.append(PlannedItem(replace(item.candidate, key=slice_key), item.split,
+                                       [o[:-len(".png")] + slice_suffix(z) + ".png" for o in item.outputs]))
+    _check_slice_choices(planned, jobs, options.out, options.provenance)
     return run_batch(planned, {p.candidate.key: jobs[p.candidate.key] for p in planned}, process_item, options.out,
                      options_to_json(options), workers=options.workers, progress=progress, rejected=rejected,
                      contact_sheet_title="Imported images" if options.contact_sheet else None,

@@ -25,11 +25,18 @@ class ManifestRow:
     slice: str  # slice index for volumes, "" otherwise
     options: str  # JSON of the preparation options
     sha256: str
+    #: the output's pixel geometry ("" when unknown): mm per pixel and the zero border left/top of the content
+    mm_per_px_x: str = ""
+    mm_per_px_y: str = ""
+    pad_left: str = ""
+    pad_top: str = ""
 
 
 COLUMNS = [f.name for f in fields(ManifestRow)]
 #: what the shareable manifest in the output folder holds (nothing that names a case or a source file)
-SHARED_COLUMNS = ["output", "split", "label", "slice", "sha256"]
+SHARED_COLUMNS = ["output", "split", "label", "slice", "sha256", "mm_per_px_x", "mm_per_px_y", "pad_left", "pad_top"]
+#: columns every prepare manifest has (older ones lack the geometry columns)
+REQUIRED_COLUMNS = ["output", "split", "label", "slice", "sha256"]
 
 
 def write_manifest(path: str | os.PathLike, rows: list[ManifestRow], columns: list[str] = COLUMNS) -> Path:
@@ -49,7 +56,7 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
         raise InputFileError(path, "no such manifest")
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        missing = set(SHARED_COLUMNS) - set(reader.fieldnames or [])
+        missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or [])
         if missing:
             raise InputFileError(path, f"not a prepare manifest (missing columns {sorted(missing)})")
         return [ManifestRow(**{k: r.get(k) or "" for k in COLUMNS}) for r in reader]

@@ -249,7 +249,7 @@ def choose_slice(label: np.ndarray, positive: bool, negative_rule: str = "slices
 
 
 def process_case(job: CaseJob) -> tuple[np.ndarray, dict]:
-    """One case -> (uint8 ``size x size`` grey or RGB image, {"slice": z})."""
+    """One case -> (uint8 ``size x size`` grey or RGB image, {"slice": z, "geometry": mm per pixel, padding})."""
     try:
         if job.mode == "paper":
             slices, z = paper_slices(job)
@@ -262,7 +262,11 @@ def process_case(job: CaseJob) -> tuple[np.ndarray, dict]:
             raise
         raise MedDiffError(f"{job.case.case_id}: {exc}") from None
     u8 = vo.to_uint8_truncating([slices[m] for m in job.modalities])
-    return vo.resize_lanczos(u8, job.size), {"slice": z}
+    from medical_diffusion.datasets.slice_geometry import square
+
+    # the crop (y, x voxels at the resampled spacing) is stretched to size x size: record its mm per pixel
+    geometry = square((u8.shape[1], u8.shape[0]), job.size, (job.spacing[2], job.spacing[1]), "stretch")
+    return vo.resize_lanczos(u8, job.size), {"slice": z, "geometry": geometry.record()}
 
 
 def single_itk_thread() -> None:

@@ -3,9 +3,10 @@
 Coordinates refer to the *source* image grid (e.g. the DICOM slice): ``x`` is the column and
 ``y`` the row, pixel centres at integer positions, so ``(0, 0)`` is the centre of the top-left
 pixel. Millimetres are ``x * spacing_x`` / ``y * spacing_y`` (non-square pixels allowed). The
-mask is drawn directly at the target size (the image is rescaled to it, 512x512 for SD2) by
-mapping every target pixel centre back to physical space, so shapes stay exact under rescaling.
-White (255) = repaint.
+mask is drawn directly at the target size (512x512 for SD2) on the grid ``prepare`` gives the image
+(:class:`~medical_diffusion.datasets.slice_geometry.SliceGeometry`: aspect ratio kept, centred zero
+padding) by mapping every target pixel centre back to physical space, so shapes stay exact under
+rescaling. White (255) = repaint.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medical_diffusion.errors import InputFileError, MedDiffError
+from medical_diffusion.datasets.slice_geometry import FITS, SliceGeometry
+from medical_diffusion.errors import MedDiffError
 
 #: pixels per latent cell for SD (shapes smaller than this barely reach the model)
 LATENT_CELL_PX = 8
@@ -50,6 +51,11 @@ class MaskSpec:
     target_size: tuple[int, int] = (512, 512)
     feather: float = 0.0  # width of the soft edge (linear ramp centred on the outline)
     invert: bool = False
+    fit: str = "pad"  # how the source lies on the target: "pad" (as prepare does) or "stretch"
+
+    def geometry(self) -> SliceGeometry:
+        """Where the source grid lies on the target grid."""
+        return SliceGeometry(tuple(self.source_size), tuple(self.target_size), self.spacing, self.fit)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -57,6 +63,7 @@ class MaskSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "MaskSpec":
         data = dict(data)
+        data.setdefault("fit", "stretch")  # masks saved before the fit was recorded were stretched
         data["shapes"] = [MaskShape(tuple(s["center"]), tuple(s["radii"]), float(s.get("angle", 0.0)))
                           for s in data["shapes"]]
         for key in ("source_size", "target_size", "spacing"):
@@ -91,6 +98,8 @@ def _validate(spec: MaskSpec) -> tuple[float, float]:
     for shape in spec.shapes:
         if min(shape.radii) <= 0:
             raise MedDiffError(f"shape radii must be positive, got {shape.radii}")
+    if spec.fit not in FITS:
+        raise MedDiffError(f"mask fit must be one of {', '.join(FITS)}, got {spec.fit!r}")
     if spec.feather < 0:
         raise MedDiffError(f"feather must not be negative, got {spec.feather}")
     # the unit frame: mm, or source pixels (x spacing 1, y spacing 1)
@@ -116,11 +125,10 @@ def _shape_distance(shape: MaskShape, px: np.ndarray, py: np.ndarray) -> np.ndar
 def render_mask(spec: MaskSpec) -> MaskResult:
     """Draw the union of the shapes at ``target_size``; feathered edge, optional inversion."""
     frame_spacing = _validate(spec)
-    w0, h0 = spec.source_size
+    geo = spec.geometry()
     wt, ht = spec.target_size
-    # source pixel coordinates of every target pixel centre (the image is stretched to the target)
-    xs = (np.arange(wt) + 0.5) * (w0 / wt) - 0.5
-    ys = (np.arange(ht) + 0.5) * (h0 / ht) - 0.5
+    # source pixel coordinates of every target pixel centre (the image is fitted as prepare fits it)
+    xs, ys = geo.target_to_source(np.arange(wt), np.arange(ht))
     gx, gy = np.meshgrid(xs * frame_spacing[0], ys * frame_spacing[1])
     value = np.zeros((ht, wt), dtype=np.float64)
     sizes_px, sizes_mm, warnings = [], [], []
@@ -134,7 +142,7 @@ def render_mask(spec: MaskSpec) -> MaskResult:
         # the shape's two diameters (along its own rotated axes) in target pixels and in mm
         a = math.radians(shape.angle)
         rx, ry = shape.radii
-        per_unit_x, per_unit_y = (wt / w0) / frame_spacing[0], (ht / h0) / frame_spacing[1]
+        per_unit_x, per_unit_y = geo.scale[0] / frame_spacing[0], geo.scale[1] / frame_spacing[1]
         w_px = 2 * rx * math.hypot(math.cos(a) * per_unit_x, math.sin(a) * per_unit_y)
         h_px = 2 * ry * math.hypot(math.sin(a) * per_unit_x, math.cos(a) * per_unit_y)
         sizes_px.append((w_px, h_px))
@@ -152,13 +160,10 @@ def render_mask(spec: MaskSpec) -> MaskResult:
     if spec.invert:
         value = 1.0 - value
     mask = np.round(value * 255).astype(np.uint8)
-    target_spacing = None
-    if spec.spacing is not None:
-        target_spacing = (spec.spacing[0] * w0 / wt, spec.spacing[1] * h0 / ht)
-    return MaskResult(mask, target_spacing, sizes_px, sizes_mm if spec.spacing is not None else None, warnings)
+    return MaskResult(mask, geo.mm_per_px, sizes_px, sizes_mm if spec.spacing is not None else None, warnings)
 
 
-# -- sources: geometry from DICOM / volume headers, images for the overlay --------------------
+# -- sources: the image inputs' grid and spacing --------------------------------------------
 
 @dataclass
 class SourceGeometry:
@@ -166,94 +171,20 @@ class SourceGeometry:
     spacing: tuple[float, float] | None  # mm per pixel (x, y)
 
 
-#: pictures PIL reads when SimpleITK is not installed
-_PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+def read_source_geometry(path: str | os.PathLike, slice_index: int | None = None) -> SourceGeometry:
+    """Pixel grid and spacing of an image input (PNG/JPEG, DICOM file or series folder, volume), read
+    as :func:`~medical_diffusion.datasets.image_input.read_image_input` reads it."""
+    from medical_diffusion.datasets.image_input import read_image_input
 
-
-def _is_dicom(path: Path) -> bool:
-    from medical_diffusion.datasets.file_kinds import is_dicom  # needs no imaging package
-
-    return is_dicom(path)
-
-
-def read_source_geometry(path: str | os.PathLike) -> SourceGeometry:
-    """Pixel grid and spacing from a DICOM file or series folder (PixelSpacing is row, column) or
-    a volume (``.mha``/``.nii``/``.nrrd``... via SimpleITK, header only)."""
-    path = Path(path)
-    if path.is_dir():  # a DICOM series: every slice shares the in-plane grid
-        import SimpleITK as sitk
-
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
-        if not files:
-            raise InputFileError(path, "folder holds no DICOM series")
-        path = Path(files[0])
-    if not path.is_file():
-        raise InputFileError(path, "no such file")
-    if _is_dicom(path):
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as exc:
-            raise InputFileError(path, f"not a readable DICOM file ({exc})") from exc
-        if "Rows" not in ds or "Columns" not in ds:
-            raise InputFileError(path, "DICOM file has no image (Rows/Columns missing)")
-        spacing = None
-        for key in ("PixelSpacing", "ImagerPixelSpacing"):
-            if key in ds and ds.get(key) is not None:
-                row_sp, col_sp = (float(v) for v in ds.get(key))
-                spacing = (col_sp, row_sp)
-                break
-        return SourceGeometry((int(ds.Columns), int(ds.Rows)), spacing)
-    try:
-        import SimpleITK as sitk
-    except ImportError:
-        if path.suffix.lower() not in _PLAIN_IMAGE_SUFFIXES:
-            raise
-        with Image.open(path) as image:  # a plain picture: its grid, no spacing
-            return SourceGeometry(image.size, None)
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputFileError(path, f"not a readable image/volume ({str(exc).strip().splitlines()[-1]})") from exc
-    size, spacing = reader.GetSize(), reader.GetSpacing()
-    if len(size) < 2:
-        raise InputFileError(path, "image has fewer than two dimensions")
-    return SourceGeometry((int(size[0]), int(size[1])), (float(spacing[0]), float(spacing[1])))
-
-
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    array = array.astype(np.float64)
-    lo, hi = np.percentile(array, [0.5, 99.5]) if array.size else (0, 1)
-    if hi <= lo:
-        hi = lo + 1
-    return np.clip((array - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
+    source = read_image_input(path, slice_index)
+    return SourceGeometry(source.size, source.spacing)
 
 
 def load_source_image(path: str | os.PathLike, slice_index: int | None = None) -> Image.Image:
-    """An RGB preview of a PNG/JPEG, a DICOM file or one slice of a volume (middle by default)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(path, "no such file")
-    if _is_dicom(path) or path.suffix.lower() in (".mha", ".mhd", ".nii", ".gz", ".nrrd"):
-        import SimpleITK as sitk
+    """An RGB picture of an image input (one slice of a volume or series: the middle by default)."""
+    from medical_diffusion.datasets.image_input import read_image_input
 
-        try:
-            array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-        except RuntimeError as exc:
-            raise InputFileError(path, f"not a readable image/volume ({str(exc).strip().splitlines()[-1]})") from exc
-        if array.ndim == 3 and array.shape[-1] not in (3, 4):
-            index = array.shape[0] // 2 if slice_index is None else slice_index
-            if not 0 <= index < array.shape[0]:
-                raise InputFileError(path, f"slice {index} out of range (0..{array.shape[0] - 1})")
-            array = array[index]
-        return Image.fromarray(_to_uint8(array)).convert("RGB")
-    from medical_diffusion.png_io import load_image
-
-    return load_image(path, "RGB")
+    return read_image_input(path, slice_index).image
 
 
 # -- preview -----------------------------------------------------------------------------
@@ -262,18 +193,24 @@ def overlay_preview(image: Image.Image | None, result: MaskResult, spec: MaskSpe
     """The image at target size with the repaint area tinted red, outlines, and each shape's
     size written next to it (mm when the spacing is known, else px)."""
     wt, ht = spec.target_size
-    base = (image.convert("RGB").resize((wt, ht), Image.LANCZOS) if image is not None
-            else Image.new("RGB", (wt, ht), "black"))
+    geo = spec.geometry()
+    if image is None:
+        base = Image.new("RGB", (wt, ht), "black")
+    elif image.size == tuple(spec.source_size):  # the source slice: fitted as prepare fits it
+        base = Image.fromarray(geo.apply(np.asarray(image.convert("RGB"))))
+    elif image.size == (wt, ht):  # already on the target grid
+        base = image.convert("RGB")
+    else:
+        raise MedDiffError(f"the overlay image is {image.size[0]}x{image.size[1]}, neither the mask's source "
+                           f"({spec.source_size[0]}x{spec.source_size[1]}) nor its target ({wt}x{ht})")
     arr = np.asarray(base).astype(np.float64)
     alpha = (result.mask.astype(np.float64) / 255.0)[..., None] * 0.45
     tint = np.array([255.0, 40.0, 40.0])
     out = Image.fromarray(np.clip(arr * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    w0, h0 = spec.source_size
     frame = tuple(spec.spacing) if spec.unit == "mm" else (1.0, 1.0)
     for i, shape in enumerate(spec.shapes):
-        cx = (shape.center[0] / frame[0] + 0.5) * wt / w0 - 0.5
-        cy = (shape.center[1] / frame[1] + 0.5) * ht / h0 - 0.5
+        cx, cy = (float(v) for v in geo.source_to_target(shape.center[0] / frame[0], shape.center[1] / frame[1]))
         w_px, h_px = result.shape_sizes_px[i]
         if result.shape_sizes_mm is not None:
             label = f"{i + 1}: {result.shape_sizes_mm[i][0]:.1f}x{result.shape_sizes_mm[i][1]:.1f} mm"
@@ -286,7 +223,8 @@ def overlay_preview(image: Image.Image | None, result: MaskResult, spec: MaskSpe
             u, v = shape.radii[0] * math.cos(th), shape.radii[1] * math.sin(th)
             px = shape.center[0] + u * math.cos(a) - v * math.sin(a)
             py = shape.center[1] + u * math.sin(a) + v * math.cos(a)
-            outline.append(((px / frame[0] + 0.5) * wt / w0 - 0.5, (py / frame[1] + 0.5) * ht / h0 - 0.5))
+            tx, ty = geo.source_to_target(px / frame[0], py / frame[1])
+            outline.append((float(tx), float(ty)))
         draw.line(outline, fill=(255, 255, 0), width=1)
         tx = min(max(0, cx + w_px / 2 + 3), wt - 6 * len(label))
         ty = min(max(0, cy - 6), ht - 12)

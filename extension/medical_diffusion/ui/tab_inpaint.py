@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gradio as gr
+import numpy as np
 from PIL import Image
 
+from medical_diffusion.datasets.slice_geometry import SliceGeometry
 from medical_diffusion.ui.context import UIContext
 from medical_diffusion.ui.feedback import shows_errors, uploaded_path
 from medical_diffusion.ui.tab_generate import embedding_names, sampling_controls
@@ -14,10 +18,9 @@ TARGET = 512
 
 def click_to_source(x: float, y: float, source_size: tuple[int, int], unit: str,
                     spacing: tuple[float, float] | None, target: int = TARGET) -> tuple[float, float]:
-    """A click on the ``target``-px overlay -> centre in source pixels, or mm when ``unit == "mm"``."""
-    w0, h0 = source_size
-    sx = (x + 0.5) * w0 / target - 0.5
-    sy = (y + 0.5) * h0 / target - 0.5
+    """A click on the ``target``-px overlay (the source fitted as ``prepare`` fits it: aspect kept, zero
+    padding) -> centre in source pixels, or mm when ``unit == "mm"``."""
+    sx, sy = (float(v) for v in SliceGeometry(tuple(source_size), (target, target)).target_to_source(x, y))
     if unit == "mm":
         if spacing is None:
             raise ValueError("mm needs the pixel spacing")
@@ -44,6 +47,12 @@ def size_lines(spec, res) -> list[str]:
             f"{spec.source_size[1]} source)" for i, s in enumerate(spec.shapes)]
 
 
+def add_shape(stored: list[dict], shape) -> list[dict]:
+    """``stored`` with ``shape`` (a :class:`MaskShape`) added to the union, unless it is already there."""
+    entry = {"center": list(shape.center), "radii": list(shape.radii), "angle": shape.angle}
+    return list(stored) if entry in stored else list(stored) + [entry]
+
+
 def pick_cell(last: dict | None, cell) -> Image.Image:
     """The picture of cell ``cell`` (1 = first) of the last result (a single image has one cell)."""
     cells = (last or {}).get("cells") or []
@@ -63,8 +72,8 @@ def build(ctx: UIContext) -> dict:
     ``on_show`` (``(fn, outputs)``)."""
     from medical_diffusion.generation.inpainting import FILL_MODES, inpaint
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
-    from medical_diffusion.generation.masks import (MaskShape, MaskSpec, load_source_image, overlay_preview,
-                                                    read_source_geometry, render_mask)
+    from medical_diffusion.datasets.image_input import read_image_input
+    from medical_diffusion.generation.masks import MaskShape, MaskSpec, overlay_preview, render_mask
     from medical_diffusion.png_io import save_png
 
     source = gr.State(None)  # {"size": [w, h]} of the loaded image
@@ -74,7 +83,8 @@ def build(ctx: UIContext) -> dict:
             image = gr.Image(label="Image (upload, or load a DICOM/volume below)", type="pil",
                              elem_id="md_inp_image")
             with gr.Row():
-                volume_file = gr.File(label="DICOM / NIfTI / MHA (pixel spacing read from the header)")
+                volume_file = gr.File(label="DICOM file or the files of a DICOM series, NIfTI / MHA (pixel "
+                                            "spacing read from the header)", file_count="multiple")
                 slice_index = gr.Number(value=-1, precision=0, label="Slice (-1: middle)")
             load_btn = gr.Button("Load file")
         with gr.Column():
@@ -123,8 +133,9 @@ def build(ctx: UIContext) -> dict:
             raise ValueError("load or upload an image first")
         spacing = (float(spx), float(spy)) if spx and spy else None
         current = MaskShape((float(x), float(y)), (float(r1), float(r2)), float(a))
-        stored = [MaskShape(tuple(s["center"]), tuple(s["radii"]), s["angle"]) for s in extra or []]
-        return MaskSpec(stored + [current], unit=u, source_size=tuple(src["size"]), spacing=spacing,
+        union = add_shape(extra or [], current)  # the current shape, unless it was already added
+        shapes = [MaskShape(tuple(s["center"]), tuple(s["radii"]), s["angle"]) for s in union]
+        return MaskSpec(shapes, unit=u, source_size=tuple(src["size"]), spacing=spacing,
                         target_size=(TARGET, TARGET), feather=float(f or 0), invert=bool(inv))
 
     def render(img, src, extra, *geo):
@@ -134,11 +145,20 @@ def build(ctx: UIContext) -> dict:
         return overlay_preview(img, res, spec), "\n\n".join(lines), res, spec
 
     def image_and_mask(img, src, extra, *geo):
-        """The picture and its mask at the picture's own size (white = repaint)."""
+        """The picture and its mask drawn on the picture's own grid (white = repaint), for the webui's
+        img2img, which resizes them its own way."""
         if img is None:
             raise ValueError("load or upload an image first")
-        res = render(img, src, extra, *geo)[2]
-        return img, Image.fromarray(res.mask).resize(img.size, Image.NEAREST)
+        spec = spec_of(src, extra, *geo)
+        return img, Image.fromarray(render_mask(replace(spec, target_size=spec.source_size)).mask)
+
+    def fitted_image_and_mask(img, src, extra, *geo):
+        """The picture fitted onto the 512-px mask grid as ``prepare`` fits a slice (aspect kept, zero
+        padding), and the mask: what the model was trained on."""
+        if img is None:
+            raise ValueError("load or upload an image first")
+        _picture, _text, res, spec = render(img, src, extra, *geo)
+        return Image.fromarray(spec.geometry().apply(np.asarray(img.convert("RGB")))), Image.fromarray(res.mask)
 
     @shows_errors
     def on_upload(img):
@@ -150,14 +170,15 @@ def build(ctx: UIContext) -> dict:
 
     @shows_errors
     def on_load(file, index):
-        path = uploaded_path(file)
-        if not path:
-            raise ValueError("choose a DICOM or volume file")
-        geo = read_source_geometry(path)
-        img = load_source_image(path, None if int(index) < 0 else int(index))
-        spx, spy = geo.spacing or (0, 0)
+        paths = [uploaded_path(f) for f in (file if isinstance(file, list) else [file])]
+        paths = [p for p in paths if p]
+        if not paths:
+            raise ValueError("choose a DICOM or volume file (or the DICOM files of one series)")
+        source = read_image_input(paths, None if int(index) < 0 else int(index))
+        img = source.image
+        spx, spy = source.spacing or (0, 0)
         return (img, {"size": list(img.size)}, [], spx, spy,
-                *default_geometry(img.size, geo.spacing if spx and spy else None))
+                *default_geometry(img.size, source.spacing if spx and spy else None))
 
     @shows_errors
     def on_geometry(img, src, extra, *geo):
@@ -178,8 +199,7 @@ def build(ctx: UIContext) -> dict:
     @shows_errors
     def on_add(src, extra, *geo):
         spec = spec_of(src, extra, *geo)
-        last = spec.shapes[-1]
-        return extra + [{"center": list(last.center), "radii": list(last.radii), "angle": last.angle}]
+        return add_shape(extra or [], spec.shapes[-1])
 
     @shows_errors
     def on_save(img, src, extra, *geo):
@@ -199,7 +219,7 @@ def build(ctx: UIContext) -> dict:
         name, text, steps, cfg, seed, width, height, negative, s, fm, b, om, pad = rest
         if not name and not (text or "").strip():
             raise ValueError("choose an embedding or type a prompt")
-        img, mask = image_and_mask(img, src, extra, *geo)
+        img, mask = (image_and_mask if ctx.inpaint is not None else fitted_image_and_mask)(img, src, extra, *geo)
         the_prompt = (text or "").strip() or name
         settings = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), cfg_scale=float(cfg),
                         denoising_strength=float(s), fill=fm, mask_blur=int(b), only_masked=bool(om),
@@ -246,4 +266,5 @@ def build(ctx: UIContext) -> dict:
         return gr.Dropdown.update(choices=embedding_names(ctx))
 
     return {"take_image": take_image, "on_show": (refresh_names, [emb]), "on_upload": on_upload,
-            "on_load": on_load, "render": render}
+            "on_load": on_load, "on_add": on_add, "render": render, "image_and_mask": image_and_mask,
+            "fitted_image_and_mask": fitted_image_and_mask}

@@ -135,7 +135,8 @@ def build(ctx: UIContext) -> None:
                 gen_label = gr.Textbox(value="images", label="Class name", elem_id="md_prep_gen_label")
             with gr.Row():
                 gen_window = gr.Textbox(value="auto", label="Window: auto, minmax, percentile, or C,W")
-                gen_slice = gr.Number(value=-1, precision=0, label="Slice of volumes (-1: middle)")
+                gen_slice = gr.Textbox(value="middle", label="Slice(s) of volumes and series: middle, 9, all, "
+                                                             "5-12 or 3,5,9-11 (chosen slices: NAME_s009.png)")
                 gen_mask = gr.Textbox(label="Mask file/folder for slice choice (optional)")
             gen_btn = gr.Button("Import", variant="primary", elem_id="md_prep_gen_run")
     status = gr.Markdown(elem_id="md_prep_status")
@@ -189,7 +190,7 @@ def build(ctx: UIContext) -> None:
         if not paths:
             raise ValueError("give at least one file or folder")
         opts = ImportOptions(inputs=paths, label=label.strip() or "images", window=window.strip() or "auto",
-                             slice_index=None if int(sl) < 0 else int(sl),
+                             slice_index=str(sl or "").strip() or None,
                              mask=str(ctx.path(mask, must_exist=True)) if mask.strip() else None,
                              **common(o, n, sp, sd, w))
         return summary(prepare_images(opts, progress=progress_cb(progress)))
