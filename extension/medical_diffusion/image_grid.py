@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
 
+@functools.lru_cache(maxsize=1)
+def label_font_file() -> Path | None:
+    """DejaVu Sans from matplotlib's bundled fonts (a dependency; found without importing it): it has
+    the arrows and symbols of our titles, which Pillow's default font draws as missing-glyph boxes."""
+    spec = importlib.util.find_spec("matplotlib")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return path
+    return None
+
+
 def _font(size: int) -> ImageFont.ImageFont:
+    path = label_font_file()
+    if path is not None:
+        try:
+            return ImageFont.truetype(str(path), size)
+        except OSError:  # a FreeType-less Pillow
+            pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has no sized default font
@@ -50,7 +71,10 @@ def make_grid(
     font = _font(font_size)
     label_h = font_size + 2 * pad if labels else 0
     title_h = font_size + 2 * pad if title else 0
-    sheet = Image.new("RGB", (cols * (w + pad) + pad, title_h + rows * (h + label_h + pad) + pad), "white")
+    width = cols * (w + pad) + pad
+    if title:  # a narrow grid (one image) grows to show its whole title
+        width = max(width, int(math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font))) + 2 * pad)
+    sheet = Image.new("RGB", (width, title_h + rows * (h + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     if title:
         draw_label(draw, (pad, pad), title, font=font)
