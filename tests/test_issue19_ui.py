@@ -478,3 +478,68 @@ def test_status_text_shows_angle_brackets_and_no_markdown():
 
     assert escape_markdown("<class 'int'> *a* [b](c)") == "&lt;class 'int'&gt; \\*a\\* \\[b\\](c)"
     assert status_error(MedDiffError("x")) == "**Error:** x"
+
+
+@pytest.mark.slow
+def test_closing_the_browser_stops_a_job_in_the_real_standalone_app(tmp_path, tiny_backend, monkeypatch):
+    """``meddiff ui``'s gradio queue: the page's websocket closes mid-run, the sampler stops."""
+    import websockets.sync.client as ws_client
+    from browser_support import free_port
+
+    from medical_diffusion.ui import standalone
+
+    calls = _count_unet_calls(monkeypatch)
+    from medical_diffusion.generation import sampling
+
+    counting = sampling.run_model
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return counting(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "run_model", slow)
+    (tmp_path / "emb").mkdir()
+    port = free_port()
+    blocks = standalone.launch(_tiny_ctx(tmp_path, tiny_backend), port=port, block=False)
+    try:
+        by_id = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
+        fn_index = next(i for i, d in enumerate(blocks.dependencies)
+                        if by_id["md_gen_generate"]._id in d["targets"])
+        socket = ws_client.connect(f"ws://127.0.0.1:{port}/queue/join", open_timeout=10)
+        assert json.loads(socket.recv(10))["msg"] == "send_hash"
+        socket.send(json.dumps({"session_hash": "s19", "fn_index": fn_index}))
+        while json.loads(socket.recv(10))["msg"] != "send_data":
+            pass
+        socket.send(json.dumps({"session_hash": "s19", "fn_index": fn_index, "event_data": None,
+                                "data": ["a scan", 150, 2.0, 0, 64, 64, ""]}))
+        deadline = time.monotonic() + 30
+        while len(calls) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(calls) >= 5
+        socket.close()  # the browser tab is closed
+        time.sleep(1.0)
+        stopped_at = len(calls)
+        time.sleep(1.0)
+        assert len(calls) == stopped_at < 150
+        assert not (tmp_path / "work" / "outputs").exists()
+    finally:
+        blocks.close()
+
+
+def test_inpainting_stops_within_one_sampler_step(tiny_backend, monkeypatch):
+    """The Inpaint tab's Stop hook: the core inpainting asks ``should_stop`` before every step."""
+    from medical_diffusion.generation.inpainting import inpaint
+
+    calls = _count_unet_calls(monkeypatch)
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 16, 48, 48))
+    asked = []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(Cancelled):
+        inpaint(tiny_backend, Image.new("RGB", (64, 64), "gray"), mask, "x", steps=20, width=64, height=64,
+                denoising_strength=1.0, should_stop=should_stop)
+    assert len(calls) == 2
