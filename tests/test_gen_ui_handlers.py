@@ -70,9 +70,10 @@ def test_pick_cell_takes_a_cell_of_a_grid_or_the_single_image():
         pick_cell(None, 1)
 
 
-def test_a_failed_run_clears_the_shown_picture_and_says_why(tmp_path):
+def test_a_failed_run_says_why_and_marks_the_shown_picture_stale(tmp_path):
     """A run's picture, the Inpaint tab's cells and the status line are one event's outputs: a failure
-    clears the old picture (it no longer stands for the parameters shown) and the status says why."""
+    keeps the earlier picture (the Inpaint tab may still take it) and the status says why and that the
+    picture is an earlier run's."""
     from medical_diffusion.ui import tab_generate
 
     with gr.Blocks() as blocks:
@@ -83,5 +84,6 @@ def test_a_failed_run_clears_the_shown_picture_and_says_why(tmp_path):
         first = next(d for d in blocks.dependencies if by_id[button]._id in d["targets"])
         assert first["outputs"] == expected
     picture, cells, status = parts["grid"]("", "", 3, 2, 2.0, 0, 64, 64, "")
-    assert picture is None and cells is None
-    assert status.startswith("**Error:**") and "choose a healthy and a diseased embedding" in status
+    assert picture == gr.update() and cells == gr.update()
+    assert status.startswith("**Error:** choose a healthy and a diseased embedding")
+    assert "from an earlier run" in status

@@ -152,7 +152,7 @@ def _count_unet_calls(monkeypatch):
     return calls
 
 
-def test_stop_ends_a_grid_within_one_sampler_step(tmp_path, tiny_backend, monkeypatch):
+def test_stop_ends_a_generation_within_one_sampler_step(tmp_path, tiny_backend, monkeypatch):
     from medical_diffusion.ui import tab_generate
 
     (tmp_path / "emb").mkdir()
@@ -165,7 +165,8 @@ def test_stop_ends_a_grid_within_one_sampler_step(tmp_path, tiny_backend, monkey
 
     picture, cells, status = parts["generate"]("a scan", 20, 2.0, 0, 64, 64, "", progress=progress)
     assert len(calls) == 1
-    assert picture is None and cells is None and status.startswith("**Stopped:**")
+    assert status.startswith("**Stopped:**") and "from an earlier run" in status
+    assert picture == gr.update() and cells == gr.update()  # the earlier picture stays, marked stale
     assert not (tmp_path / "work" / "outputs").exists()
 
 

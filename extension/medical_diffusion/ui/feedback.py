@@ -78,19 +78,23 @@ def _toast(exc: BaseException) -> None:
         pass
 
 
-def failure_outputs(exc: BaseException, n_outputs: int, status: int, keep: Sequence[int] = ()) -> Any:
-    """The outputs of a failed handler: the message at ``status``, ``gr.update()`` (unchanged) at the
-    positions in ``keep``, None (cleared) elsewhere; a bare value when the handler has one output."""
+def failure_outputs(exc: BaseException, n_outputs: int, status: int, keep: Sequence[int] = (),
+                    stale_note: str = "") -> Any:
+    """The outputs of a failed handler: the message at ``status`` (then ``stale_note``, saying that
+    what is still shown is not this run's), ``gr.update()`` (unchanged) at the positions in ``keep``,
+    None (cleared) elsewhere; a bare value when the handler has one output."""
     values = [gr.update() if i in keep else None for i in range(n_outputs)]
-    values[status] = status_error(exc)
+    values[status] = status_error(exc) + (f"\n\n_{escape_markdown(stale_note)}_" if stale_note else "")
     return values[0] if n_outputs == 1 else tuple(values)
 
 
-def reports_in_status(n_outputs: int, status: int = -1, keep: Sequence[int] = ()) -> Callable[[Callable], Callable]:
+def reports_in_status(n_outputs: int, status: int = -1, keep: Sequence[int] = (),
+                      stale_note: str = "") -> Callable[[Callable], Callable]:
     """Decorate a gradio handler (function or generator) with ``n_outputs`` outputs, one of them (index
     ``status``) the tab's status Markdown: any exception ends the handler normally with
     :func:`failure_outputs`, so the message stays in the tab, earlier results are cleared (except the
-    outputs in ``keep``), the event is not an error and the server log gets :func:`log_failure`'s line.
+    outputs in ``keep``, which ``stale_note`` marks as an earlier run's), the event is not an error and
+    the server log gets :func:`log_failure`'s line.
     """
     status = status % n_outputs
 
@@ -98,7 +102,7 @@ def reports_in_status(n_outputs: int, status: int = -1, keep: Sequence[int] = ()
         def fail(exc: BaseException):
             log_failure(exc)
             _toast(exc)
-            return failure_outputs(exc, n_outputs, status, keep)
+            return failure_outputs(exc, n_outputs, status, keep, stale_note)
 
         if inspect.isgeneratorfunction(fn):
 

@@ -41,7 +41,8 @@ def build(ctx: UIContext) -> dict:
 
     Every result is saved under ``WORK/outputs/<image|interpolation|composition>/<date>/`` with its
     parameters (:mod:`medical_diffusion.generation.outputs`); the status line says where. A failed or
-    stopped run says why in the status line and clears the picture, so no old result stands for it."""
+    stopped run says why in the status line, which marks the picture still shown (and still offered to
+    the Inpaint tab) as an earlier run's."""
     from medical_diffusion.generation.composition import composition_stages
     from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
@@ -135,8 +136,11 @@ def build(ctx: UIContext) -> dict:
         return dict(seed=used, **sample_kwargs(steps, cfg, width, height, negative), model=ctx.model_id, **extra)
 
     outputs = [result, last_image, status]
+    # a failure keeps the earlier picture (the Inpaint tab may still take it) and says it is not this run's
+    reports = reports_in_status(len(outputs), keep=[0, 1],
+                                stale_note="The picture shown is from an earlier run, not from these settings.")
 
-    @reports_in_status(len(outputs))
+    @reports
     def do_generate(text, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
         if not text.strip():
             raise MedDiffError("the prompt is empty: type one, or build it from embeddings")
@@ -149,7 +153,7 @@ def build(ctx: UIContext) -> dict:
         lines = [format_warnings(warn), f"Generated {escape_markdown(text)} at seed {used}. {where}"]
         return image, {"cells": [image]}, "\n\n".join(filter(None, lines))
 
-    @reports_in_status(len(outputs))
+    @reports
     def do_grid(h, d, kk, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
         if not h or not d:
             raise MedDiffError("choose a healthy and a diseased embedding")
@@ -166,7 +170,7 @@ def build(ctx: UIContext) -> dict:
                       cells=[Picture(f.image, f.prompt, f.label) for f in frames])
         return grid, {"cells": list(images)}, f"{len(frames)} frames at seed {used}. {where}"
 
-    @reports_in_status(len(outputs))
+    @reports
     def do_compose(h, *values, progress=gr.Progress()):
         slots, (steps, cfg, seed, width, height, negative) = values[: 2 * SLOTS], values[2 * SLOTS:]
         additions = [(n, float(w)) for n, w in zip(slots[:SLOTS], slots[SLOTS:]) if n]
