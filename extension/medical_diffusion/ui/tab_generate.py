@@ -138,7 +138,7 @@ def build(ctx: UIContext) -> dict:
     outputs = [result, last_image, status]
     # a failure keeps the earlier picture (the Inpaint tab may still take it) and says it is not this run's
     reports = reports_in_status(len(outputs), keep=[0, 1],
-                                stale_note="The picture shown is from an earlier run, not from these settings.")
+                                stale_note="A picture still shown is from an earlier run, not from these settings.")
 
     @reports
     def do_generate(text, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
