@@ -237,7 +237,7 @@ def test_outside_the_queue_there_is_no_browser_to_watch():
 
 
 def test_the_classifier_and_fid_stop_at_their_next_batch():
-    from medical_diffusion.ui.tab_evaluate import stopping_progress
+    from medical_diffusion.ui.stopping import stopping_progress
 
     seen, stop = [], threading.Event()
     progress = stopping_progress(lambda *a: seen.append(a), stop.is_set)
@@ -544,3 +544,38 @@ def test_inpainting_stops_within_one_sampler_step(tiny_backend, monkeypatch):
         inpaint(tiny_backend, Image.new("RGB", (64, 64), "gray"), mask, "x", steps=20, width=64, height=64,
                 denoising_strength=1.0, should_stop=should_stop)
     assert len(calls) == 2
+
+
+def test_the_fid_route_stops_at_the_next_batch_once_its_client_has_gone(tmp_path, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from medical_diffusion.evaluation import fid as fid_module
+    from medical_diffusion.ui import api_routes
+    from medical_diffusion.ui.api_guard import ApiCredentials, ServerSecurity
+
+    stops, batches = [], []
+
+    async def runner(request, work, poll=0.25):  # the client goes away after the third batch
+        stops.append(threading.Event())
+        return work(stops[-1])
+
+    def fake_fid(*args, progress=None, **kwargs):
+        for i in range(100):
+            progress("features: real", i, 100)
+            batches.append(i)
+            if i == 2:
+                stops[-1].set()
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(api_routes, "run_while_connected", runner)
+    monkeypatch.setattr(fid_module, "compute_fid", fake_fid)
+    for name in ("real", "generated"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setenv("MEDDIFF_ALLOWED_ROOTS", str(tmp_path))
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.include_router(api_routes.make_router(_ctx(tmp_path)))
+    answer = TestClient(app).post(f"{api_routes.PREFIX}/fid",
+                                  json={"real": str(tmp_path / "real"), "generated": str(tmp_path / "generated")})
+    assert batches == [0, 1, 2] and "stopped during features: real" in answer.json()["detail"]

@@ -23,6 +23,7 @@ from medical_diffusion.errors import Cancelled, MedDiffError, OutOfRangeError
 from medical_diffusion.ui.api_guard import read_json_object
 from medical_diffusion.ui.api_models import BodyError, FidRequest, InterpolateRequest, TrainRequest, parse_body
 from medical_diffusion.ui.context import UIContext, evaluation_device
+from medical_diffusion.ui.stopping import stopping_progress
 
 PREFIX = "/medical-diffusion/v1"
 #: how often a running job looks whether its client is still there (seconds)
@@ -165,8 +166,8 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
                     raise Cancelled("the client disconnected")
                 return compute_fid(real, generated, extractor=req.extractor, weights=weights, mode=req.mode,
                                    bootstrap_reps=req.bootstrap_reps, resample=req.resample, seed=req.seed,
-                                   cache_dir=ctx.work_dir / "feature_cache",
-                                   device=evaluation_device(ctx)).to_dict()
+                                   cache_dir=ctx.work_dir / "feature_cache", device=evaluation_device(ctx),
+                                   progress=stopping_progress(None, stop.is_set)).to_dict()
 
         from medical_diffusion.evaluation.weights import MissingWeightsError
 

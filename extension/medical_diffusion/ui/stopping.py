@@ -141,6 +141,22 @@ def format_seconds(seconds: float) -> str:
     return f"{hours} h {minutes} min"
 
 
+def stopping_progress(report: Callable[[str, int, int], None] | None,
+                      should_stop: ShouldStop) -> Callable[[str, int, int], None]:
+    """A ``progress(stage, done, total)`` for the evaluation core (FID features, bootstrap, classifier
+    steps) that stops the work with :class:`Cancelled` at its next batch, repetition or step once
+    ``should_stop()``; otherwise it passes the report on."""
+    from medical_diffusion.errors import Cancelled
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if should_stop():
+            raise Cancelled(f"stopped during {stage} ({done}/{total})")
+        if report is not None:
+            report(stage, done, total)
+
+    return progress
+
+
 STOPPED = "**Stopped.**"
 
 

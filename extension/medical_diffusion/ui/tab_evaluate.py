@@ -9,11 +9,11 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 
 import gradio as gr
 
-from medical_diffusion.errors import Cancelled, MedDiffError
+from medical_diffusion.errors import MedDiffError
 from medical_diffusion.evaluation.weights import MissingWeightsError
 from medical_diffusion.ui.context import UIContext, evaluation_device
 from medical_diffusion.ui.feedback import escape_markdown, reports_in_status, status_line
-from medical_diffusion.ui.stopping import StepClock, StopFlag, add_stop_button
+from medical_diffusion.ui.stopping import StepClock, StopFlag, add_stop_button, stopping_progress
 
 _SETTINGS = "in the webui also: Settings > Medical Diffusion"
 #: what to do in this tab when a weights file is missing (the core error says what and where)
@@ -125,17 +125,6 @@ def check_mix_counts(specs: list, real_train) -> None:
                     f"({want - want // 2} neg + {want // 2} pos), but {folder} has {n_neg} neg and {n_pos} pos; "
                     f"ask for at most {most_balanced(n_neg, n_pos)} {what} images on that line")
 
-
-def stopping_progress(report: Callable[[str, int, int], None] | None, should_stop: Callable[[], bool]):
-    """A ``progress(stage, done, total)`` for the core that stops the work (:class:`Cancelled`) at the
-    next batch, bootstrap repetition or training step once ``should_stop()``."""
-    def progress(stage: str, done: int, total: int) -> None:
-        if should_stop():
-            raise Cancelled(f"stopped during {stage} ({done}/{total})")
-        if report is not None:
-            report(stage, done, total)
-
-    return progress
 
 
 def build(ctx: UIContext) -> dict:
