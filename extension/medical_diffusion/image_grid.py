@@ -41,10 +41,15 @@ def draw_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fi
     """``draw.text`` that also works with the bitmap default font of Pillow < 10.1 (the webui's 9.5),
     which can draw only Latin-1: other characters become ASCII look-alikes or ``?``."""
     font = font or _font(11)
+    draw.text(xy, drawable_text(text, font), fill=fill, font=font)
+
+
+def drawable_text(text: str, font: ImageFont.ImageFont) -> str:
+    """``text`` as ``font`` can draw it: a bitmap font gets ASCII look-alikes and Latin-1."""
     if not isinstance(font, ImageFont.FreeTypeFont):
         text = text.replace("\u2192", "->").replace("\u2190", "<-").replace("\u26a0", "!")
         text = text.encode("latin-1", "replace").decode("latin-1")
-    draw.text(xy, text, fill=fill, font=font)
+    return text
 
 
 def make_grid(
@@ -73,7 +78,8 @@ def make_grid(
     title_h = font_size + 2 * pad if title else 0
     width = cols * (w + pad) + pad
     if title:  # a narrow grid (one image) grows to show its whole title
-        width = max(width, int(math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font))) + 2 * pad)
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        width = max(width, int(math.ceil(measure.textlength(drawable_text(title, font), font=font))) + 2 * pad)
     sheet = Image.new("RGB", (width, title_h + rows * (h + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     if title:
