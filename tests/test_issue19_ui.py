@@ -579,3 +579,58 @@ def test_the_fid_route_stops_at_the_next_batch_once_its_client_has_gone(tmp_path
     answer = TestClient(app).post(f"{api_routes.PREFIX}/fid",
                                   json={"real": str(tmp_path / "real"), "generated": str(tmp_path / "generated")})
     assert batches == [0, 1, 2] and "stopped during features: real" in answer.json()["detail"]
+
+
+def test_the_hosts_interrupt_stops_an_fid_run(tmp_path, monkeypatch):
+    """Inside the webui ``ctx.job_session`` begins the webui's job and hands over its Interrupt flag."""
+    import contextlib
+
+    from medical_diffusion.evaluation import fid as fid_module
+    from medical_diffusion.ui import tab_evaluate
+
+    interrupted, sessions, batches = [False], [], []
+
+    @contextlib.contextmanager
+    def job_session(job):
+        sessions.append(job)
+        try:
+            yield lambda: interrupted[0]
+        finally:
+            sessions.append("end")
+
+    def fake_fid(*args, progress=None, **kwargs):
+        for i in range(100):
+            progress("bootstrap", i, 100)
+            batches.append(i)
+            interrupted[0] = i >= 1  # the webui's Interrupt button
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(fid_module, "compute_fid", fake_fid)
+    for name in ("real", "generated"):
+        (tmp_path / name).mkdir()
+    with gr.Blocks():
+        parts = tab_evaluate.build(_ctx(tmp_path, job_session=job_session))
+    text, json_value = parts["fid"](str(tmp_path / "real"), str(tmp_path / "generated"), "inception",
+                                    str(tmp_path / "real"), "paper", 0, "both", 0)
+    assert batches == [0, 1] and sessions == ["FID", "end"]
+    assert text.startswith("**Stopped:**") and json_value is None
+
+
+def test_the_webui_job_session_begins_and_ends_the_webuis_job(monkeypatch):
+    import sys
+    import types
+
+    from medical_diffusion.webui.tabs import job_session
+
+    state = _WebuiState()
+    shared = types.SimpleNamespace(state=state)
+    modules = types.ModuleType("modules")
+    modules.shared = shared
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.shared", shared)
+    state.interrupted = True  # pressed before the job: does not count
+    with job_session("FID") as interrupted:
+        assert not interrupted()
+        state.interrupt()
+        assert interrupted()
+    assert state.calls == ["begin", "end"] and state.textinfo == "Medical Diffusion: FID"

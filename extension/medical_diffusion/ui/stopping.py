@@ -37,14 +37,15 @@ class StopFlag:
         return self._event.is_set()
 
     @contextlib.contextmanager
-    def running(self, *also: ShouldStop | None) -> Iterator[ShouldStop]:
+    def running(self, *also: ShouldStop | None, host_session=None, job: str = "job") -> Iterator[ShouldStop]:
         """Around one job: yields ``should_stop()``, True once Stop was pressed, the browser that
-        started the job has gone (when run from gradio's queue) or one of ``also`` says so."""
+        started the job has gone (when run from gradio's queue), one of ``also`` says so, or the host
+        says so (``host_session(job)``: :attr:`UIContext.job_session`, the webui's Interrupt)."""
         self._event.clear()
         checks = [self._event.is_set] + [c for c in also if c is not None]
-        with watch_browser() as gone:
-            if gone is not None:
-                checks.append(gone)
+        session = host_session(job) if host_session is not None else contextlib.nullcontext(None)
+        with session as host_stop, watch_browser() as gone:
+            checks += [c for c in (host_stop, gone) if c is not None]
             yield lambda: any(check() for check in checks)
 
 

@@ -194,7 +194,7 @@ def build(ctx: UIContext) -> dict:
     @reports_in_status(2, status=0)
     @tab_hints()
     def do_fid(r, g, ext, w, m, n, rs, sd, progress=gr.Progress()):
-        with fid_flag.running() as should_stop:
+        with fid_flag.running(host_session=ctx.job_session, job="FID") as should_stop:
             result = compute_fid(ctx.path(r, must_exist=True), ctx.path(g, must_exist=True), extractor=ext,
                                  weights=_optional(ctx, w or default_weights(ext)), mode=m, bootstrap_reps=int(n),
                                  resample=rs, seed=int(sd), cache_dir=ctx.work_dir / "feature_cache",
@@ -232,7 +232,7 @@ def build(ctx: UIContext) -> dict:
 
     @reports_in_status(4, keep=[0])
     def do_classify(*values):
-        with tab_hints(), cls_flag.running() as should_stop:
+        with tab_hints(), cls_flag.running(host_session=ctx.job_session, job="classifier") as should_stop:
             real_root, specs, out, config = classifier_args(*values)
 
             def job(progress, log):

@@ -52,6 +52,20 @@ def training_session(job: str, steps: int):
         forget_cached_conditioning()
 
 
+@contextlib.contextmanager
+def job_session(job: str):
+    """Around a long job of the tabs (FID, classifier): the webui's progress state, and its Interrupt
+    button as a stop flag (an Interrupt pressed before the job began does not count)."""
+    from modules import shared
+
+    shared.state.begin(job=f"medical-diffusion-{job}")
+    shared.state.textinfo = f"Medical Diffusion: {job}"
+    try:
+        yield lambda: bool(shared.state.interrupted)
+    finally:
+        shared.state.end()
+
+
 class SettingsDefaults(Mapping):
     """The tabs' defaults read from the webui's settings at each use, so a changed setting applies
     without a UI reload (an empty weights box uses the current setting)."""
@@ -128,6 +142,7 @@ def make_context():
         work_lock=lambda: call_queue.queue_lock,
         cache_backend=False,
         training_session=training_session,
+        job_session=job_session,
         on_training_step=report_training_step,
         loaded_text_width=loaded_text_width,
         model_id="webui",
