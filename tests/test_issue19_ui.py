@@ -551,7 +551,6 @@ def test_the_fid_route_stops_at_the_next_batch_once_its_client_has_gone(tmp_path
 
     from medical_diffusion.evaluation import fid as fid_module
     from medical_diffusion.ui import api_routes
-    from medical_diffusion.ui.api_guard import ApiCredentials, ServerSecurity
 
     stops, batches = [], []
 
@@ -634,3 +633,16 @@ def test_the_webui_job_session_begins_and_ends_the_webuis_job(monkeypatch):
         state.interrupt()
         assert interrupted()
     assert state.calls == ["begin", "end"] and state.textinfo == "Medical Diffusion: FID"
+
+
+def test_a_result_that_cannot_be_saved_is_still_shown(tmp_path, tiny_backend):
+    from medical_diffusion.ui import tab_generate
+
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "outputs").write_text("a file where the outputs folder would be")
+    with gr.Blocks():
+        parts = tab_generate.build(_tiny_ctx(tmp_path, tiny_backend))
+    picture, cells, status = parts["generate"]("a scan", 2, 2.0, 0, 64, 64, "", progress=None)
+    assert picture is not None and cells["cells"] == [picture]
+    assert "**Not saved:**" in status and "Generated a scan at seed 0" in status

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import gradio as gr
 
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.ui.context import UIContext
 from medical_diffusion.ui.feedback import escape_markdown, reports_in_status, shows_errors, status_line
 from medical_diffusion.ui.stopping import StopFlag, add_stop_button
+
+log = logging.getLogger(__name__)
 
 #: gradio 3.41 cannot add widgets at run time: this many (embedding, weight) rows are offered
 SLOTS = 4
@@ -128,8 +132,13 @@ def build(ctx: UIContext) -> dict:
     param_inputs = [params[k] for k in ("steps", "cfg", "seed", "width", "height", "negative")]
 
     def saved(kind: str, picture, params: dict, cells=(), prompt: str = "") -> str:
-        done = save_result(ctx.work_dir, kind, picture, params, cells=cells, prompt=prompt,
-                           embeddings_dir=ctx.embeddings_dir)
+        """Save the result; the status says where (or why not: the picture is still shown)."""
+        try:
+            done = save_result(ctx.work_dir, kind, picture, params, cells=cells, prompt=prompt,
+                               embeddings_dir=ctx.embeddings_dir)
+        except (OSError, MedDiffError) as exc:
+            log.warning("the %s result was not saved: %s", kind, exc)
+            return f"**Not saved:** {escape_markdown(exc)}"
         return f"Saved to {escape_markdown(done.picture)} (parameters in {escape_markdown(done.sidecar.name)})."
 
     def run_params(used: int, steps, cfg, width, height, negative, **extra) -> dict:
