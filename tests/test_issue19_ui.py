@@ -646,3 +646,15 @@ def test_a_result_that_cannot_be_saved_is_still_shown(tmp_path, tiny_backend):
     picture, cells, status = parts["generate"]("a scan", 2, 2.0, 0, 64, 64, "", progress=None)
     assert picture is not None and cells["cells"] == [picture]
     assert "**Not saved:**" in status and "Generated a scan at seed 0" in status
+
+
+def test_a_value_error_is_one_warning_line_with_its_traceback_only_at_debug_level(caplog):
+    from medical_diffusion.ui.feedback import reports_in_status
+
+    @reports_in_status(1)
+    def handler():
+        raise ValueError("choose 1..3")
+
+    with caplog.at_level(logging.INFO):
+        assert handler() == "**Error:** choose 1..3"
+    assert [(r.levelno, r.exc_info is None) for r in caplog.records] == [(logging.WARNING, True)]

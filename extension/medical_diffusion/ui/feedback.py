@@ -52,14 +52,16 @@ def status_error(exc: BaseException) -> str:
 
 
 def log_failure(exc: BaseException) -> None:
-    """A user error or a stop is one log line; anything else (a bug) keeps its traceback."""
+    """A user error or a stop is one log line (a ``ValueError``'s traceback follows at DEBUG level);
+    anything else (a bug) keeps its traceback."""
     message = error_message(exc)
     if isinstance(exc, Cancelled):
         log.info("%s", message)
     elif isinstance(exc, MedDiffError):
         log.warning("%s", message)
-    elif isinstance(exc, USER_ERRORS):
-        log.warning("%s", message, exc_info=True)
+    elif isinstance(exc, USER_ERRORS):  # most likely the user's input; the traceback only at DEBUG level
+        log.warning("%s", message)
+        log.debug("traceback of: %s", message, exc_info=exc)
     else:
         log.error("%s: %s", exc.__class__.__name__, message, exc_info=exc)
 
