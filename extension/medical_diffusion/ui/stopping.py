@@ -99,8 +99,11 @@ def watch_browser() -> Iterator[ShouldStop | None]:
     gone = threading.Event()
     watcher = asyncio.run_coroutine_threadsafe(_wait_for_close(event.websocket, gone), loop)
 
+    told = []
+
     def is_gone() -> bool:
-        if gone.is_set():
+        if gone.is_set() and not told:
+            told.append(True)
             log.info("the browser has gone; stopping its job")
         return gone.is_set()
 
