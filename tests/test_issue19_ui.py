@@ -658,3 +658,13 @@ def test_a_value_error_is_one_warning_line_with_its_traceback_only_at_debug_leve
     with caplog.at_level(logging.INFO):
         assert handler() == "**Error:** choose 1..3"
     assert [(r.levelno, r.exc_info is None) for r in caplog.records] == [(logging.WARNING, True)]
+
+
+def test_the_default_mixes_follow_the_synthetic_folder(tmp_path):
+    from medical_diffusion.ui.tab_evaluate import DEFAULT_MIXES, mixes_for
+
+    _class_folders(tmp_path / "syn", 6)
+    ctx = _ctx(tmp_path)
+    assert mixes_for(ctx, str(tmp_path / "syn"), DEFAULT_MIXES) == "real=all:0\nreal_plus_synthetic=all:12"
+    assert mixes_for(ctx, str(tmp_path / "syn"), "mine=0:4") == gr.update()  # the user's own mixes stay
+    assert mixes_for(ctx, str(tmp_path / "nowhere"), DEFAULT_MIXES) == gr.update()

@@ -75,6 +75,8 @@ def _optional(ctx: UIContext, text: str):
 
 
 MIXES_BOX = "Mixes"
+#: the paper's Table 2 rows: real only, and real plus 2000 synthetic images (1000 per class)
+DEFAULT_MIXES = "real=all:0\nreal_plus_synthetic=all:2000"
 
 
 def parse_mixes(text: str, synthetic: str | None) -> list:
@@ -126,6 +128,21 @@ def check_mix_counts(specs: list, real_train) -> None:
                     f"ask for at most {most_balanced(n_neg, n_pos)} {what} images on that line")
 
 
+def mixes_for(ctx: UIContext, synthetic: str, current: str):
+    """The default mixes sized to the synthetic folder once one is given (its synthetic count capped at
+    what the folder holds, balanced); a Mixes box the user has changed stays as it is."""
+    from medical_diffusion.evaluation.classifier_data import labelled_files
+
+    if (current or "").strip() != DEFAULT_MIXES or not (synthetic or "").strip():
+        return gr.update()
+    try:
+        labels = [label for _, label in labelled_files(ctx.path(synthetic, must_exist=True))]
+    except MedDiffError:  # not (yet) a neg/pos folder: the run will say so
+        return gr.update()
+    n = min(2000, most_balanced(labels.count(0), labels.count(1)))
+    return DEFAULT_MIXES.replace("all:2000", f"all:{n}") if n else "real=all:0"
+
+
 
 def build(ctx: UIContext) -> dict:
     """The FID/MFID and classifier sub-tabs. A failure or a stop says why in the sub-tab's status line
@@ -158,7 +175,7 @@ def build(ctx: UIContext) -> dict:
             cls_real = gr.Textbox(label="Real data (train/, val/, test/ with neg/ and pos/)", elem_id="md_eval_cls_real")
             cls_syn = gr.Textbox(label="Synthetic folder (neg/, pos/)", elem_id="md_eval_cls_syn")
             cls_out = gr.Textbox(label="Output folder", value=str(ctx.work_dir / "classifier"), elem_id="md_eval_cls_out")
-        mixes = gr.Textbox(value="real=all:0\nreal_plus_synthetic=all:2000",
+        mixes = gr.Textbox(value=DEFAULT_MIXES,
                            label="Mixes, one per line: [NAME=]REAL:SYNTH[:DIR] (Table 2 rows)", lines=3,
                            elem_id="md_eval_cls_mixes")
         with gr.Row():
@@ -220,6 +237,7 @@ def build(ctx: UIContext) -> dict:
                                   bf16=bool(bf16), weights=weights, device=str(evaluation_device(ctx)), workers=None)
         return real_root, [spec for _, spec in numbered], ctx.path(out), config
 
+    cls_syn.blur(lambda syn, current: mixes_for(ctx, syn, current), [cls_syn, mixes], [mixes])
     cls_inputs = [cls_real, cls_syn, cls_out, mixes, cls_weights, cls_steps, cls_batch, cls_size, cls_runs, cls_bf16]
 
     @reports_in_status(2, keep=[0])
