@@ -237,7 +237,7 @@ def build(ctx: UIContext) -> dict:
                                   bf16=bool(bf16), weights=weights, device=str(evaluation_device(ctx)), workers=None)
         return real_root, [spec for _, spec in numbered], ctx.path(out), config
 
-    cls_syn.blur(lambda syn, current: mixes_for(ctx, syn, current), [cls_syn, mixes], [mixes])
+    cls_syn.blur(lambda syn, current: mixes_for(ctx, syn, current), [cls_syn, mixes], [mixes], queue=False)
     cls_inputs = [cls_real, cls_syn, cls_out, mixes, cls_weights, cls_steps, cls_batch, cls_size, cls_runs, cls_bf16]
 
     @reports_in_status(2, keep=[0])
