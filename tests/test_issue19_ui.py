@@ -668,3 +668,17 @@ def test_the_default_mixes_follow_the_synthetic_folder(tmp_path):
     assert mixes_for(ctx, str(tmp_path / "syn"), DEFAULT_MIXES) == "real=all:0\nreal_plus_synthetic=all:12"
     assert mixes_for(ctx, str(tmp_path / "syn"), "mine=0:4") == gr.update()  # the user's own mixes stay
     assert mixes_for(ctx, str(tmp_path / "nowhere"), DEFAULT_MIXES) == gr.update()
+
+
+def test_a_mix_lines_own_folder_goes_through_the_allowed_roots(tmp_path, monkeypatch):
+    from medical_diffusion.ui.tab_evaluate import parse_mixes
+
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    _class_folders(inside / "syn", 2)
+    _class_folders(outside / "syn", 2)
+    monkeypatch.setenv("MEDDIFF_ALLOWED_ROOTS", str(inside))
+    ctx = _ctx(inside)
+    ((_, spec),) = parse_mixes(f"a=0:2:{inside / 'syn'}", None, resolve=ctx.path)
+    assert spec.synthetic_dir == str(inside / "syn")
+    with pytest.raises(MedDiffError, match="Mixes box, line 2: .*outside"):
+        parse_mixes(f"a=0:2:{inside / 'syn'}\nb=0:2:{outside / 'syn'}", None, resolve=ctx.path)

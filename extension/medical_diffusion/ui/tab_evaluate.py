@@ -79,8 +79,11 @@ MIXES_BOX = "Mixes"
 DEFAULT_MIXES = "real=all:0\nreal_plus_synthetic=all:2000"
 
 
-def parse_mixes(text: str, synthetic: str | None) -> list:
-    """The mixes of the Mixes box, one per line; an error names the box and the line."""
+def parse_mixes(text: str, synthetic: str | None, resolve: Callable[..., Any] | None = None) -> list:
+    """``[(line number, MixSpec)]`` of the Mixes box, one mix per line; an error names the box and the
+    line. ``resolve`` (``UIContext.path``) checks a line's own ``:DIR`` like every other path."""
+    import dataclasses
+
     from medical_diffusion.evaluation.classifier import parse_mix
 
     specs = []
@@ -88,9 +91,13 @@ def parse_mixes(text: str, synthetic: str | None) -> list:
         if not line.strip():
             continue
         try:
-            specs.append((number, parse_mix(line.strip(), synthetic)))
+            spec = parse_mix(line.strip(), synthetic)
+            if resolve is not None and spec.synthetic_dir and spec.synthetic_dir != synthetic:
+                folder = resolve(spec.synthetic_dir, must_exist=True, kind="folder", label="synthetic folder")
+                spec = dataclasses.replace(spec, synthetic_dir=str(folder))
         except MedDiffError as exc:
             raise MedDiffError(f"{MIXES_BOX} box, line {number}: {exc}") from None
+        specs.append((number, spec))
     if not specs:
         raise MedDiffError(f"the {MIXES_BOX} box is empty: give one mix per line, e.g. real=all:0")
     return specs
@@ -230,7 +237,7 @@ def build(ctx: UIContext) -> dict:
 
     def classifier_args(r, syn, out, mix_text, w, steps, batch, size, runs, bf16):
         real_root = ctx.path(r, must_exist=True)
-        numbered = parse_mixes(mix_text, _optional(ctx, syn))
+        numbered = parse_mixes(mix_text, _optional(ctx, syn), resolve=ctx.path)
         check_mix_counts(numbered, real_root / "train")
         weights = _optional(ctx, w or ctx.defaults.get("resnet18_weights", ""))
         config = ClassifierConfig(steps=int(steps), batch_size=int(batch), size=int(size), runs=int(runs),
