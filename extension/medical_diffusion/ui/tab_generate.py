@@ -154,7 +154,7 @@ def build(ctx: UIContext) -> dict:
         if not text.strip():
             raise MedDiffError("the prompt is empty: type one, or build it from embeddings")
         _, warn = table_and_warnings(text)
-        with stop_flag.running() as should_stop:
+        with stop_flag.running(host_session=ctx.job_session, job="image") as should_stop:
             (image,), used = render_prompts(ctx, [(text, None)], seed=int(seed), progress=progress,
                                             should_stop=should_stop,
                                             **sample_kwargs(steps, cfg, width, height, negative))
@@ -168,7 +168,7 @@ def build(ctx: UIContext) -> dict:
             raise MedDiffError("choose a healthy and a diseased embedding")
         table_and_warnings(h)  # unknown names fail here, before any sampling
         items = interpolation_prompts(h, d, int(kk))
-        with stop_flag.running() as should_stop:
+        with stop_flag.running(host_session=ctx.job_session, job="interpolation") as should_stop:
             images, used = render_prompts(ctx, [(p, None) for _, p in items], seed=int(seed),
                                           progress=progress, should_stop=should_stop,
                                           **sample_kwargs(steps, cfg, width, height, negative))
@@ -188,7 +188,7 @@ def build(ctx: UIContext) -> dict:
         table_and_warnings(h)
         stages = composition_stages(h, additions, cfg_scale=float(cfg))
         kwargs = {k: v for k, v in sample_kwargs(steps, cfg, width, height, negative).items() if k != "cfg_scale"}
-        with stop_flag.running() as should_stop:
+        with stop_flag.running(host_session=ctx.job_session, job="composition") as should_stop:
             images, used = render_prompts(ctx, [(st.prompt, st.cfg_scale) for st in stages], seed=int(seed),
                                           progress=progress, should_stop=should_stop, **kwargs)
         frames = [Frame(float(j), st.prompt, f"{st.label}, cfg {st.cfg_scale:g}", image)

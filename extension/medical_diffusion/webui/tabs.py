@@ -54,16 +54,22 @@ def training_session(job: str, steps: int):
 
 @contextlib.contextmanager
 def job_session(job: str):
-    """Around a long job of the tabs (FID, classifier): the webui's progress state, and its Interrupt
-    button as a stop flag (an Interrupt pressed before the job began does not count)."""
+    """Around a long job of the tabs (FID, classifier, a grid): the webui's Interrupt button as a stop
+    flag. The webui's state is only read, never begun or ended (an FID run may overlap the webui's own
+    txt2img, whose progress it must not reset), so an Interrupt still set from before the job counts
+    only once a webui job has cleared it."""
     from modules import shared
 
-    shared.state.begin(job=f"medical-diffusion-{job}")
-    shared.state.textinfo = f"Medical Diffusion: {job}"
-    try:
-        yield lambda: bool(shared.state.interrupted)
-    finally:
-        shared.state.end()
+    state = shared.state
+    stale = [bool(state.interrupted)]
+
+    def interrupted() -> bool:
+        now = bool(state.interrupted)
+        if stale[0] and not now:  # cleared by a job's begin() since: a later press is new
+            stale[0] = False
+        return now and not stale[0]
+
+    yield interrupted
 
 
 class SettingsDefaults(Mapping):
