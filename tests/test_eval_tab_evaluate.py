@@ -125,21 +125,19 @@ def test_classifier_handler_streams_its_log_and_ends_with_the_table(tmp_path, ct
     do_classify = _tab_function(ctx, "do_classify")
     updates = list(do_classify(*_values(tmp_path, str(weights), runs=2)))
     assert len(updates) >= 2
-    *during, (final_log, rows, roc) = updates
-    assert all(len(u) == 3 for u in updates)
+    *during, (final_log, rows, roc, status) = updates
+    assert all(len(u) == 4 for u in updates)
+    assert status.startswith("Done") and "report.json" in status
     assert during[0][0] and "loading real validation and test images" in during[0][0]
     assert "[real] run 2/2" in final_log and "test AUC" in final_log
     assert rows[0][0] == "real" and rows[0][3] == 2 and roc.endswith("roc.png")
 
 
 def test_classifier_handler_missing_weights_error_points_at_the_box(tmp_path, ctx, monkeypatch):
-    import gradio as gr
-
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     _classifier_data(tmp_path / "data")
     do_classify = _tab_function(ctx, "do_classify")
-    with pytest.raises(gr.Error) as info:
-        list(do_classify(*_values(tmp_path)))
-    message = str(info.value)
+    *_, (log_text, rows, roc, message) = list(do_classify(*_values(tmp_path)))
+    assert rows is None and roc is None and message.startswith("**Error:**")
     assert "resnet18-f37072fd.pth" in message and "'ResNet-18 weights' box" in message
     assert "--weights" not in message

@@ -70,16 +70,20 @@ def test_pick_cell_takes_a_cell_of_a_grid_or_the_single_image():
         pick_cell(None, 1)
 
 
-def test_a_failed_run_does_not_touch_the_shown_picture(tmp_path):
-    """The picture is an output only of the step that runs after a successful generate/grid/strip."""
-    from medical_diffusion.ui.app import build_blocks
+def test_a_failed_run_says_why_and_marks_the_shown_picture_stale(tmp_path):
+    """A run's picture, the Inpaint tab's cells and the status line are one event's outputs: a failure
+    keeps the earlier picture (the Inpaint tab may still take it) and the status says why and that the
+    picture is an earlier run's."""
+    from medical_diffusion.ui import tab_generate
 
-    blocks = build_blocks(_ctx(tmp_path))
+    with gr.Blocks() as blocks:
+        parts = tab_generate.build(_ctx(tmp_path))
     by_id = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
-    result = by_id["md_gen_result"]._id
+    expected = [by_id["md_gen_result"]._id, parts["last_image"]._id, by_id["md_gen_status"]._id]
     for button in ("md_gen_generate", "md_gen_grid"):
-        first = next(d for d in blocks.dependencies
-                     if by_id[button]._id in d["targets"] and d["trigger_after"] is None)
-        assert result not in first["outputs"]
-        after = [d for d in blocks.dependencies if d["trigger_after"] == blocks.dependencies.index(first)]
-        assert after and after[0]["trigger_only_on_success"] and result in after[0]["outputs"]
+        first = next(d for d in blocks.dependencies if by_id[button]._id in d["targets"])
+        assert first["outputs"] == expected
+    picture, cells, status = parts["grid"]("", "", 3, 2, 2.0, 0, 64, 64, "")
+    assert picture == gr.update() and cells == gr.update()
+    assert status.startswith("**Error:** choose a healthy and a diseased embedding")
+    assert "from an earlier run" in status

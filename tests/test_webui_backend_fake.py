@@ -231,8 +231,10 @@ def test_generation_goes_through_webui_processing(monkeypatch):
         StableDiffusionProcessingImg2Img=type("I2I", (Processing,), {}),
         process_images=lambda p: types.SimpleNamespace(images=[Image.new("RGB", (8, 8))] * p.kwargs["batch_size"]),
     )
+    jobs = []
+    state = types.SimpleNamespace(interrupted=False, begin=lambda job="": jobs.append(job), end=lambda: jobs.append("end"))
     modules = types.ModuleType("modules")
-    modules.processing, modules.shared = processing, types.SimpleNamespace(sd_model="model")
+    modules.processing, modules.shared = processing, types.SimpleNamespace(sd_model="model", state=state)
     monkeypatch.setitem(sys.modules, "modules", modules)
     monkeypatch.setitem(sys.modules, "modules.processing", processing)
     monkeypatch.setitem(sys.modules, "modules.shared", modules.shared)
@@ -240,6 +242,7 @@ def test_generation_goes_through_webui_processing(monkeypatch):
     images = generation.txt2img("a :0.5 AND b :0.5", seed=7, steps=100, cfg_scale=2.0, batch_size=2)
     t2i = made[-1].kwargs
     assert len(images) == 2 and made[-1].closed
+    assert jobs == ["medical-diffusion", "end"]  # the webui's progress state and Interrupt cover the job
     assert t2i["sampler_name"] == "Euler a" and t2i["seed"] == 7 and t2i["cfg_scale"] == 2.0
     assert t2i["prompt"] == "a :0.5 AND b :0.5" and t2i["do_not_save_samples"] and t2i["sd_model"] == "model"
 

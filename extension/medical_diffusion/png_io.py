@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from PIL import Image
@@ -23,15 +24,23 @@ def to_pil(image: Image.Image | np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
-def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike) -> str:
-    """Write a PNG with no text, EXIF or ICC chunks, atomically. Returns the file's sha256."""
+def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike, text: Mapping[str, str] | None = None) -> str:
+    """Write a PNG with no EXIF or ICC chunks and no text chunks but ``text`` (``{key: value}``,
+    e.g. A1111's ``parameters``), atomically. Returns the file's sha256."""
     pil = to_pil(image)
     if pil.mode not in ("L", "RGB", "RGBA", "I;16"):
         pil = pil.convert("RGBA" if "A" in pil.getbands() else "RGB")
     clean = Image.new(pil.mode, pil.size)  # a fresh image carries no info/EXIF/ICC
     clean.paste(pil)
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(str(key), str(value))
     with atomic_path(path) as tmp:
-        clean.save(tmp, format="PNG", optimize=False)
+        clean.save(tmp, format="PNG", optimize=False, pnginfo=info)
         data = tmp.read_bytes()
     return hashlib.sha256(data).hexdigest()
 

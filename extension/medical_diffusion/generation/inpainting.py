@@ -12,7 +12,7 @@ so pixels outside the blurred mask are exactly the original ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -151,6 +151,7 @@ def inpaint(
     width: int = 512,
     height: int = 512,
     progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> InpaintResult:
     """Repaint the white part of ``mask`` on ``image`` with ``prompt`` (A1111 img2img inpainting).
 
@@ -158,6 +159,7 @@ def inpaint(
     "latent noise" puts the seed's noise in the masked latents, "latent nothing" zeros them.
     With ``only_masked`` the mask's box plus ``padding`` px is processed at ``width x height``
     and the result is scaled back into place; otherwise the whole image is resized to it.
+    ``should_stop()`` is asked before every sampler step (True: :class:`~medical_diffusion.errors.Cancelled`).
     """
     if fill not in FILL_MODES:
         raise MedDiffError(f"unknown fill mode {fill!r} (choose from {', '.join(FILL_MODES)})")
@@ -206,6 +208,7 @@ def inpaint(
     latents = sample_latents(
         backend, cond, seeds=[seed], steps=steps, cfg_scale=cfg_scale, width=width, height=height,
         init_latent=init_latent, denoising_strength=denoising_strength, nmask=nmask, progress=progress,
+        should_stop=should_stop,
     )
     raw = latents_to_images(backend, latents)[0]
     result = raw

@@ -23,6 +23,7 @@ from medical_diffusion.errors import Cancelled, MedDiffError, OutOfRangeError
 from medical_diffusion.ui.api_guard import read_json_object
 from medical_diffusion.ui.api_models import BodyError, FidRequest, InterpolateRequest, TrainRequest, parse_body
 from medical_diffusion.ui.context import UIContext, evaluation_device
+from medical_diffusion.ui.stopping import stopping_progress
 
 PREFIX = "/medical-diffusion/v1"
 #: how often a running job looks whether its client is still there (seconds)
@@ -50,24 +51,44 @@ async def _body(request: Request, model):
         raise HTTPException(status_code=exc.status, detail=exc.message) from None
 
 
+async def wait_for_disconnect(request: Request, poll: float = DISCONNECT_POLL_S) -> None:
+    """Return once the client has gone. The body is read by then, so ``receive()`` only ever answers
+    ``http.disconnect``; this works behind the webui's ``BaseHTTPMiddleware``, where starlette 0.26's
+    ``request.is_disconnected()`` never turns True (its cancelled receive loses the message). Without
+    a usable ``receive`` it polls ``is_disconnected()``."""
+    try:
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                return
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - no receive channel: ask the request instead
+        pass
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll)
+
+
 async def run_while_connected(request: Request, work: Callable[[threading.Event], T],
                               poll: float = DISCONNECT_POLL_S) -> T:
     """``work(stop)`` in a worker thread; when the client disconnects, ``stop`` is set (the work ends
     at its next sampler step with :class:`Cancelled`) and this waits for it to let go of the model."""
     stop = threading.Event()
     future = asyncio.get_running_loop().run_in_executor(None, work, stop)
-    while True:
-        done, _ = await asyncio.wait({future}, timeout=poll)
-        if done:
+    gone = asyncio.ensure_future(wait_for_disconnect(request, poll))
+    try:
+        done, _ = await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
             return future.result()
-        if await request.is_disconnected():
-            stop.set()
-            log.info("%s: the client has gone; stopping its job", request.url.path)
-            try:
-                await future
-            except Exception:  # noqa: BLE001 - nobody is left to tell
-                pass
-            raise Cancelled("the client disconnected")
+    finally:
+        gone.cancel()
+    stop.set()
+    log.info("%s: the client has gone; stopping its job", request.url.path)
+    try:
+        await future
+    except Exception:  # noqa: BLE001 - nobody is left to tell
+        pass
+    raise Cancelled("the client disconnected")
 
 
 def _interpolation_grid(ctx: UIContext, req: InterpolateRequest, stop: threading.Event) -> dict[str, Any]:
@@ -78,8 +99,7 @@ def _interpolation_grid(ctx: UIContext, req: InterpolateRequest, stop: threading
     items = interpolation_prompts(req.healthy, req.diseased, req.k)
     seed = resolve_seed(req.seed)
     sample = req.sample_kwargs()
-    if ctx.txt2img is None:  # the core sampler stops between steps; the webui's txt2img between frames
-        sample["should_stop"] = stop.is_set
+    sample["should_stop"] = stop.is_set  # the core sampler and the webui's txt2img stop within one step
     frames = []
     for t, prompt in items:  # one frame at a time: the model lock is free between frames
         if stop.is_set():
@@ -146,8 +166,8 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
                     raise Cancelled("the client disconnected")
                 return compute_fid(real, generated, extractor=req.extractor, weights=weights, mode=req.mode,
                                    bootstrap_reps=req.bootstrap_reps, resample=req.resample, seed=req.seed,
-                                   cache_dir=ctx.work_dir / "feature_cache",
-                                   device=evaluation_device(ctx)).to_dict()
+                                   cache_dir=ctx.work_dir / "feature_cache", device=evaluation_device(ctx),
+                                   progress=stopping_progress(None, stop.is_set)).to_dict()
 
         from medical_diffusion.evaluation.weights import MissingWeightsError
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 
 import gradio as gr
 
 from medical_diffusion.ui.context import UIContext
-from medical_diffusion.ui.feedback import quiet_user_error_tracebacks
+from medical_diffusion.ui.feedback import quiet_http_request_logs, quiet_user_error_tracebacks
 from medical_diffusion.ui.missing_package import missing_package_message
 
 log = logging.getLogger(__name__)
+
+#: the extension's stylesheet (the webui loads it by itself; the standalone app through ``gr.Blocks(css=)``)
+STYLE_CSS = Path(__file__).resolve().parents[3] / "style.css"
 
 #: (tab title, module name under medical_diffusion.ui) in display order
 TABS = [
@@ -31,7 +35,11 @@ def build_blocks(ctx: UIContext) -> gr.Blocks:
     what is missing and the pip command instead of its widgets, and the other tabs still work.
     """
     quiet_user_error_tracebacks()
-    with gr.Blocks(analytics_enabled=False, title="Medical Diffusion") as blocks:
+    in_webui = ctx.send_to_txt2img is not None
+    if not in_webui:  # the webui's logging is its own business
+        quiet_http_request_logs()
+    css = STYLE_CSS.read_text(encoding="utf-8") if STYLE_CSS.is_file() and not in_webui else None
+    with gr.Blocks(analytics_enabled=False, title="Medical Diffusion", css=css) as blocks:
         if ctx.model_label:
             gr.Markdown(f"**Model:** {ctx.model_label}", elem_id="md_model_label")
         parts = {}

@@ -62,6 +62,9 @@ class UIContext:
     evaluation_device: Callable[[], object] | None = None
     #: called with each training step's event (the webui: its progress bar and status text)
     on_training_step: Callable[[object], None] = lambda event: None
+    #: ``job_session(job_name)``: a context manager around a tab's long job (FID, classifier) that yields the
+    #: host's own stop flag (the webui: its Interrupt button, read from ``shared.state``); None: no such flag
+    job_session: Callable[[str], ContextManager[Callable[[], bool]]] | None = None
     _backend: ModelBackend | None = field(default=None, init=False, repr=False)
     _trainer: TrainingRunner | None = field(default=None, init=False, repr=False)
     _backend_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)

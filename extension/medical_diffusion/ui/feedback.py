@@ -1,25 +1,147 @@
-"""Turn the core's user errors into gradio messages instead of a generic 'Error'."""
+"""How a tab reports: results and errors in the tab's status line, one log line per user error.
+
+:func:`reports_in_status` is the one wrapper for a tab's long handlers: a failure puts its message into
+the tab's status Markdown (it stays, wraps, shows ``<...>`` as text), clears the handler's other outputs
+(a failed FID run leaves no old FID value on the page) and logs one line. :func:`shows_errors` is the
+older popup-only wrapper, for handlers with no status line.
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import re
 import sys
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import gradio as gr
 
-from medical_diffusion.errors import MedDiffError
+from medical_diffusion.errors import Cancelled, MedDiffError
 
 log = logging.getLogger(__name__)
 
 USER_ERRORS = (MedDiffError, ValueError, FileNotFoundError, PermissionError)
+#: the CSS class of status lines (``style.css``: long words and paths wrap)
+STATUS_CLASS = "md-status"
+#: what an unchanged output of a failed handler gets
+KEEP = object()
+
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]{}#|~!])")
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` shown as it is in a gradio Markdown: HTML (``<class 'x'>``) and Markdown marks escaped."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
+def error_message(exc: BaseException) -> str:
+    """The message of ``exc`` alone (no class name, no quotes around it)."""
+    return str(exc).strip() or exc.__class__.__name__
+
+
+def status_error(exc: BaseException) -> str:
+    """The status-line Markdown for a failure: ``**Error:** message`` (``**Stopped:**`` for a stop)."""
+    if isinstance(exc, Cancelled):
+        return f"**Stopped:** {escape_markdown(error_message(exc))}"
+    if isinstance(exc, USER_ERRORS):
+        return f"**Error:** {escape_markdown(error_message(exc))}"
+    return (f"**Error** (unexpected; the server log has the details): "
+            f"{escape_markdown(exc.__class__.__name__ + ': ' + error_message(exc))}")
+
+
+def log_failure(exc: BaseException) -> None:
+    """A user error or a stop is one log line (a ``ValueError``'s traceback follows at DEBUG level);
+    anything else (a bug) keeps its traceback."""
+    message = error_message(exc)
+    if isinstance(exc, Cancelled):
+        log.info("%s", message)
+    elif isinstance(exc, MedDiffError):
+        log.warning("%s", message)
+    elif isinstance(exc, USER_ERRORS):  # most likely the user's input; the traceback only at DEBUG level
+        log.warning("%s", message)
+        log.debug("traceback of: %s", message, exc_info=exc)
+    else:
+        log.error("%s: %s", exc.__class__.__name__, message, exc_info=exc)
+
+
+def _toast(exc: BaseException) -> None:
+    """A popup as well, when the handler runs in gradio's queue (it closes by itself; the status stays)."""
+    try:
+        from gradio.context import thread_data
+    except ImportError:  # pragma: no cover
+        return
+    if isinstance(exc, Cancelled) or getattr(thread_data, "blocks", None) is None:
+        return
+    try:
+        gr.Warning(error_message(exc))
+    except Exception:  # noqa: BLE001 - a popup is a courtesy
+        pass
+
+
+def failure_outputs(exc: BaseException, n_outputs: int, status: int, keep: Sequence[int] = (),
+                    stale_note: str = "") -> Any:
+    """The outputs of a failed handler: the message at ``status`` (then ``stale_note``, saying that
+    what is still shown is not this run's), ``gr.update()`` (unchanged) at the positions in ``keep``,
+    None (cleared) elsewhere; a bare value when the handler has one output."""
+    values = [gr.update() if i in keep else None for i in range(n_outputs)]
+    values[status] = status_error(exc) + (f"\n\n_{escape_markdown(stale_note)}_" if stale_note else "")
+    return values[0] if n_outputs == 1 else tuple(values)
+
+
+def reports_in_status(n_outputs: int, status: int = -1, keep: Sequence[int] = (),
+                      stale_note: str = "") -> Callable[[Callable], Callable]:
+    """Decorate a gradio handler (function or generator) with ``n_outputs`` outputs, one of them (index
+    ``status``) the tab's status Markdown: any exception ends the handler normally with
+    :func:`failure_outputs`, so the message stays in the tab, earlier results are cleared (except the
+    outputs in ``keep``, which ``stale_note`` marks as an earlier run's), the event is not an error and
+    the server log gets :func:`log_failure`'s line.
+    """
+    status = status % n_outputs
+
+    def decorate(fn: Callable) -> Callable:
+        def fail(exc: BaseException):
+            log_failure(exc)
+            _toast(exc)
+            return failure_outputs(exc, n_outputs, status, keep, stale_note)
+
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def gen_wrapper(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - every failure is reported in the tab
+                    yield fail(exc)
+
+            return gen_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported in the tab
+                return fail(exc)
+
+        return wrapper
+
+    return decorate
+
+
+def status_line(**kwargs) -> gr.Markdown:
+    """A tab's status Markdown (wrapping, persisting)."""
+    return gr.Markdown(elem_classes=[STATUS_CLASS], **kwargs)
+
+
+def quiet_http_request_logs() -> None:
+    """No ``HTTP Request: POST .../api/predict`` INFO line per event (gradio 3.41's queue calls its own
+    server through httpx, which logs every request)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def shows_errors(fn: Callable) -> Callable:
     """Wrap a gradio handler (function or generator): user errors become ``gr.Error`` popups."""
-    import inspect
-
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)

@@ -6,7 +6,11 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
+from medical_diffusion.errors import Cancelled
 from medical_diffusion.ui.context import UIContext
+
+#: ``progress(fraction, desc=text)``: gr.Progress, or anything called like it
+Progress = Callable[..., None]
 
 
 def render_prompts(
@@ -14,36 +18,53 @@ def render_prompts(
     prompts: Sequence[tuple[str, float | None]],
     *,
     seed: int,
-    progress: Callable[[float], None] | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
     **sample_kwargs,
 ) -> tuple[list[Image.Image], int]:
     """One image per ``(prompt, cfg_scale or None)``, all at one seed (-1: one random seed for all).
 
     Inside the webui this is its own txt2img (``modules.processing``), so a frame equals what the
     txt2img tab gives for that prompt and seed; standalone it is the core Euler-a sampler. The host's
-    lock is held once for the whole set. Returns the images and the seed used.
+    lock is held once for the whole set. ``should_stop()`` is asked before every sampler step (the
+    webui's txt2img is interrupted within one step); True raises :class:`Cancelled`. ``progress`` gets
+    the fraction done and a ``desc`` with the step count and an ETA from this job's pace. Returns the
+    images and the seed used.
     """
     from medical_diffusion.generation.loading import load_embedding_table, vectors_of
     from medical_diffusion.generation.sampling import resolve_seed, sample_images
+    from medical_diffusion.ui.stopping import StepClock
 
     seed = resolve_seed(seed)
     n = len(prompts)
     images = []
+    clock = StepClock("steps")
+
+    def step_progress(j: int):
+        if progress is None:
+            return None
+
+        def report(i: int, total: int) -> None:
+            label = f"image {j + 1}/{n}: " if n > 1 else ""
+            progress((j + i / total) / n, desc=label + clock.text(j * total + i, n * total))
+
+        return report
+
     with ctx.work_lock():
         if ctx.txt2img is None:
             backend = ctx.backend()
             table = vectors_of(load_embedding_table(backend, str(ctx.embeddings_dir)))
         for j, (prompt, cfg_scale) in enumerate(prompts):
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"stopped after {j} of {n} images")
             kwargs = dict(sample_kwargs)
             if cfg_scale is not None:
                 kwargs["cfg_scale"] = float(cfg_scale)
             if ctx.txt2img is not None:
-                if progress is not None:
-                    progress(j / n)
-                (image,) = ctx.txt2img(prompt, seed=seed, **kwargs)
+                (image,) = ctx.txt2img(prompt, seed=seed, should_stop=should_stop, progress=step_progress(j),
+                                       **kwargs)
             else:
-                step_progress = None if progress is None else (lambda i, total, j=j: progress((j + i / total) / n))
                 (image,) = sample_images(backend, prompt, embeddings=table, seed=seed, batch_size=1,
-                                         progress=step_progress, **kwargs)
+                                         progress=step_progress(j), should_stop=should_stop, **kwargs)
             images.append(image)
     return images, seed

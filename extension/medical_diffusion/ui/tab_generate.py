@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import gradio as gr
 
+from medical_diffusion.errors import MedDiffError
 from medical_diffusion.ui.context import UIContext
-from medical_diffusion.ui.feedback import shows_errors
+from medical_diffusion.ui.feedback import escape_markdown, reports_in_status, shows_errors, status_line
+from medical_diffusion.ui.stopping import StopFlag, add_stop_button
+
+log = logging.getLogger(__name__)
 
 #: gradio 3.41 cannot add widgets at run time: this many (embedding, weight) rows are offered
 SLOTS = 4
@@ -35,10 +41,16 @@ def sampling_controls() -> dict:
 def build(ctx: UIContext) -> dict:
     """Add the tab's widgets (images come from :func:`~medical_diffusion.ui.rendering.render_prompts`).
     Returns the parts the app links: ``last_image`` (state: ``{"cells": [image, ...]}`` of the last
-    result), ``to_inpaint`` (a button), ``cell`` (which cell of a grid or strip it takes) and ``on_show`` (``(fn, outputs)`` refreshing the embedding lists when the tab is shown)."""
+    result), ``to_inpaint`` (a button), ``cell`` (which cell of a grid or strip it takes) and ``on_show`` (``(fn, outputs)`` refreshing the embedding lists when the tab is shown).
+
+    Every result is saved under ``WORK/outputs/<image|interpolation|composition>/<date>/`` with its
+    parameters (:mod:`medical_diffusion.generation.outputs`); the status line says where. A failed or
+    stopped run says why in the status line, which marks the picture still shown (and still offered to
+    the Inpaint tab) as an earlier run's."""
     from medical_diffusion.generation.composition import composition_stages
     from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
+    from medical_diffusion.generation.outputs import Picture, save_result
     from medical_diffusion.generation.prompts import build_prompt
     from medical_diffusion.ui.rendering import render_prompts
 
@@ -66,13 +78,14 @@ def build(ctx: UIContext) -> dict:
         k = gr.Slider(2, 11, value=5, step=1, label="Interpolation steps K")
         grid_btn = gr.Button("Interpolation grid", variant="primary", elem_id="md_gen_grid")
         compose_btn = gr.Button("Composition strip (adds embeddings 1..n to the healthy one)")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="md_gen_stop")
     # no label: it would cover the title a grid or strip carries at its top
     result = gr.Image(label="Result", show_label=False, type="pil", interactive=False, elem_id="md_gen_result")
-    status = gr.Markdown(elem_id="md_gen_status")
+    status = status_line(elem_id="md_gen_status")
     # the last result's pictures for the Inpaint tab: {"cells": [image, ...]} (one for a single image, one
     # per frame of a grid or strip)
     last_image = gr.State(None)
-    pending = gr.State(None)  # a finished result, shown only once its handler succeeded
+    stop_flag = StopFlag()
     with gr.Row():
         to_inpaint = gr.Button("Inpaint the last generated image", elem_id="md_gen_to_inpaint")
         cell = gr.Number(value=1, precision=0, label="Cell of a grid or strip (1 = first)", elem_id="md_gen_cell")
@@ -97,7 +110,7 @@ def build(ctx: UIContext) -> dict:
     @shows_errors
     def prompt_from_slider(h, d, tt):
         if not h or not d:
-            raise ValueError("choose a healthy and a diseased embedding")
+            raise MedDiffError("choose a healthy and a diseased embedding")
         text = build_prompt([(h, 1 - float(tt)), (d, float(tt))])
         return text, format_warnings(table_and_warnings(text)[1])
 
@@ -105,7 +118,7 @@ def build(ctx: UIContext) -> dict:
     def prompt_from_slots(*values):
         parts = [(n, float(w)) for n, w in zip(values[:SLOTS], values[SLOTS:]) if n]
         if not parts:
-            raise ValueError("choose at least one embedding")
+            raise MedDiffError("choose at least one embedding")
         text = build_prompt(parts)
         return text, format_warnings(table_and_warnings(text)[1])
 
@@ -118,54 +131,81 @@ def build(ctx: UIContext) -> dict:
 
     param_inputs = [params[k] for k in ("steps", "cfg", "seed", "width", "height", "negative")]
 
-    @shows_errors
+    def saved(kind: str, picture, params: dict, cells=(), prompt: str = "") -> str:
+        """Save the result; the status says where (or why not: the picture is still shown)."""
+        try:
+            done = save_result(ctx.work_dir, kind, picture, params, cells=cells, prompt=prompt,
+                               embeddings_dir=ctx.embeddings_dir)
+        except (OSError, MedDiffError) as exc:
+            log.warning("the %s result was not saved: %s", kind, exc)
+            return f"**Not saved:** {escape_markdown(exc)}"
+        return f"Saved to {escape_markdown(done.picture)} (parameters in {escape_markdown(done.sidecar.name)})."
+
+    def run_params(used: int, steps, cfg, width, height, negative, **extra) -> dict:
+        return dict(seed=used, **sample_kwargs(steps, cfg, width, height, negative), model=ctx.model_id, **extra)
+
+    outputs = [result, last_image, status]
+    # a failure keeps the earlier picture (the Inpaint tab may still take it) and says it is not this run's
+    reports = reports_in_status(len(outputs), keep=[0, 1],
+                                stale_note="A picture still shown is from an earlier run, not from these settings.")
+
+    @reports
     def do_generate(text, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
         if not text.strip():
-            raise ValueError("the prompt is empty")
+            raise MedDiffError("the prompt is empty: type one, or build it from embeddings")
         _, warn = table_and_warnings(text)
-        (image,), used = render_prompts(ctx, [(text, None)], seed=int(seed), progress=progress,
-                                        **sample_kwargs(steps, cfg, width, height, negative))
-        return {"picture": image, "cells": [image]}, format_warnings(warn) or f"Generated `{text}` at seed {used}."
+        with stop_flag.running(host_session=ctx.job_session, job="image") as should_stop:
+            (image,), used = render_prompts(ctx, [(text, None)], seed=int(seed), progress=progress,
+                                            should_stop=should_stop,
+                                            **sample_kwargs(steps, cfg, width, height, negative))
+        where = saved("image", image, run_params(used, steps, cfg, width, height, negative), prompt=text)
+        lines = [format_warnings(warn), f"Generated {escape_markdown(text)} at seed {used}. {where}"]
+        return image, {"cells": [image]}, "\n\n".join(filter(None, lines))
 
-    @shows_errors
+    @reports
     def do_grid(h, d, kk, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
         if not h or not d:
-            raise ValueError("choose a healthy and a diseased embedding")
+            raise MedDiffError("choose a healthy and a diseased embedding")
         table_and_warnings(h)  # unknown names fail here, before any sampling
         items = interpolation_prompts(h, d, int(kk))
-        images, used = render_prompts(ctx, [(p, None) for _, p in items], seed=int(seed),
-                                      progress=progress,
-                                      **sample_kwargs(steps, cfg, width, height, negative))
+        with stop_flag.running(host_session=ctx.job_session, job="interpolation") as should_stop:
+            images, used = render_prompts(ctx, [(p, None) for _, p in items], seed=int(seed),
+                                          progress=progress, should_stop=should_stop,
+                                          **sample_kwargs(steps, cfg, width, height, negative))
         frames = [Frame(t, p, frame_label(t), image) for (t, p), image in zip(items, images)]
-        grid = frames_grid(frames, title=f"{h} → {d}, seed {used}")
-        return {"picture": grid, "cells": list(images)}, f"{len(frames)} frames at seed {used}."
+        grid = frames_grid(frames, title=f"{h} \u2192 {d}, seed {used}")
+        where = saved("interpolation", grid,
+                      run_params(used, steps, cfg, width, height, negative, healthy=h, diseased=d, k=int(kk)),
+                      cells=[Picture(f.image, f.prompt, f.label) for f in frames])
+        return grid, {"cells": list(images)}, f"{len(frames)} frames at seed {used}. {where}"
 
-    @shows_errors
+    @reports
     def do_compose(h, *values, progress=gr.Progress()):
         slots, (steps, cfg, seed, width, height, negative) = values[: 2 * SLOTS], values[2 * SLOTS:]
         additions = [(n, float(w)) for n, w in zip(slots[:SLOTS], slots[SLOTS:]) if n]
         if not h:
-            raise ValueError("choose the healthy embedding (the base of the strip)")
+            raise MedDiffError("choose the healthy embedding (the base of the strip)")
         table_and_warnings(h)
         stages = composition_stages(h, additions, cfg_scale=float(cfg))
         kwargs = {k: v for k, v in sample_kwargs(steps, cfg, width, height, negative).items() if k != "cfg_scale"}
-        images, used = render_prompts(ctx, [(st.prompt, st.cfg_scale) for st in stages], seed=int(seed),
-                                      progress=progress, **kwargs)
+        with stop_flag.running(host_session=ctx.job_session, job="composition") as should_stop:
+            images, used = render_prompts(ctx, [(st.prompt, st.cfg_scale) for st in stages], seed=int(seed),
+                                          progress=progress, should_stop=should_stop, **kwargs)
         frames = [Frame(float(j), st.prompt, f"{st.label}, cfg {st.cfg_scale:g}", image)
                   for j, (st, image) in enumerate(zip(stages, images))]
         strip = frames_grid(frames, title=f"composition, seed {used}")
-        return {"picture": strip, "cells": list(images)}, "\n".join(f.prompt for f in frames)
+        where = saved("composition", strip,
+                      run_params(used, steps, cfg, width, height, negative, base=h, additions=additions),
+                      cells=[Picture(f.image, st.prompt, f.label, st.cfg_scale) for f, st in zip(frames, stages)])
+        prompts = "\n".join(f"- {escape_markdown(f.prompt)}" for f in frames)
+        return strip, {"cells": list(images)}, f"{prompts}\n\n{where}"
 
-    def show(done):
-        return done["picture"], {"cells": done["cells"]}
-
-    # a failed run leaves the shown picture as it was: the picture is updated only after success
-    generate_btn.click(do_generate, [prompt, *param_inputs], [pending, status]).success(
-        show, [pending], [result, last_image])
-    grid_btn.click(do_grid, [healthy, diseased, k, *param_inputs], [pending, status]).success(
-        show, [pending], [result, last_image])
-    compose_btn.click(do_compose, [healthy, *slot_names, *slot_weights, *param_inputs], [pending, status]).success(
-        show, [pending], [result, last_image])
+    events = [
+        generate_btn.click(do_generate, [prompt, *param_inputs], outputs),
+        grid_btn.click(do_grid, [healthy, diseased, k, *param_inputs], outputs),
+        compose_btn.click(do_compose, [healthy, *slot_names, *slot_weights, *param_inputs], outputs),
+    ]
+    add_stop_button(stop_btn, stop_flag, events, status)
     return {"last_image": last_image, "to_inpaint": to_inpaint, "cell": cell,
             "on_show": (refresh, [healthy, diseased, *slot_names]),
-            "generate": do_generate, "grid": do_grid, "show": show}
+            "generate": do_generate, "grid": do_grid, "compose": do_compose, "stop": stop_flag}

@@ -52,6 +52,26 @@ def training_session(job: str, steps: int):
         forget_cached_conditioning()
 
 
+@contextlib.contextmanager
+def job_session(job: str):
+    """Around a long job of the tabs (FID, classifier, a grid): the webui's Interrupt button as a stop
+    flag. The webui's state is only read, never begun or ended (an FID run may overlap the webui's own
+    txt2img, whose progress it must not reset), so an Interrupt still set from before the job counts
+    only once a webui job has cleared it."""
+    from modules import shared
+
+    state = shared.state
+    stale = [bool(state.interrupted)]
+
+    def interrupted() -> bool:
+        now = bool(state.interrupted)
+        if stale[0] and not now:  # cleared by a job's begin() since: a later press is new
+            stale[0] = False
+        return now and not stale[0]
+
+    yield interrupted
+
+
 class SettingsDefaults(Mapping):
     """The tabs' defaults read from the webui's settings at each use, so a changed setting applies
     without a UI reload (an empty weights box uses the current setting)."""
@@ -128,6 +148,7 @@ def make_context():
         work_lock=lambda: call_queue.queue_lock,
         cache_backend=False,
         training_session=training_session,
+        job_session=job_session,
         on_training_step=report_training_step,
         loaded_text_width=loaded_text_width,
         model_id="webui",

@@ -1,0 +1,164 @@
+"""Results made in the tabs, saved like the webui saves its outputs.
+
+``WORK/outputs/<kind>/<YYYY-MM-DD>/NNNNN.png`` (the next free number): the picture shown (an image,
+a grid or a strip) with A1111's ``parameters`` text chunk (prompt, negative prompt, steps, sampler,
+CFG, seed, size, model, ``TI hashes``), its cells as ``NNNNN-01.png``... for a grid or strip, and
+``NNNNN.json`` with every parameter and each embedding's name, file and sha256. Files are written
+atomically; a number is taken by creating its JSON file exclusively, so two saves never share one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from PIL import Image
+
+from medical_diffusion.atomic_io import atomic_write_text
+from medical_diffusion.errors import MedDiffError
+
+SAMPLER = "Euler a"
+#: embedding files as the webui and the core read them by name (file stem)
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
+_NUMBERED = re.compile(r"^(\d{5,})")
+_KIND = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+@dataclass
+class Picture:
+    """One picture of a result: its image, the prompt it was made from (empty for a grid) and a label."""
+
+    image: Image.Image
+    prompt: str = ""
+    label: str = ""
+    cfg_scale: float | None = None
+
+
+@dataclass
+class SavedResult:
+    picture: Path
+    cells: list[Path] = field(default_factory=list)
+    sidecar: Path | None = None
+
+
+def result_folder(work_dir: str | os.PathLike, kind: str, day: _dt.date | None = None) -> Path:
+    """``WORK/outputs/<kind>/<YYYY-MM-DD>``."""
+    if not _KIND.match(kind):
+        raise MedDiffError(f"output kind {kind!r}: use lower-case letters, digits, '-' and '_'")
+    return Path(work_dir) / "outputs" / kind / (day or _dt.date.today()).isoformat()
+
+
+def _reserve(folder: Path) -> tuple[int, Path]:
+    """The next free number in ``folder`` and its sidecar, created empty and exclusively."""
+    folder.mkdir(parents=True, exist_ok=True)
+    used = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))]
+    number = max(used, default=0) + 1
+    while True:
+        sidecar = folder / f"{number:05d}.json"
+        try:
+            fd = os.open(sidecar, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            number += 1
+            continue
+        os.close(fd)
+        return number, sidecar
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def names_in(prompts: Sequence[str], names) -> list[str]:
+    """The ``names`` that appear as a word in any of ``prompts`` (sorted)."""
+    found = []
+    for name in names:
+        pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
+        if any(pattern.search(p or "") for p in prompts):
+            found.append(name)
+    return sorted(found)
+
+
+def embedding_hashes(embeddings_dir: str | os.PathLike | None, prompts: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``{name: {"file": path, "sha256": hex}}`` of the embedding files in ``embeddings_dir`` (by file
+    stem, as the prompts name them) that the prompts use."""
+    folder = Path(embeddings_dir) if embeddings_dir else None
+    if folder is None or not folder.is_dir():
+        return {}
+    files = {p.stem.lower(): p for p in sorted(folder.iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in EMBEDDING_SUFFIXES}
+    return {name: {"file": str(files[name]), "sha256": file_sha256(files[name])} for name in names_in(prompts, files)}
+
+
+def infotext(prompt: str, params: Mapping[str, Any], hashes: Mapping[str, Mapping[str, str]] | None = None,
+             cfg_scale: float | None = None) -> str:
+    """A1111's ``parameters`` text: the prompt, ``Negative prompt:`` and one line of settings, with
+    ``TI hashes`` (the first 10 hex digits of each embedding file's sha256, as the webui writes them)."""
+    settings = [("Steps", params.get("steps")), ("Sampler", SAMPLER),
+                ("CFG scale", cfg_scale if cfg_scale is not None else params.get("cfg_scale")),
+                ("Seed", params.get("seed"))]
+    if params.get("width") and params.get("height"):
+        settings.append(("Size", f"{params['width']}x{params['height']}"))
+    for key, label in (("model", "Model"), ("denoising_strength", "Denoising strength")):
+        if params.get(key) not in (None, ""):
+            settings.append((label, params[key]))
+    if hashes:
+        settings.append(("TI hashes", '"' + ", ".join(f"{n}: {h['sha256'][:10]}" for n, h in sorted(hashes.items())) + '"'))
+    lines = [prompt]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in settings if v is not None))
+    return "\n".join(lines)
+
+
+def save_result(
+    work_dir: str | os.PathLike,
+    kind: str,
+    picture: Image.Image,
+    params: Mapping[str, Any],
+    *,
+    cells: Sequence[Picture] = (),
+    prompt: str = "",
+    embeddings_dir: str | os.PathLike | None = None,
+    day: _dt.date | None = None,
+) -> SavedResult:
+    """Save a tab's result under :func:`result_folder`: ``picture`` (with ``prompt``, or the first
+    cell's, in its ``parameters``), each of ``cells`` when there are several, and the JSON sidecar with
+    ``params``, the cells' prompts and the hashes of the embeddings the prompts use."""
+    from medical_diffusion.png_io import save_png
+
+    prompts = [prompt, *(c.prompt for c in cells), str(params.get("negative_prompt") or "")]
+    hashes = embedding_hashes(embeddings_dir, prompts)
+    number, sidecar = _reserve(result_folder(work_dir, kind, day))
+    folder = sidecar.parent
+    try:
+        main_prompt = prompt or (cells[0].prompt if cells else "")
+        main_cfg = cells[0].cfg_scale if cells and not prompt else None
+        path = folder / f"{number:05d}.png"
+        sha = save_png(picture, path, text={"parameters": infotext(main_prompt, params, hashes, main_cfg)})
+        records, cell_paths = [], []
+        for j, cell in enumerate(cells if len(cells) > 1 else (), start=1):
+            cell_path = folder / f"{number:05d}-{j:02d}.png"
+            cell_sha = save_png(cell.image, cell_path,
+                                text={"parameters": infotext(cell.prompt, params, hashes, cell.cfg_scale)})
+            cell_paths.append(cell_path)
+            records.append({"file": cell_path.name, "prompt": cell.prompt, "label": cell.label,
+                            "cfg_scale": cell.cfg_scale, "sha256": cell_sha})
+        document = {"kind": kind, "file": path.name, "sha256": sha, "prompt": main_prompt, "sampler": SAMPLER,
+                    "params": dict(params), "embeddings": hashes, "cells": records,
+                    "saved": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+        atomic_write_text(sidecar, json.dumps(document, indent=1, default=str))
+    except BaseException:
+        if sidecar.exists() and sidecar.stat().st_size == 0:
+            sidecar.unlink()
+        raise
+    return SavedResult(path, cell_paths, sidecar)
