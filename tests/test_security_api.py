@@ -128,6 +128,8 @@ def test_allowed_roots_flag_sets_the_policy(tmp_path, monkeypatch):
     from medical_diffusion.ui import standalone
 
     monkeypatch.setenv("MEDDIFF_ALLOWED_ROOTS", "")  # restored after the test (run() sets it)
+    monkeypatch.chdir(tmp_path)  # the default embeddings home ./embeddings lies inside the roots
+    monkeypatch.delenv("MEDDIFF_EMBEDDINGS_DIR", raising=False)
     seen = {}
     monkeypatch.setattr(standalone, "launch", lambda ctx, **kw: seen.update(kw))
     monkeypatch.setattr(standalone, "make_context", lambda *a: None)
