@@ -149,8 +149,9 @@ def _print_training_folders(result) -> None:
     holds the contact sheet and the classifier sets)."""
     import shlex
 
-    from medical_diffusion.datasets.layout import EMBEDDING_DIR, embedding_class_folders
+    from medical_diffusion.datasets.layout import embedding_class_folders
     from medical_diffusion.embeddings.model import name_from_token
+    from medical_diffusion.training.data_folder import image_files
 
     folders = embedding_class_folders(result.out_dir)
     if not folders:
@@ -158,7 +159,7 @@ def _print_training_folders(result) -> None:
         return
     print("train an embedding per class (--data is the class folder, not the output folder):")
     for label, folder in folders.items():
-        count = sum(1 for row in result.rows if row.output.startswith(f"{EMBEDDING_DIR}/{label}/"))
+        count = len(image_files(folder))  # what training on it uses: this run's images and earlier runs'
         print(f"  {label}: --data {shlex.quote(str(folder))}  ({count} images)")
         print(f"    meddiff train --model MODEL --data {shlex.quote(str(folder))} --name {name_from_token(label)}")
 

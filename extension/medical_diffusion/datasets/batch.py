@@ -8,7 +8,7 @@ import os
 import shutil
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import numpy as np
@@ -16,9 +16,9 @@ import numpy as np
 from medical_diffusion.atomic_io import atomic_path, atomic_write_text
 from medical_diffusion.datasets.layout import (CONTACT_SHEET_NAME, FAILURES_NAME, JOURNAL_NAME, MANIFEST_NAME,
                                              PlannedItem, provenance_folder)
-from medical_diffusion.datasets.manifest import SHARED_COLUMNS, ManifestRow, write_manifest
+from medical_diffusion.datasets.manifest import SHARED_COLUMNS, ManifestRow, read_manifest, write_manifest
 from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS
-from medical_diffusion.errors import MedDiffError
+from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.png_io import save_png
 
 #: ``progress(done, total, message)``; called in the main process after every item.
@@ -75,11 +75,13 @@ class ItemFailure:
 
 @dataclass
 class BatchResult:
-    """What a batch did; ``rows`` are the manifest rows of all finished items (new and resumed)."""
+    """What a batch did; ``rows`` are the manifest rows of this run's finished items (new and resumed),
+    ``kept_rows`` those of earlier runs' outputs still in the folder unchanged (the manifests list both)."""
 
     out_dir: Path
     provenance_dir: Path | None = None  # None: OUT.provenance
     rows: list[ManifestRow] = field(default_factory=list)
+    kept_rows: list[ManifestRow] = field(default_factory=list)
     failures: list[ItemFailure] = field(default_factory=list)  # rejected before processing + failed
     warnings: list[ItemFailure] = field(default_factory=list)  # made, but with a problem worth a look
     processed: int = 0
@@ -89,6 +91,11 @@ class BatchResult:
         self.out_dir = Path(self.out_dir)
         if self.provenance_dir is None:
             self.provenance_dir = provenance_folder(self.out_dir)
+
+    @property
+    def manifest_rows(self) -> list[ManifestRow]:
+        """What the manifests list: this run's rows, then the kept rows of earlier runs."""
+        return self.rows + self.kept_rows
 
     @property
     def manifest_path(self) -> Path:
@@ -189,6 +196,52 @@ def _still_valid(rec: dict, unit: WorkUnit, fingerprint: str, out_dir: Path) -> 
     return True
 
 
+def _earlier_rows(out_dir: Path, prov_dir: Path, warnings: list[ItemFailure]) -> list[ManifestRow]:
+    """The rows the manifests listed before this run, one per output: the full manifest's row where it has
+    one for the same file, else the shareable manifest's (e.g. when the provenance folder was moved)."""
+    rows: dict[str, ManifestRow] = {}
+    for path in (out_dir / MANIFEST_NAME, prov_dir / MANIFEST_NAME):
+        if not path.is_file():
+            continue
+        try:
+            listed = read_manifest(path)
+        except InputFileError as exc:
+            warnings.append(ItemFailure("manifest", str(path), f"{exc}: the rows of earlier runs are not kept"))
+            continue
+        for row in listed:
+            before = rows.get(row.output)
+            if before is None or before.sha256 == row.sha256:
+                rows[row.output] = row
+    return list(rows.values())
+
+
+def _still_in_folder(rows: list[ManifestRow], out_dir: Path, remade: set[str]) -> list[ManifestRow]:
+    """The ``rows`` whose output is not in ``remade``, lies inside ``out_dir`` and still has the recorded sha256."""
+    kept = []
+    for row in rows:
+        rel = PurePosixPath(row.output)
+        if row.output in remade or not row.sha256 or rel.is_absolute() or ".." in rel.parts:
+            continue
+        path = out_dir / rel
+        if path.is_file() and file_sha256(path) == row.sha256:
+            kept.append(row)
+    return kept
+
+
+def _kept_warning(kept: list[ManifestRow], out_dir: Path) -> ItemFailure:
+    """Say that the folder (and so training on a class folder) also holds images of earlier runs."""
+    counts: dict[str, int] = {}
+    for row in kept:
+        name = f"{row.split}/{row.label}" if row.split else row.label
+        counts[name] = counts.get(name, 0) + 1
+    text = (f"{len(kept)} image(s) made by earlier runs are still in the folder and stay in the manifest "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}); training on a class folder uses "
+            "them too (delete them, or use another --out, to have only this run's images)")
+    if any(row.split for row in kept):
+        text += "; patient-disjoint splits hold within one run only"
+    return ItemFailure("earlier runs", str(out_dir), text)
+
+
 def run_batch(
     planned: list[PlannedItem],
     payloads: dict[str, tuple[str, Any]],
@@ -209,7 +262,9 @@ def run_batch(
     the same pixel-affecting options (``pixel_options_json``, default all options; journal entry, output
     files present with the recorded sha256) are skipped.
     Failures (plus ``rejected`` items, refused before processing) are collected in ``failures.csv``;
-    the manifests are rewritten at the end; with ``contact_sheet_title`` a contact sheet is written.
+    the manifests are rewritten at the end: this run's rows, then the rows of earlier runs whose output
+    was not made again and is still in the folder with its recorded sha256 (a row whose file is gone or
+    changed is dropped); with ``contact_sheet_title`` a contact sheet of what the manifest lists is written.
     The output folder gets only the images, the shareable manifest and the contact sheet; the full
     manifest, ``failures.csv`` and the journal go to ``provenance`` (default ``OUT.provenance``).
     ``process`` and ``worker_init`` must be module-level functions when ``workers > 1``.
@@ -222,8 +277,9 @@ def run_batch(
     journal_path = prov_dir / JOURNAL_NAME
     _move_old_provenance(out_dir, prov_dir)
     journal = load_journal(journal_path)
-    by_key = {p.candidate.key: p for p in planned}
     result = BatchResult(out_dir, prov_dir, failures=list(rejected or []))
+    earlier = _earlier_rows(out_dir, prov_dir, result.warnings)
+    by_key = {p.candidate.key: p for p in planned}
     todo: list[WorkUnit] = []
     finished: dict[str, tuple[str, dict]] = {}
     for item in planned:
@@ -283,15 +339,20 @@ def run_batch(
                 output=output, split=item.split, label=item.candidate.label, case_id=key,
                 source=payloads[key][0], slice=str(info.get("slice", "")), options=options_json, sha256=sha,
                 **geometry))
-    write_manifest(result.provenance_manifest_path, result.rows)
-    write_manifest(result.manifest_path, result.rows, SHARED_COLUMNS)
+    result.kept_rows = _still_in_folder(earlier, out_dir, {row.output for row in result.rows})
+    if result.kept_rows:
+        result.warnings.append(_kept_warning(result.kept_rows, out_dir))
+    write_manifest(result.provenance_manifest_path, result.manifest_rows)
+    write_manifest(result.manifest_path, result.manifest_rows, SHARED_COLUMNS)
     lines = ["key,source,error"] + [
         ",".join('"' + str(v).replace('"', '""') + '"' for v in (f.key, f.source, f.error)) for f in result.failures]
     atomic_write_text(result.failures_path, "\n".join(lines) + "\n")
-    if contact_sheet_title is not None and result.rows:
+    if contact_sheet_title is not None:
         from medical_diffusion.datasets.contact_sheet import write_contact_sheet
 
-        write_contact_sheet(out_dir, result.rows, out_dir / CONTACT_SHEET_NAME, title=contact_sheet_title)
+        if not write_contact_sheet(out_dir, result.manifest_rows, out_dir / CONTACT_SHEET_NAME,
+                                   title=contact_sheet_title):
+            (out_dir / CONTACT_SHEET_NAME).unlink(missing_ok=True)  # an empty folder shows no earlier sheet
     return result
 
 

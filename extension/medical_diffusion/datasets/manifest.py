@@ -54,9 +54,12 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     path = Path(path)
     if not path.is_file():
         raise InputFileError(path, "no such manifest")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or [])
-        if missing:
-            raise InputFileError(path, f"not a prepare manifest (missing columns {sorted(missing)})")
-        return [ManifestRow(**{k: r.get(k) or "" for k in COLUMNS}) for r in reader]
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or [])
+            if missing:
+                raise InputFileError(path, f"not a prepare manifest (missing columns {sorted(missing)})")
+            return [ManifestRow(**{k: r.get(k) or "" for k in COLUMNS}) for r in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputFileError(path, f"not a readable CSV manifest ({exc.__class__.__name__})") from None
