@@ -177,6 +177,9 @@ def test_interpolate_and_compose_pngs_carry_the_parameters(tmp_path, cli):
     assert _parameters(tmp_path / "i" / "interpolation_grid.png").startswith("healthy :1 AND sick :0\n")
     record = json.loads((tmp_path / "i" / "interpolation.json").read_text())
     assert set(record["embeddings"]) == {"healthy", "sick"}
+    assert cli(["interpolate", "--healthy", "healthy", "--diseased", "sick", "-k", "2", "--mode", "embedding",
+                "--out", str(tmp_path / "e"), *base]) == 0
+    assert _parameters(tmp_path / "e" / "interpolation_00.png").endswith(hashes)  # the two blended files
 
     assert cli(["compose", "--base", "healthy", "--add", "effusion:0.5", "--stage-cfg", "2,3", "--out",
                 str(tmp_path / "c"), *base]) == 0
@@ -186,18 +189,20 @@ def test_interpolate_and_compose_pngs_carry_the_parameters(tmp_path, cli):
 
 
 def test_generate_pngs_carry_the_parameters_and_the_set_still_resumes(tmp_path, cli, capsys):
-    single = _embeddings(tmp_path / "one", names=("sick",)) / "sick.pt"
+    folder = _embeddings(tmp_path / "one")
     out = tmp_path / "set"
-    args = ["generate", "--model", "tiny", "--embedding", str(single), "--prompt", "pos=sick", "-n", "2",
+    args = ["generate", "--model", "tiny", "--embedding", str(folder / "healthy.pt"), "--embedding",
+            str(folder / "sick.pt"), "--prompt", "neg=healthy", "--prompt", "pos=sick", "-n", "2",
             "--out", str(out), "--seed", "3", *SMALL]
     assert cli(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["images"]["pos/00001.png"]["seed"] == 4
+    assert manifest["images"]["pos/00001.png"]["seed"] == 6
     text = _parameters(out / "pos" / "00001.png")
-    assert text.splitlines()[0] == "sick" and "Seed: 4, Size: 64x64, Model: tiny" in text
-    assert f'TI hashes: "{_ti(single.parent, "sick")}"' in text  # the --embedding file's hash
+    assert text.splitlines()[0] == "sick" and "Seed: 6, Size: 64x64, Model: tiny" in text
+    assert text.endswith(f'TI hashes: "{_ti(folder, "sick")}"')  # the --embedding file this prompt uses
+    assert _parameters(out / "neg" / "00000.png").endswith(f'TI hashes: "{_ti(folder, "healthy")}"')
     assert cli(args) == 0
-    assert "0 generated, 2 already present" in capsys.readouterr().out
+    assert "0 generated, 4 already present" in capsys.readouterr().out
 
 
 def test_embedding_hashes_cover_single_files_too(tmp_path):

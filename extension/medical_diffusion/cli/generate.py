@@ -229,7 +229,7 @@ def run_interpolate(args) -> int:
               "model": str(args.model), "blend": args.blend if args.mode == "embedding" else None,
               **sample_kwargs(args)}
     title = f"{args.healthy} -> {args.diseased} ({args.mode}{', ' + args.blend if args.mode == 'embedding' else ''}), seed {seed}"
-    hashes = ti_hashes(args, [f.prompt for f in frames] + [args.negative_prompt])
+    hashes = ti_hashes(args, [f.prompt for f in frames] + [args.healthy, args.diseased, args.negative_prompt])
     grid = _save_frames(frames, Path(args.out), "interpolation", title, params, args.force, hashes)
     print(f"wrote {len(frames)} images and {grid}")
     return 0

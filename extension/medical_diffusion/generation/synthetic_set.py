@@ -21,7 +21,7 @@ from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.errors import Cancelled, InputFileError, MedDiffError
 from medical_diffusion.generation.guidance import encode_composable
-from medical_diffusion.generation.outputs import png_parameters
+from medical_diffusion.generation.outputs import names_in, png_parameters
 from medical_diffusion.generation.sampling import latents_to_images, sample_latents
 from medical_diffusion.limits import MAX_BATCH_SIZE, check_range
 from medical_diffusion.png_io import save_png
@@ -168,6 +168,8 @@ def generate_set(
     if progress is not None:
         progress(0, total)
     conds: dict[str, object] = {}
+    hashes = {label: {name: ti_hashes[name] for name in names_in([prompt, params.negative_prompt], ti_hashes or {})}
+              for label, prompt in params.classes.items()}  # each class's PNGs name the embeddings it uses
     for start in range(0, total, batch_size):
         batch = todo[start : start + batch_size]
         # one prompt per call: split the batch where the class changes
@@ -186,7 +188,7 @@ def generate_set(
                 )
                 for (ci, _, i, seed), image in zip(items, latents_to_images(backend, latents)):
                     rel = f"{label}/{i:05d}.png"
-                    text = png_parameters(prompt, {**new_params, "seed": seed}, ti_hashes)
+                    text = png_parameters(prompt, {**new_params, "seed": seed}, hashes[label])
                     sha = save_png(image, out_dir / rel, text=text)
                     images[rel] = {"label": label, "index": i, "seed": seed, "prompt": prompt, "sha256": sha}
             except Cancelled:
