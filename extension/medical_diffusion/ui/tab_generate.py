@@ -124,8 +124,8 @@ def build(ctx: UIContext) -> dict:
 
     @shows_errors
     def prompt_from_slots(*values):
-        names_, weights = values[:SLOTS], values[SLOTS : 2 * SLOTS]
-        parts = [(n, float(w)) for n, w in zip(names_, weights) if n]
+        chosen, weights = values[:SLOTS], values[SLOTS : 2 * SLOTS]
+        parts = [(n, float(w)) for n, w in zip(chosen, weights) if n]
         if not parts:
             raise MedDiffError("choose at least one embedding")
         text = build_prompt(parts)
