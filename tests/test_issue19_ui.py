@@ -163,7 +163,7 @@ def test_stop_ends_a_generation_within_one_sampler_step(tmp_path, tiny_backend, 
     def progress(fraction, desc=""):  # the user presses Stop while the first step is shown
         parts["stop"].stop()
 
-    picture, cells, status = parts["generate"]("a scan", 20, 2.0, 0, 64, 64, "", progress=progress)
+    picture, cells, status = parts["generate"]("a scan", 20, 2.0, 0, 64, 64, "", True, progress=progress)
     assert len(calls) == 1
     assert status.startswith("**Stopped:**") and "from an earlier run" in status
     assert picture == gr.update() and cells == gr.update()  # the earlier picture stays, marked stale
@@ -394,7 +394,7 @@ def test_a_generated_image_is_saved_with_its_parameters(tmp_path, tiny_backend):
     (tmp_path / "emb").mkdir()
     with gr.Blocks():
         parts = tab_generate.build(_tiny_ctx(tmp_path, tiny_backend))
-    picture, cells, status = parts["generate"]("a scan", 2, 3.0, 5, 64, 64, "noise", progress=None)
+    picture, cells, status = parts["generate"]("a scan", 2, 3.0, 5, 64, 64, "noise", True, progress=None)
     assert picture is not None and "Saved to" in status
     saved = sorted((tmp_path / "work" / "outputs" / "image").glob("*/*.png"))
     assert [p.name for p in saved] == ["00001.png"] and str(saved[0]).replace("_", "\\_") in status
@@ -404,7 +404,7 @@ def test_a_generated_image_is_saved_with_its_parameters(tmp_path, tiny_backend):
                                  "Steps: 2, Sampler: Euler a, CFG scale: 3.0, Seed: 5, Size: 64x64, Model: tiny"]
     sidecar = json.loads(saved[0].with_suffix(".json").read_text())
     assert sidecar["params"]["seed"] == 5 and sidecar["prompt"] == "a scan"
-    parts["generate"]("a scan", 2, 3.0, 5, 64, 64, "", progress=None)
+    parts["generate"]("a scan", 2, 3.0, 5, 64, 64, "", True, progress=None)
     assert (saved[0].parent / "00002.png").is_file()
 
 
@@ -512,7 +512,7 @@ def test_closing_the_browser_stops_a_job_in_the_real_standalone_app(tmp_path, ti
         while json.loads(socket.recv(10))["msg"] != "send_data":
             pass
         socket.send(json.dumps({"session_hash": "s19", "fn_index": fn_index, "event_data": None,
-                                "data": ["a scan", 150, 2.0, 0, 64, 64, ""]}))
+                                "data": ["a scan", 150, 2.0, 0, 64, 64, "", True]}))
         deadline = time.monotonic() + 30
         while len(calls) < 5 and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -28,6 +28,14 @@ def fake_txt2img(prompt, seed=0, **kwargs):
 
 
 def make_ctx(tmp_path) -> UIContext:
+    """A context whose embeddings folder holds two tiny embeddings, ``a`` and ``b`` (the names the bodies use)."""
+    import torch
+
+    from medical_diffusion.embeddings import Embedding, save_embedding
+
+    (tmp_path / "emb").mkdir(exist_ok=True)
+    for name in ("a", "b"):
+        save_embedding(Embedding(name=name, vectors=torch.zeros(1, 8)), tmp_path / "emb" / f"{name}.pt", force=True)
     ctx = UIContext(backend_factory=lambda: None, work_dir=tmp_path, embeddings_dir=tmp_path / "emb")
     ctx.txt2img = fake_txt2img
     return ctx

@@ -28,8 +28,9 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
                                                                         HealthCheck.too_slow])
 
 ROUTE_FIELDS = {
-    "/train": ["config", "run_dir", "resume"],
-    "/interpolate": ["healthy", "diseased", "k", "seed", "steps", "cfg_scale", "width", "height", "negative_prompt"],
+    "/train": ["config", "run_dir", "resume", "replace_published"],
+    "/interpolate": ["healthy", "diseased", "k", "seed", "steps", "cfg_scale", "width", "height", "negative_prompt",
+                     "allow_plain_prompt"],
     "/fid": ["real", "generated", "extractor", "weights", "mode", "bootstrap_reps", "resample", "seed"],
 }
 CONFIG_FIELDS = ["name", "data_dir", "model", "n_vectors", "steps", "batch_size", "grad_accumulation", "resolution",
@@ -57,7 +58,8 @@ def body_for(fields):
 
 train_bodies = st.builds(lambda cfg, other: {"config": cfg, **other},
                          st.one_of(st.dictionaries(st.sampled_from(CONFIG_FIELDS), json_values, max_size=8), json_values),
-                         st.dictionaries(st.sampled_from(["run_dir", "resume"]), json_values, max_size=2))
+                         st.dictionaries(st.sampled_from(["run_dir", "resume", "replace_published"]), json_values,
+                                         max_size=3))
 
 
 @pytest.fixture(scope="module")

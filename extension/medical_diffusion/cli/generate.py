@@ -94,11 +94,10 @@ def load_model_and_embeddings(args):
 def warn_prompts(backend, prompts, vectors, allow_plain: bool = False) -> None:
     """Refuse prompts whose parts use none of the loaded embeddings (unless ``allow_plain``); log the
     token-budget warnings."""
-    from medical_diffusion.generation.loading import prompt_warnings
+    from medical_diffusion.generation.loading import prompts_warnings
 
-    for prompt in prompts:
-        for warning in prompt_warnings(backend, prompt, vectors, allow_plain=allow_plain):
-            log.warning("warning: %s", warning)
+    for warning in prompts_warnings(backend, list(prompts), vectors, allow_plain=allow_plain):
+        log.warning("warning: %s", warning)
 
 
 def sample_kwargs(args) -> dict:
@@ -106,11 +105,12 @@ def sample_kwargs(args) -> dict:
                 width=args.width, height=args.height)
 
 
-def used_in(name: str, prompts) -> bool:
-    """Whether embedding ``name`` appears as a word in any of ``prompts`` (in any case, as the tokenizer
-    lowercases)."""
-    pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
-    return any(pattern.search(p) for p in prompts)
+def ti_hashes(args, prompts) -> dict[str, dict[str, str]]:
+    """The files and sha256 of the embeddings (``--embeddings-dir`` / the home, ``--embedding``) that
+    ``prompts`` use, for the PNGs' ``TI hashes``."""
+    from medical_diffusion.generation.outputs import embedding_hashes
+
+    return embedding_hashes(args.embeddings_dir, [p for p in prompts if p], args.embedding)
 
 
 def parse_class_prompt(text: str, index: int) -> tuple[str, str]:
@@ -136,6 +136,7 @@ def _batch_size(text: str) -> int:
 
 # -- generate ---------------------------------------------------------------------------------
 def run_generate(args) -> int:
+    from medical_diffusion.generation.outputs import names_in
     from medical_diffusion.generation.sampling import resolve_seed
     from medical_diffusion.generation.synthetic_set import SetParams, embedding_fingerprint, generate_set
 
@@ -152,17 +153,18 @@ def run_generate(args) -> int:
             seed = int(json.loads(manifest.read_text("utf-8"))["params"]["seed"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
+    prompts = [*classes.values(), args.negative_prompt]
+    used = names_in(prompts, table)
     params = SetParams(
         classes=classes, seed=resolve_seed(seed), steps=args.steps, cfg_scale=args.cfg,
         negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         paired_seeds=args.paired_seeds, model=str(args.model),
-        embeddings={name: embedding_fingerprint(emb) for name, emb in sorted(table.items())
-                    if used_in(name, [*classes.values(), args.negative_prompt])},
+        embeddings={name: embedding_fingerprint(table[name]) for name in used},
     )
     bar = StepBar("generate", unit="image")
     try:
         result = generate_set(backend, params, args.out, args.n, embeddings=vectors, batch_size=args.batch_size,
-                              restart=args.restart, progress=bar)
+                              restart=args.restart, progress=bar, ti_hashes=ti_hashes(args, prompts))
     finally:
         bar.close()
     print(f"{result.generated} generated, {result.skipped} already present, {len(result.failures)} failed; "
@@ -173,20 +175,28 @@ def run_generate(args) -> int:
 
 
 # -- interpolate ------------------------------------------------------------------------------
-def _save_frames(frames, out: Path, stem: str, grid_title: str, params: dict, force: bool) -> Path:
+def _save_frames(frames, out: Path, stem: str, grid_title: str, params: dict, force: bool, hashes: dict,
+                 cfg_scales=None) -> Path:
+    """``OUT/<stem>_NN.png`` per frame and ``OUT/<stem>_grid.png`` (the first frame's prompt), each with
+    A1111's ``parameters`` text (``cfg_scales``: each frame's, when they differ from ``params``'), and
+    ``OUT/<stem>.json`` with the parameters, the frames and the embedding files used (``hashes``)."""
     from medical_diffusion.atomic_io import atomic_write_text, check_writable
     from medical_diffusion.generation.interpolation import frames_grid
+    from medical_diffusion.generation.outputs import png_parameters
     from medical_diffusion.png_io import save_png
 
     out.mkdir(parents=True, exist_ok=True)
     grid_path = check_writable(out / f"{stem}_grid.png", force)
+    cfg_scales = list(cfg_scales) if cfg_scales is not None else [None] * len(frames)
     records = []
-    for j, frame in enumerate(frames):
+    for j, (frame, cfg) in enumerate(zip(frames, cfg_scales)):
         path = out / f"{stem}_{j:02d}.png"
-        sha = save_png(frame.image, path)
+        sha = save_png(frame.image, path, text=png_parameters(frame.prompt, params, hashes, cfg))
         records.append({"file": path.name, "label": frame.label, "prompt": frame.prompt, "t": frame.t, "sha256": sha})
-    save_png(frames_grid(frames, grid_title), grid_path)
-    atomic_write_text(out / f"{stem}.json", json.dumps({"params": params, "frames": records}, indent=1))
+    save_png(frames_grid(frames, grid_title), grid_path,
+             text=png_parameters(frames[0].prompt, params, hashes, cfg_scales[0]) if frames else None)
+    atomic_write_text(out / f"{stem}.json", json.dumps({"params": params, "frames": records, "embeddings": hashes},
+                                                       indent=1))
     return grid_path
 
 
@@ -219,7 +229,8 @@ def run_interpolate(args) -> int:
               "model": str(args.model), "blend": args.blend if args.mode == "embedding" else None,
               **sample_kwargs(args)}
     title = f"{args.healthy} -> {args.diseased} ({args.mode}{', ' + args.blend if args.mode == 'embedding' else ''}), seed {seed}"
-    grid = _save_frames(frames, Path(args.out), "interpolation", title, params, args.force)
+    hashes = ti_hashes(args, [f.prompt for f in frames] + [args.healthy, args.diseased, args.negative_prompt])
+    grid = _save_frames(frames, Path(args.out), "interpolation", title, params, args.force, hashes)
     print(f"wrote {len(frames)} images and {grid}")
     return 0
 
@@ -255,8 +266,9 @@ def run_compose(args) -> int:
     params = {"base": args.base, "add": additions, "base_weight": args.base_weight, "seed": seed,
               "stages": [{"prompt": s.prompt, "cfg_scale": s.cfg_scale} for s in stages], "model": str(args.model),
               **kwargs}
+    hashes = ti_hashes(args, [s.prompt for s in stages] + [args.negative_prompt])
     grid = _save_frames(frames, Path(args.out), "composition", f"{args.base} + pathologies, seed {seed}", params,
-                        args.force)
+                        args.force, hashes, cfg_scales=[s.cfg_scale for s in stages])
     print(f"wrote {len(frames)} images and {grid}")
     return 0
 

@@ -175,3 +175,16 @@ def prompt_warnings(backend: ModelBackend, prompt: str, vectors: Mapping[str, to
     elif prompt.strip():
         warnings.append("no embeddings loaded: the prompt is plain text")
     return warnings
+
+
+def prompts_warnings(backend: ModelBackend, prompts: Sequence[str], vectors: Mapping[str, torch.Tensor],
+                     allow_plain: bool = False, plain_hint: str = PLAIN_PROMPT_HINT) -> list[str]:
+    """:func:`prompt_warnings` for every prompt of a job (the frames of a grid, the stages of a strip):
+    one refusal names every unknown part of all of them, before any is sampled; the warnings are
+    listed once each."""
+    check_prompt_embeddings(list(prompts), list(vectors), getattr(vectors, "where", "") or "the loaded embeddings",
+                            allow_plain=allow_plain, plain_hint=plain_hint)
+    warnings: list[str] = []
+    for prompt in prompts:
+        warnings += [w for w in prompt_warnings(backend, prompt, vectors, allow_plain=True) if w not in warnings]
+    return warnings

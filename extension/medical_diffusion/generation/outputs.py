@@ -5,6 +5,8 @@ a grid or a strip) with A1111's ``parameters`` text chunk (prompt, negative prom
 CFG, seed, size, model, ``TI hashes``), its cells as ``NNNNN-01.png``... for a grid or strip, and
 ``NNNNN.json`` with every parameter and each embedding's name, file and sha256. Files are written
 atomically; a number is taken by creating its JSON file exclusively, so two saves never share one.
+The commands (``meddiff generate/interpolate/compose``) write the same ``parameters`` text
+(:func:`png_parameters`) into their own layouts.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.errors import MedDiffError
 
 SAMPLER = "Euler a"
-#: embedding files as the webui and the core read them by name (file stem)
-EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 _NUMBERED = re.compile(r"^(\d{5,})")
 _KIND = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -88,15 +88,22 @@ def names_in(prompts: Sequence[str], names) -> list[str]:
     return sorted(found)
 
 
-def embedding_hashes(embeddings_dir: str | os.PathLike | None, prompts: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``{name: {"file": path, "sha256": hex}}`` of the embedding files in ``embeddings_dir`` (by file
-    stem, as the prompts name them) that the prompts use."""
+def embedding_hashes(embeddings_dir: str | os.PathLike | None, prompts: Sequence[str],
+                     files: Sequence[str | os.PathLike] = ()) -> dict[str, dict[str, str]]:
+    """``{name: {"file": path, "sha256": hex}}`` of the embedding files in ``embeddings_dir`` and ``files``
+    (by the names the prompts use, as the commands find them) that the prompts use."""
+    from medical_diffusion.embeddings.readers import embedding_paths_on_disk
+
     folder = Path(embeddings_dir) if embeddings_dir else None
-    if folder is None or not folder.is_dir():
-        return {}
-    files = {p.stem.lower(): p for p in sorted(folder.iterdir())
-             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in EMBEDDING_SUFFIXES}
-    return {name: {"file": str(files[name]), "sha256": file_sha256(files[name])} for name in names_in(prompts, files)}
+    paths = embedding_paths_on_disk(folder if folder is not None and folder.is_dir() else None,
+                                    [f for f in files if Path(f).is_file()])
+    return {name: {"file": str(paths[name]), "sha256": file_sha256(paths[name])} for name in names_in(prompts, paths)}
+
+
+def png_parameters(prompt: str, params: Mapping[str, Any], hashes: Mapping[str, Mapping[str, str]] | None = None,
+                   cfg_scale: float | None = None) -> dict[str, str]:
+    """The PNG text chunks of a picture made from ``prompt``: ``{"parameters": infotext(...)}``."""
+    return {"parameters": infotext(prompt, params, hashes, cfg_scale)}
 
 
 def infotext(prompt: str, params: Mapping[str, Any], hashes: Mapping[str, Mapping[str, str]] | None = None,
@@ -144,12 +151,11 @@ def save_result(
         main_prompt = prompt or (cells[0].prompt if cells else "")
         main_cfg = cells[0].cfg_scale if cells and not prompt else None
         path = folder / f"{number:05d}.png"
-        sha = save_png(picture, path, text={"parameters": infotext(main_prompt, params, hashes, main_cfg)})
+        sha = save_png(picture, path, text=png_parameters(main_prompt, params, hashes, main_cfg))
         records, cell_paths = [], []
         for j, cell in enumerate(cells if len(cells) > 1 else (), start=1):
             cell_path = folder / f"{number:05d}-{j:02d}.png"
-            cell_sha = save_png(cell.image, cell_path,
-                                text={"parameters": infotext(cell.prompt, params, hashes, cell.cfg_scale)})
+            cell_sha = save_png(cell.image, cell_path, text=png_parameters(cell.prompt, params, hashes, cell.cfg_scale))
             cell_paths.append(cell_path)
             records.append({"file": cell_path.name, "prompt": cell.prompt, "label": cell.label,
                             "cfg_scale": cell.cfg_scale, "sha256": cell_sha})

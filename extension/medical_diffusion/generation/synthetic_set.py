@@ -1,6 +1,7 @@
 """Synthetic data sets: N images per class prompt, in ``<out>/<label>/NNNNN.png`` (the layout the
 classifier experiments read, e.g. ``neg/`` and ``pos/``), with ``manifest.json`` recording the
-seed, prompt and every parameter. Interrupted runs resume: images already in the manifest whose
+seed, prompt and every parameter; each PNG carries A1111's ``parameters`` text (its prompt, seed,
+settings and ``TI hashes``). Interrupted runs resume: images already in the manifest whose
 file still has the recorded checksum are kept; the rest are (re)made.
 """
 
@@ -20,6 +21,7 @@ from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.backend.base import ModelBackend
 from medical_diffusion.errors import Cancelled, InputFileError, MedDiffError
 from medical_diffusion.generation.guidance import encode_composable
+from medical_diffusion.generation.outputs import names_in, png_parameters
 from medical_diffusion.generation.sampling import latents_to_images, sample_latents
 from medical_diffusion.limits import MAX_BATCH_SIZE, check_range
 from medical_diffusion.png_io import save_png
@@ -106,6 +108,7 @@ def generate_set(
     restart: bool = False,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    ti_hashes: Mapping[str, Mapping[str, str]] | None = None,
 ) -> SetResult:
     """Make (or finish) ``n_per_class`` images for every class of ``params``.
 
@@ -116,6 +119,8 @@ def generate_set(
     manifest entries; files are overwritten as they are regenerated). Failures of single batches
     are collected and the run goes on. ``should_stop()`` is asked before every sampler step; True
     keeps the images made so far (in the manifest, so a rerun resumes) and raises :class:`Cancelled`.
+    ``ti_hashes`` (``{name: {"file", "sha256"}}`` of the embedding files used, see
+    :func:`~medical_diffusion.generation.outputs.embedding_hashes`) go into each PNG's ``parameters``.
     """
     if n_per_class < 1:
         raise MedDiffError("the number of images per class must be at least 1")
@@ -163,6 +168,8 @@ def generate_set(
     if progress is not None:
         progress(0, total)
     conds: dict[str, object] = {}
+    hashes = {label: {name: ti_hashes[name] for name in names_in([prompt, params.negative_prompt], ti_hashes or {})}
+              for label, prompt in params.classes.items()}  # each class's PNGs name the embeddings it uses
     for start in range(0, total, batch_size):
         batch = todo[start : start + batch_size]
         # one prompt per call: split the batch where the class changes
@@ -181,7 +188,8 @@ def generate_set(
                 )
                 for (ci, _, i, seed), image in zip(items, latents_to_images(backend, latents)):
                     rel = f"{label}/{i:05d}.png"
-                    sha = save_png(image, out_dir / rel)
+                    text = png_parameters(prompt, {**new_params, "seed": seed}, hashes[label])
+                    sha = save_png(image, out_dir / rel, text=text)
                     images[rel] = {"label": label, "index": i, "seed": seed, "prompt": prompt, "sha256": sha}
             except Cancelled:
                 write_manifest()

@@ -37,9 +37,14 @@ class TrainRequest(_Body):
     config: Dict[str, Any] = {}
     run_dir: Optional[PathText] = None
     resume: bool = False
+    #: the final embedding may replace a different one of its name in the embeddings folder
+    replace_published: bool = False
 
 
 class InterpolateRequest(_Body):
+    """``POST /interpolate``: ``healthy`` and ``diseased`` name embeddings (or are prompts that use one); a
+    part that uses none is refused unless ``allow_plain_prompt``."""
+
     healthy: constr(strict=True, min_length=1, max_length=limits.MAX_PROMPT_CHARS)
     diseased: constr(strict=True, min_length=1, max_length=limits.MAX_PROMPT_CHARS)
     k: conint(strict=True, ge=limits.MIN_INTERPOLATION_FRAMES, le=limits.MAX_INTERPOLATION_FRAMES) = 5
@@ -49,6 +54,7 @@ class InterpolateRequest(_Body):
     width: Optional[ImageSize] = None
     height: Optional[ImageSize] = None
     negative_prompt: Optional[PromptText] = None
+    allow_plain_prompt: bool = False
 
     def sample_kwargs(self) -> dict[str, Any]:
         keys = ("steps", "cfg_scale", "width", "height", "negative_prompt")

@@ -91,12 +91,29 @@ async def run_while_connected(request: Request, work: Callable[[threading.Event]
     raise Cancelled("the client disconnected")
 
 
+#: how a refusal of a prompt without embeddings says to ask for one
+PLAIN_HINT = 'send "allow_plain_prompt": true to sample a prompt without embeddings'
+
+
+def check_prompt_names(ctx: UIContext, prompts: Sequence[str], allow_plain: bool = False) -> None:
+    """Refuse (:class:`~medical_diffusion.generation.prompts.UnknownEmbeddingError`, a 400) prompts with a
+    part that names none of the embeddings in ``ctx.embeddings_dir``, naming those parts and the folder."""
+    from medical_diffusion.embeddings.readers import embedding_names_on_disk
+    from medical_diffusion.generation.prompts import check_prompt_embeddings
+
+    folder = ctx.embeddings_dir
+    names = embedding_names_on_disk(folder) if folder.is_dir() else set()
+    where = f"the embeddings folder {folder}" + ("" if folder.is_dir() else ", which does not exist")
+    check_prompt_embeddings(prompts, sorted(names), where, allow_plain=allow_plain, plain_hint=PLAIN_HINT)
+
+
 def _interpolation_grid(ctx: UIContext, req: InterpolateRequest, stop: threading.Event) -> dict[str, Any]:
     from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
     from medical_diffusion.generation.sampling import resolve_seed
     from medical_diffusion.ui.rendering import render_prompts
 
     items = interpolation_prompts(req.healthy, req.diseased, req.k)
+    check_prompt_names(ctx, [prompt for _, prompt in items], req.allow_plain_prompt)  # before any sampling
     seed = resolve_seed(req.seed)
     sample = req.sample_kwargs()
     sample["should_stop"] = stop.is_set  # the core sampler and the webui's txt2img stop within one step
@@ -117,8 +134,10 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
 
     @router.post("/train")
     async def start_training(request: Request):
-        """Start a run: ``{"config": {TrainConfig fields}, "run_dir": str?, "resume": bool?}``; with
-        ``resume`` the config may hold only what changes (steps, learning rate ...)."""
+        """Start a run: ``{"config": {TrainConfig fields}, "run_dir": str?, "resume": bool?,
+        "replace_published": bool?}``; with ``resume`` the config may hold only what changes (steps, learning
+        rate ...); ``replace_published`` lets the final embedding replace a different one of its name in the
+        embeddings folder (refused otherwise, before training)."""
         req = await _body(request, TrainRequest)
         if ctx.trainer.running:
             raise HTTPException(status_code=409, detail=f"a training run ({ctx.trainer.state.name}) is already going")
@@ -126,7 +145,7 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
         if not req.resume:
             config.setdefault("model", ctx.model_id or "webui")
         try:
-            state = ctx.trainer.start(config, req.run_dir, resume=req.resume)
+            state = ctx.trainer.start(config, req.run_dir, resume=req.resume, replace_published=req.replace_published)
         except MedDiffError as exc:
             raise _user_error("/train", exc) from exc
         return state.to_dict(with_losses=False)
@@ -143,7 +162,9 @@ def make_router(ctx: UIContext, dependencies: Sequence = ()) -> APIRouter:
 
     @router.post("/interpolate")
     async def interpolate(request: Request):
-        """Healthy -> diseased grid: ``{"healthy", "diseased", "k", "seed", "steps", "cfg_scale", "width", "height"}``."""
+        """Healthy -> diseased grid: ``{"healthy", "diseased", "k", "seed", "steps", "cfg_scale", "width", "height",
+        "negative_prompt", "allow_plain_prompt"}``. A name that is not in the embeddings folder answers 400
+        naming it and the folder, unless ``allow_plain_prompt``."""
         req = await _body(request, InterpolateRequest)
         try:
             return await run_while_connected(request, lambda stop: _interpolation_grid(ctx, req, stop))

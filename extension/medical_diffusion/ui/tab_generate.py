@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 #: gradio 3.41 cannot add widgets at run time: this many (embedding, weight) rows are offered
 SLOTS = 4
+#: the checkbox that lets a prompt without embeddings be sampled, and how a refusal points to it
+ALLOW_PLAIN_LABEL = "Allow a prompt without embeddings"
+PLAIN_HINT = f"tick '{ALLOW_PLAIN_LABEL}' to sample it as plain text"
 
 
 def embedding_names(ctx: UIContext) -> list[str]:
@@ -49,7 +52,7 @@ def build(ctx: UIContext) -> dict:
     the Inpaint tab) as an earlier run's."""
     from medical_diffusion.generation.composition import composition_stages
     from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
-    from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
+    from medical_diffusion.generation.loading import load_embedding_table, prompts_warnings, vectors_of
     from medical_diffusion.generation.outputs import Picture, save_result
     from medical_diffusion.generation.prompts import build_prompt
     from medical_diffusion.ui.rendering import render_prompts
@@ -67,6 +70,9 @@ def build(ctx: UIContext) -> dict:
                 slot_weights.append(gr.Slider(-1, 2, value=1.0, step=0.05, label=f"Weight {i + 1}"))
     refresh_btn = gr.Button("Refresh embeddings")
     prompt = gr.Textbox(label="Prompt (A1111 composable syntax)", lines=2, elem_id="md_gen_prompt")
+    allow_plain = gr.Checkbox(False, label=ALLOW_PLAIN_LABEL, elem_id="md_gen_allow_plain",
+                              info="without it, a prompt part that names none of the embeddings (a misspelt "
+                                   "name) is refused before sampling")
     warnings = gr.Markdown()
     with gr.Row():
         from_slider_btn = gr.Button("Build prompt from healthy → diseased", elem_id="md_gen_build_t")
@@ -99,31 +105,34 @@ def build(ctx: UIContext) -> dict:
 
     refresh_btn.click(refresh, outputs=[healthy, diseased, *slot_names])
 
-    def table_and_warnings(text: str):
+    def checked(prompts: list[str], allow: bool) -> list[str]:
+        """Refuse ``prompts`` when a part names none of the embeddings (unless ``allow``), before any
+        sampling; their warnings."""
         backend = ctx.backend()
         table = vectors_of(load_embedding_table(backend, str(ctx.embeddings_dir)))
-        return table, prompt_warnings(backend, text, table)
+        return prompts_warnings(backend, prompts, table, allow_plain=bool(allow), plain_hint=PLAIN_HINT)
 
     def format_warnings(items: list[str]) -> str:
-        return "\n".join(f"⚠ {w}" for w in items)
+        return "\n".join(f"⚠ {escape_markdown(w)}" for w in items)
 
     @shows_errors
-    def prompt_from_slider(h, d, tt):
+    def prompt_from_slider(h, d, tt, allow=False):
         if not h or not d:
             raise MedDiffError("choose a healthy and a diseased embedding")
         text = build_prompt([(h, 1 - float(tt)), (d, float(tt))])
-        return text, format_warnings(table_and_warnings(text)[1])
+        return text, format_warnings(checked([text], allow))
 
     @shows_errors
     def prompt_from_slots(*values):
-        parts = [(n, float(w)) for n, w in zip(values[:SLOTS], values[SLOTS:]) if n]
+        chosen, weights = values[:SLOTS], values[SLOTS : 2 * SLOTS]
+        parts = [(n, float(w)) for n, w in zip(chosen, weights) if n]
         if not parts:
             raise MedDiffError("choose at least one embedding")
         text = build_prompt(parts)
-        return text, format_warnings(table_and_warnings(text)[1])
+        return text, format_warnings(checked([text], values[2 * SLOTS] if len(values) > 2 * SLOTS else False))
 
-    from_slider_btn.click(prompt_from_slider, [healthy, diseased, t], [prompt, warnings])
-    from_slots_btn.click(prompt_from_slots, [*slot_names, *slot_weights], [prompt, warnings])
+    from_slider_btn.click(prompt_from_slider, [healthy, diseased, t, allow_plain], [prompt, warnings])
+    from_slots_btn.click(prompt_from_slots, [*slot_names, *slot_weights, allow_plain], [prompt, warnings])
 
     def sample_kwargs(steps, cfg, width, height, negative):
         return dict(steps=int(steps), cfg_scale=float(cfg), width=int(width), height=int(height),
@@ -150,10 +159,10 @@ def build(ctx: UIContext) -> dict:
                                 stale_note="A picture still shown is from an earlier run, not from these settings.")
 
     @reports
-    def do_generate(text, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
+    def do_generate(text, steps, cfg, seed, width, height, negative, allow=False, progress=gr.Progress()):
         if not text.strip():
             raise MedDiffError("the prompt is empty: type one, or build it from embeddings")
-        _, warn = table_and_warnings(text)
+        warn = checked([text], allow)
         with stop_flag.running(host_session=ctx.job_session, job="image") as should_stop:
             (image,), used = render_prompts(ctx, [(text, None)], seed=int(seed), progress=progress,
                                             should_stop=should_stop,
@@ -163,11 +172,11 @@ def build(ctx: UIContext) -> dict:
         return image, {"cells": [image]}, "\n\n".join(filter(None, lines))
 
     @reports
-    def do_grid(h, d, kk, steps, cfg, seed, width, height, negative, progress=gr.Progress()):
+    def do_grid(h, d, kk, steps, cfg, seed, width, height, negative, allow=False, progress=gr.Progress()):
         if not h or not d:
             raise MedDiffError("choose a healthy and a diseased embedding")
-        table_and_warnings(h)  # unknown names fail here, before any sampling
         items = interpolation_prompts(h, d, int(kk))
+        warn = checked([p for _, p in items], allow)  # unknown names fail here, before any sampling
         with stop_flag.running(host_session=ctx.job_session, job="interpolation") as should_stop:
             images, used = render_prompts(ctx, [(p, None) for _, p in items], seed=int(seed),
                                           progress=progress, should_stop=should_stop,
@@ -177,16 +186,19 @@ def build(ctx: UIContext) -> dict:
         where = saved("interpolation", grid,
                       run_params(used, steps, cfg, width, height, negative, healthy=h, diseased=d, k=int(kk)),
                       cells=[Picture(f.image, f.prompt, f.label) for f in frames])
-        return grid, {"cells": list(images)}, f"{len(frames)} frames at seed {used}. {where}"
+        lines = [format_warnings(warn), f"{len(frames)} frames at seed {used}. {where}"]
+        return grid, {"cells": list(images)}, "\n\n".join(filter(None, lines))
 
     @reports
     def do_compose(h, *values, progress=gr.Progress()):
-        slots, (steps, cfg, seed, width, height, negative) = values[: 2 * SLOTS], values[2 * SLOTS:]
+        """``h``, the slots' names and weights, the sampling parameters and (optional) ``allow_plain``."""
+        slots, rest = values[: 2 * SLOTS], values[2 * SLOTS:]
+        (steps, cfg, seed, width, height, negative), allow = rest[:6], rest[6] if len(rest) > 6 else False
         additions = [(n, float(w)) for n, w in zip(slots[:SLOTS], slots[SLOTS:]) if n]
         if not h:
             raise MedDiffError("choose the healthy embedding (the base of the strip)")
-        table_and_warnings(h)
         stages = composition_stages(h, additions, cfg_scale=float(cfg))
+        warn = checked([st.prompt for st in stages], allow)  # every name used, before any sampling
         kwargs = {k: v for k, v in sample_kwargs(steps, cfg, width, height, negative).items() if k != "cfg_scale"}
         with stop_flag.running(host_session=ctx.job_session, job="composition") as should_stop:
             images, used = render_prompts(ctx, [(st.prompt, st.cfg_scale) for st in stages], seed=int(seed),
@@ -198,12 +210,12 @@ def build(ctx: UIContext) -> dict:
                       run_params(used, steps, cfg, width, height, negative, base=h, additions=additions),
                       cells=[Picture(f.image, st.prompt, f.label, st.cfg_scale) for f, st in zip(frames, stages)])
         prompts = "\n".join(f"- {escape_markdown(f.prompt)}" for f in frames)
-        return strip, {"cells": list(images)}, f"{prompts}\n\n{where}"
+        return strip, {"cells": list(images)}, "\n\n".join(filter(None, [format_warnings(warn), prompts, where]))
 
     events = [
-        generate_btn.click(do_generate, [prompt, *param_inputs], outputs),
-        grid_btn.click(do_grid, [healthy, diseased, k, *param_inputs], outputs),
-        compose_btn.click(do_compose, [healthy, *slot_names, *slot_weights, *param_inputs], outputs),
+        generate_btn.click(do_generate, [prompt, *param_inputs, allow_plain], outputs),
+        grid_btn.click(do_grid, [healthy, diseased, k, *param_inputs, allow_plain], outputs),
+        compose_btn.click(do_compose, [healthy, *slot_names, *slot_weights, *param_inputs, allow_plain], outputs),
     ]
     add_stop_button(stop_btn, stop_flag, events, status)
     return {"last_image": last_image, "to_inpaint": to_inpaint, "cell": cell,

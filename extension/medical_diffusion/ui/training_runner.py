@@ -19,7 +19,7 @@ from medical_diffusion.training.progress import format_duration
 
 #: how the tab and the API replace a different embedding of the same name, in refusals
 REPLACE_HINT = ("use another name, or tick 'Replace a different embedding of the same name' in the Train tab "
-                "(or remove that file)")
+                "(API: send \"replace_published\": true), or remove that file")
 
 
 class TrainingHost(Protocol):
