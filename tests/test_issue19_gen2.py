@@ -213,3 +213,26 @@ def test_embedding_hashes_cover_single_files_too(tmp_path):
     found = embedding_hashes(folder, ["healthy :0.5 AND sick :0.5"], [extra])
     assert found["sick"] == {"file": str(extra), "sha256": hashlib.sha256(extra.read_bytes()).hexdigest()}
     assert set(found) == {"healthy", "sick"}
+
+
+def test_generation_tab_sampling_defaults_follow_the_model_without_loading_it(tmp_path):
+    """Issue 19 item 14: the tiny demo model offers a quick look, a real model the paper's 100 steps at 512 px."""
+    gr = pytest.importorskip("gradio")
+    from medical_diffusion.ui import tab_generate
+    from medical_diffusion.ui.context import UIContext
+
+    def no_model():
+        raise AssertionError("building the tab must not load the model")
+
+    def offered(model_id):
+        ctx = UIContext(backend_factory=no_model, work_dir=tmp_path, embeddings_dir=tmp_path / "e",
+                        model_id=model_id, loaded_text_width=lambda: None)
+        with gr.Blocks() as demo:
+            tab_generate.build(ctx)
+        return {b.label: b.value for b in demo.blocks.values()
+                if getattr(b, "label", None) in ("Sampling steps (paper: 100)", "Width", "Height")}
+
+    assert offered("tiny") == {"Sampling steps (paper: 100)": 20, "Width": 128, "Height": 128}
+    assert offered(str(tmp_path / "sd2.safetensors")) == {"Sampling steps (paper: 100)": 100, "Width": 512,
+                                                          "Height": 512}
+    assert offered("webui")["Width"] == 512

@@ -28,15 +28,19 @@ def embedding_names(ctx: UIContext) -> list[str]:
     return sorted(load_embeddings_dir(ctx.embeddings_dir, expected_width=ctx.text_width_if_ready()))
 
 
-def sampling_controls() -> dict:
-    """Steps, CFG, seed and size widgets shared by the generation tabs (paper defaults)."""
+def sampling_controls(ctx: UIContext | None = None) -> dict:
+    """Steps, CFG, seed and size widgets shared by the generation tabs: the paper's defaults, or a quick
+    look for a tiny demo model (told from ``ctx.model_id`` without loading it)."""
+    from medical_diffusion.generation.sampling_defaults import sampling_defaults
+
+    sizes = sampling_defaults(ctx.model_id if ctx is not None else "")
     with gr.Row():
-        steps = gr.Slider(1, 150, value=100, step=1, label="Sampling steps (paper: 100)")
+        steps = gr.Slider(1, 150, value=sizes["steps"], step=1, label="Sampling steps (paper: 100)")
         cfg = gr.Slider(0, 15, value=2.0, step=0.5, label="CFG scale (paper: 2; 3 for three pathologies)")
         seed = gr.Number(value=0, precision=0, label="Seed (-1: random)")
     with gr.Row():
-        width = gr.Slider(64, 1024, value=512, step=64, label="Width")
-        height = gr.Slider(64, 1024, value=512, step=64, label="Height")
+        width = gr.Slider(64, 1024, value=sizes["width"], step=64, label="Width")
+        height = gr.Slider(64, 1024, value=sizes["height"], step=64, label="Height")
         negative = gr.Textbox(label="Negative prompt", value="")
     return dict(steps=steps, cfg=cfg, seed=seed, width=width, height=height, negative=negative)
 
@@ -78,7 +82,7 @@ def build(ctx: UIContext) -> dict:
         from_slider_btn = gr.Button("Build prompt from healthy → diseased", elem_id="md_gen_build_t")
         from_slots_btn = gr.Button("Build prompt from weights")
         send_btn = gr.Button("Send to txt2img", visible=ctx.send_to_txt2img is not None, elem_id="md_gen_send")
-    params = sampling_controls()
+    params = sampling_controls(ctx)
     with gr.Row():
         generate_btn = gr.Button("Generate image", variant="primary", elem_id="md_gen_generate")
         k = gr.Slider(2, 11, value=5, step=1, label="Interpolation steps K")
