@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from medical_diffusion.cli import main
-from medical_diffusion.datasets.batch import file_sha256
+from medical_diffusion.file_digest import file_sha256
 from medical_diffusion.datasets.contact_sheet import write_contact_sheet
 from medical_diffusion.datasets.generic_import import ImportOptions, prepare_images
 from medical_diffusion.datasets.manifest import read_manifest

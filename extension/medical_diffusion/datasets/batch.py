@@ -19,6 +19,7 @@ from medical_diffusion.datasets.layout import (CONTACT_SHEET_NAME, FAILURES_NAME
 from medical_diffusion.datasets.manifest import SHARED_COLUMNS, ManifestRow, read_manifest, write_manifest
 from medical_diffusion.datasets.volume_limits import DEFAULT_MAX_VOXELS
 from medical_diffusion.errors import InputFileError, MedDiffError
+from medical_diffusion.file_digest import file_sha256
 from medical_diffusion.png_io import save_png
 
 #: ``progress(done, total, message)``; called in the main process after every item.
@@ -125,14 +126,6 @@ class WorkUnit:
 def options_fingerprint(options_json: str) -> str:
     """Short hash of the options, stored in the journal so changed options redo items."""
     return hashlib.sha256(options_json.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _describe(exc: BaseException) -> str:

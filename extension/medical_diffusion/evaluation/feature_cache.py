@@ -23,15 +23,6 @@ import numpy as np
 from medical_diffusion.atomic_io import atomic_path
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FeatureCache:
     """Feature vectors stored per (extractor key, image content hash)."""
 

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from medical_diffusion.errors import MedDiffError
-from medical_diffusion.evaluation.feature_cache import FeatureCache, file_sha256
+from medical_diffusion.evaluation.feature_cache import FeatureCache
+from medical_diffusion.file_digest import file_sha256
 from medical_diffusion.evaluation.limits import check_limit, default_workers
 from medical_diffusion.evaluation.preprocessing import check_mode, load_for_network
 from medical_diffusion.png_io import IMAGE_SUFFIXES

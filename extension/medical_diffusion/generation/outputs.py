@@ -12,7 +12,6 @@ The commands (``meddiff generate/interpolate/compose``) write the same ``paramet
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from PIL import Image
 
 from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.errors import MedDiffError
+from medical_diffusion.file_digest import file_sha256
 
 SAMPLER = "Euler a"
 _NUMBERED = re.compile(r"^(\d{5,})")
@@ -68,14 +68,6 @@ def _reserve(folder: Path) -> tuple[int, Path]:
             continue
         os.close(fd)
         return number, sidecar
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def names_in(prompts: Sequence[str], names) -> list[str]:

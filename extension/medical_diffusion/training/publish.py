@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medical_diffusion.atomic_io import atomic_write_bytes, atomic_write_text
 from medical_diffusion.errors import InputFileError, MedDiffError
+from medical_diffusion.file_digest import file_sha256
 
 #: what an embedding of one name may be saved as (one per family; ``.bin``: diffusers' and A1111's)
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
@@ -29,14 +30,6 @@ def source_record_path(home: str | os.PathLike, name: str) -> Path:
     return Path(home) / f".{name}{SOURCE_SUFFIX}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _record(home: Path, name: str) -> dict:
     try:
         data = json.loads(source_record_path(home, name).read_text("utf-8"))
@@ -48,12 +41,12 @@ def _record(home: Path, name: str) -> dict:
 def _ours(existing: Path, record: dict, run_dir: Path) -> bool:
     """Whether ``existing`` may be replaced by this run: published from it and unchanged since, or the
     same bytes as the run's own file of that name."""
-    digest = _sha256(existing)
+    digest = file_sha256(existing)
     if record.get("run_dir") == str(run_dir) and record.get("file") == existing.name \
             and record.get("sha256") == digest:
         return True
     own = run_dir / existing.name
-    return own.is_file() and _sha256(own) == digest
+    return own.is_file() and file_sha256(own) == digest
 
 
 def check_publishable(home: str | os.PathLike, name: str, run_dir: str | os.PathLike, *, force: bool = False,
