@@ -255,6 +255,11 @@ def test_the_contact_sheet_is_shown_at_its_size_without_a_label_over_its_title(t
     ids = _by_id(blocks)
     sheet = ids["md_prep_sheet"]
     assert sheet.show_label is False and sheet.height and sheet.height <= 512
+    assert "md-natural-size" in sheet.elem_classes  # style.css: no larger than the picture itself
+    from medical_diffusion.ui.app import STYLE_CSS
+
+    css = STYLE_CSS.read_text()
+    assert "object-fit: scale-down" in css[css.index(".md-natural-size img"):]
     assert "md-status" in ids["md_prep_status"].elem_classes
 
 

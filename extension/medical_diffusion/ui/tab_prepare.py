@@ -147,9 +147,10 @@ def build(ctx: UIContext) -> dict:
     status = status_line(elem_id="md_prep_status")
     failures = gr.Dataframe(headers=FAILURE_HEADERS, label="Failures (the batch went on)",
                             interactive=False, wrap=True)
-    # no label: it would cover the sheet's title; its own height: a one-image sheet is not blown up
+    # no label: it would cover the sheet's title; a height, and shown no larger than it is (style.css):
+    # a one-image sheet is not blown up to the page's width
     sheet = gr.Image(label="Contact sheet", show_label=False, height=SHEET_HEIGHT, type="filepath",
-                     interactive=False, elem_id="md_prep_sheet")
+                     interactive=False, elem_id="md_prep_sheet", elem_classes=["md-natural-size"])
 
     def common(o, n, sp, sd, w):
         out_dir = ctx.path(o)
