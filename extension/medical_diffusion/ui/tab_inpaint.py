@@ -162,7 +162,9 @@ def build(ctx: UIContext) -> dict:
         stop_btn = gr.Button("Stop", variant="stop", elem_id="md_inp_stop")
         send_btn = gr.Button("Send image + mask to img2img (Inpaint upload)", elem_id="md_inp_send",
                              visible=ctx.send_to_inpaint is not None)
-    result = gr.Image(label="Inpainted", type="pil", interactive=False, elem_id="md_inp_result")
+    # at most its own size (style.css): a 128-px inpainting is not blown up to the page's width
+    result = gr.Image(label="Inpainted", type="pil", interactive=False, height=512, elem_id="md_inp_result",
+                      elem_classes=["md-natural-size"])
     status = status_line(elem_id="md_inp_status")
 
     geometry = [unit, spacing_x, spacing_y, cx, cy, rx, ry, angle, feather, invert]
