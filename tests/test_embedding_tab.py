@@ -33,7 +33,7 @@ def _tab(tmp_path, width=8):
 
 
 def test_inspect_compares_with_the_loaded_models_token_scale(tmp_path):
-    text, report = _tab(tmp_path)["inspect"](None, "healthy.pt")
+    text, report, _status = _tab(tmp_path)["inspect"](None, "healthy.pt")
     assert report["token_scale"] == 2.5 and "token scale 2.5" in text
     assert "--model" not in text and "notes" not in report
 
@@ -60,7 +60,7 @@ def test_inspect_without_a_loaded_model_says_so_in_ui_terms(tmp_path):
                     loaded_text_width=lambda: None, cache_backend=False)
     with gr.Blocks():
         parts = tab_embeddings.build(ctx)
-    text, report = parts["inspect"](None, "sd2.pt")
+    text, report, _status = parts["inspect"](None, "sd2.pt")
     assert report["token_scale"] is None and "load a Stable Diffusion model" in text and "--model" not in text
 
 

@@ -52,6 +52,29 @@ def test_prepare_generic_import_with_a_bad_file(ui):
     page.screenshot(path=str(shots / "prepare.png"), full_page=True)
 
 
+def test_prepare_a_one_image_contact_sheet_is_not_blown_up(ui):
+    from PIL import Image
+
+    page, work, shots = ui
+    _open_tab(page, "Prepare data")
+    src = work / "one_png"
+    src.mkdir()
+    Image.radial_gradient("L").resize((200, 300)).save(src / "single.png")
+    page.click("#md_tab_prepare button:has-text('DICOM / NIfTI / PNG')")
+    fill(page, "md_prep_out", str(work / "prepared_one"))
+    fill(page, "md_prep_n", "0")
+    fill(page, "md_prep_gen_inputs", str(src))
+    page.click("#md_prep_gen_run")
+    wait_for(page, "document.querySelector('#md_prep_status').innerText.includes('Made 1,')", timeout=120_000)
+    page.wait_for_selector("#md_prep_sheet img", timeout=60_000)
+    page.locator("#md_prep_sheet").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "prepare_one_image_sheet.png"), full_page=True)
+    box = page.locator("#md_prep_sheet img").bounding_box()
+    fit = page.evaluate("getComputedStyle(document.querySelector('#md_prep_sheet img')).objectFit")
+    assert box["height"] <= 512 + 1 and fit == "scale-down"  # drawn at its own size, not blown up
+    assert page.locator("#md_prep_sheet label:visible").count() == 0  # no label over the sheet's title
+
+
 def test_train_five_steps_with_live_loss_plot(ui):
     from PIL import Image
 
@@ -127,16 +150,32 @@ def test_a_generated_image_goes_to_the_inpaint_tab(ui):
         set_number(page, "generate", label, value)
     page.click("#md_gen_generate")
     wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('Generated')", timeout=120_000)
-    fill(page, "md_gen_prompt", "")  # a failed generate keeps the picture shown
+    fill(page, "md_gen_prompt", "")  # a failed generate keeps the picture shown, marked as an earlier run's
     page.click("#md_gen_generate")
-    page.wait_for_selector(".toast-body.error:has-text('the prompt is empty')", timeout=30_000)
-    page.click(".toast-body.error .toast-close")
-    page.wait_for_selector(".toast-body.error", state="detached", timeout=10_000)
+    wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('the prompt is empty')",
+             timeout=30_000)
+    assert "from an earlier run" in page.inner_text("#md_gen_status")
     assert page.locator("#md_gen_result img").is_visible()
     page.click("#md_gen_to_inpaint")
     page.wait_for_selector("#md_inp_overlay img", state="visible", timeout=60_000)
     assert page.locator("#md_tab_inpaint").is_visible()
     page.wait_for_function("document.querySelector('#md_inp_info').innerText.includes('px')", timeout=30_000)
+
+
+def test_an_inpaint_error_stays_in_the_status_line(ui):
+    """gradio's popup closes by itself after a few seconds; the message stays in the tab."""
+    import time
+
+    page, work, shots = ui
+    _open_tab(page, "Inpaint")
+    fill(page, "md_inp_prompt", "")
+    page.click("#md_inp_run")  # no embedding chosen and no prompt typed
+    wait_for(page, "document.querySelector('#md_inp_status').innerText.includes('choose an embedding or type a "
+                   "prompt')", timeout=30_000)
+    time.sleep(12)
+    assert "Error: choose an embedding or type a prompt" in page.inner_text("#md_inp_status")
+    assert page.locator(".toast-body").count() == 0  # the popup has gone; the status line stays
+    page.screenshot(path=str(shots / "inpaint_error.png"), full_page=True)
 
 
 def test_inpaint_click_to_place_keyboard_nudge_and_run(ui):
@@ -164,7 +203,11 @@ def test_inpaint_click_to_place_keyboard_nudge_and_run(ui):
         set_number(page, "inpaint", label, value)
     page.click("#md_inp_run")
     page.wait_for_selector("#md_inp_result img", timeout=240_000)
-    assert "Inpainted with prostate_pos" in page.inner_text("#md_inp_status")
+    status = page.inner_text("#md_inp_status")
+    assert "Inpainted with prostate_pos" in status and "Saved to" in status
+    saved = sorted((work / "outputs" / "inpaint").glob("*/*.png"))
+    assert [p.name for p in saved] == ["00001-input.png", "00001-mask.png", "00001.png"]
+    assert str(saved[2]) in status
     page.screenshot(path=str(shots / "inpaint_result.png"), full_page=True)
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from a1111.harness import EXTENSION_NAME, InstallerFailed, build_checkpoint, run_extension_installer, running_webui
-from browser_support import (browser, choose, fill, prepare_pngs_with_a_bad_file, set_number,
+from browser_support import (browser, choose, fill, prepare_pngs_with_a_bad_file, require_browser, set_number,
                              upload_and_click_overlay, wait_for)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.webui]
@@ -50,6 +50,7 @@ def _random_embedding(path: Path, seed: int) -> None:
 def webui(tmp_path_factory):
     from PIL import Image
 
+    require_browser()  # skip before the webui starts (the page fixture needs Chromium)
     tmp = tmp_path_factory.mktemp("a1111")
     data = tmp / "data"
     checkpoint = data / "models" / "Stable-diffusion" / "tiny-sd2-v.safetensors"
@@ -83,6 +84,18 @@ def page(webui):
     yield pg
     br.close()
     pw.stop()
+
+
+def _saved_outputs(webui, kind: str) -> list[Path]:
+    """The pictures the tabs saved under the webui's work folder (``WORK/outputs/KIND/DATE/``)."""
+    return sorted((webui.data / "medical_diffusion" / "outputs" / kind).glob("*/*.png"))
+
+
+def _parameters(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.text["parameters"]
 
 
 def _open_main_tab(page, title: str) -> None:
@@ -178,6 +191,9 @@ def test_a_retrained_embedding_takes_effect_at_once(webui):
     first, _ = webui.txt2img("retrained_case", seed=7)
     again, _ = webui.txt2img("retrained_case", seed=7)
     assert (first == again).all()  # same embedding, same seed: same picture
+    # a different embedding of that name is not replaced unasked (the API has no "replace" yet): the user
+    # removes the published file, as the refusal says
+    (webui.data / "embeddings" / "retrained_case.pt").unlink()
     webui.train("retrained_case", webui.data.parent / "run_b", 6, webui.data / "train_images")
     retrained, _ = webui.txt2img("retrained_case", seed=7)
     assert not (first == retrained).all()
@@ -216,6 +232,16 @@ def test_interpolation_grid_and_composition_strip(webui, page):
     page.click("#md_gen_grid")
     wait_for(page, "document.querySelector('#md_gen_status').innerText.includes('3 frames')", timeout=240_000)
     page.screenshot(path=str(page.shots / "webui_interpolation_grid.png"), full_page=True)
+    # saved under the work folder, the grid and each frame with the webui's "parameters" text
+    grid = [p for p in _saved_outputs(webui, "interpolation") if "-" not in p.name]
+    assert len(grid) == 1 and str(grid[0]) in page.inner_text("#md_gen_status")
+    frames = sorted(grid[0].parent.glob(f"{grid[0].stem}-*.png"))
+    assert len(frames) == 3
+    text = _parameters(frames[1])
+    assert text.startswith("prostate_neg :0.5 AND prostate_pos :0.5\n") and "Steps: 3" in text
+    assert "TI hashes" in text and "prostate_neg" in text.splitlines()[-1]
+    record = json.loads(grid[0].with_suffix(".json").read_text())
+    assert set(record["embeddings"]) == {"prostate_neg", "prostate_pos"}
 
     page.click("#md_gen_weights .label-wrap")
     choose(page, "md_gen_slot_1", "prostate_pos")
@@ -268,6 +294,17 @@ def test_inpaint_send_to_img2img_and_run_through_the_webui(webui, page):
     result = _image_of(page, "#md_inp_result")
     assert result.shape[:2] == (128, 128)
     page.screenshot(path=str(page.shots / "webui_inpaint_result.png"), full_page=True)
+    # saved under the work folder with its parameters, the picture painted on and its mask
+    saved = _saved_outputs(webui, "inpaint")
+    assert [p.name for p in saved] == ["00001-input.png", "00001-mask.png", "00001.png"]
+    assert str(saved[2]) in page.inner_text("#md_inp_status")
+    assert (np.asarray(Image.open(saved[2]).convert("RGB")) == result).all()
+    text = _parameters(saved[2])
+    assert text.startswith("prostate_pos\n") and "Steps: 3" in text and "Denoising strength: 0.75" in text
+    assert "TI hashes" in text
+    assert abs(int((np.asarray(Image.open(saved[1]).convert("L")) > 127).sum()) - len(white)) <= 5  # the mask sent
+    record = json.loads(saved[2].with_suffix(".json").read_text())
+    assert record["params"]["mask_spec"]["source_size"] == [128, 128] and set(record["embeddings"]) == {"prostate_pos"}
 
 
 def test_prepare_tab_goes_on_past_a_bad_file(webui, page):

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from medical_diffusion.ui.context import UIContext
-from medical_diffusion.ui.feedback import shows_errors, uploaded_path
+from medical_diffusion.ui.feedback import escape_markdown, reports_in_status, status_line, uploaded_path
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp")
 
@@ -40,7 +40,8 @@ def _resolve(ctx: UIContext, upload, choice: str | None, which: str = "A") -> Pa
 
 def build(ctx: UIContext) -> dict:
     """Add the Embeddings tab's widgets to the current Blocks context; returns ``on_show``
-    (``(fn, outputs)`` refreshing the file lists when the tab is shown)."""
+    (``(fn, outputs)`` refreshing the file lists when the tab is shown) and the handlers. Each handler's
+    last output is the tab's status line: a failure says why there and clears the report shown before."""
     from medical_diffusion.embeddings import load_embedding, save_embedding
     from medical_diffusion.embeddings.blend import blend_embeddings
     from medical_diffusion.embeddings.vector_blocks import embedding_format, embedding_suffix, embedding_widths
@@ -89,20 +90,21 @@ def build(ctx: UIContext) -> dict:
     with gr.Row():
         inspect_btn = gr.Button("Inspect A", variant="primary", elem_id="md_emb_inspect")
         compare_btn = gr.Button("Compare A and B", elem_id="md_emb_compare")
+    status = status_line(elem_id="md_emb_status")
     report_text = gr.Textbox(label="Report", lines=12, elem_id="md_emb_report")
     report_json = gr.JSON(label="Report (JSON)")
 
-    @shows_errors
+    @reports_in_status(3)
     def do_inspect(upload, choice):
-        return inspect(_resolve(ctx, upload, choice))
+        return (*inspect(_resolve(ctx, upload, choice)), "")
 
-    @shows_errors
+    @reports_in_status(3)
     def do_compare(ua, ca, ub, cb):
         result = compare_report(load(_resolve(ctx, ua, ca)), load(_resolve(ctx, ub, cb, "B")))
-        return format_compare_report(result), json.loads(json.dumps(result, default=str))
+        return format_compare_report(result), json.loads(json.dumps(result, default=str)), ""
 
-    inspect_btn.click(do_inspect, [upload_a, choice_a], [report_text, report_json])
-    compare_btn.click(do_compare, [upload_a, choice_a, upload_b, choice_b], [report_text, report_json])
+    inspect_btn.click(do_inspect, [upload_a, choice_a], [report_text, report_json, status])
+    compare_btn.click(do_compare, [upload_a, choice_a, upload_b, choice_b], [report_text, report_json, status])
 
     with gr.Accordion("Blend A and B in embedding space", open=False, elem_id="md_emb_blend_box"):
         with gr.Row():
@@ -111,7 +113,7 @@ def build(ctx: UIContext) -> dict:
             blend_name = gr.Textbox(label="New name (lowercase)", value="blend", elem_id="md_emb_blend_name")
         blend_btn = gr.Button("Blend and save to the embeddings folder", elem_id="md_emb_blend")
 
-    @shows_errors
+    @reports_in_status(5, keep=[2, 3])
     def do_blend(ua, ca, ub, cb, w, m, name):
         a, b = load(_resolve(ctx, ua, ca), for_model=True), load(_resolve(ctx, ub, cb, "B"), for_model=True)
         name = name.strip().lower()
@@ -122,24 +124,27 @@ def build(ctx: UIContext) -> dict:
         ctx.on_embedding_saved(path)
         files = list_embedding_files(ctx)
         text, report = inspect(path)
-        return text, report, gr.Dropdown.update(choices=files), gr.Dropdown.update(choices=files)
+        return (text, report, gr.Dropdown.update(choices=files), gr.Dropdown.update(choices=files),
+                f"Saved {escape_markdown(path)}.")
 
     blend_btn.click(do_blend, [upload_a, choice_a, upload_b, choice_b, weight, mode, blend_name],
-                    [report_text, report_json, choice_a, choice_b])
+                    [report_text, report_json, choice_a, choice_b, status])
 
     with gr.Accordion("Convert / download A", open=False, elem_id="md_emb_convert_box"):
         fmt = gr.Radio(["a1111", "safetensors", "diffusers"], value="a1111", label="Format")
         convert_btn = gr.Button("Convert", elem_id="md_emb_convert")
         converted = gr.File(label="Download", interactive=False, elem_id="md_emb_download")
 
-    @shows_errors
+    @reports_in_status(2)
     def do_convert(ua, ca, f):
         emb = load(_resolve(ctx, ua, ca))
         out_dir = ctx.path(ctx.work_dir / "exports")
         # diffusers: a folder <name>/learned_embeds.safetensors, the layout load_textual_inversion expects
         target = out_dir / {"a1111": f"{emb.name}.pt", "safetensors": f"{emb.name}.safetensors",
                             "diffusers": emb.name}[f]
-        return str(save_embedding(emb, target, fmt=f, force=True))
+        path = save_embedding(emb, target, fmt=f, force=True)
+        return str(path), f"Saved {escape_markdown(path)}."
 
-    convert_btn.click(do_convert, [upload_a, choice_a, fmt], [converted])
-    return {"on_show": (refresh, [choice_a, choice_b]), "inspect": do_inspect, "compare": do_compare, "blend": do_blend}
+    convert_btn.click(do_convert, [upload_a, choice_a, fmt], [converted, status])
+    return {"on_show": (refresh, [choice_a, choice_b]), "inspect": do_inspect, "compare": do_compare, "blend": do_blend,
+            "convert": do_convert}

@@ -1,8 +1,18 @@
-"""Inpaint tab: place an ellipse mask by clicking, size it in px or mm, inpaint with an embedding."""
+"""Inpaint tab: place an ellipse mask by clicking, size it in px or mm, inpaint with an embedding.
+
+Each inpainting is saved under ``WORK/outputs/inpaint/<date>/`` with its parameters (prompt, seed, steps,
+CFG, denoising, the mask's spec, the embeddings' names and hashes), its input picture and its mask; the
+status line says where. Errors stay in the tab's status lines; Stop (or closing the browser) ends the
+run at its next sampler step.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import functools
+import json
+import logging
+from dataclasses import asdict, replace
+from typing import Callable
 
 import gradio as gr
 import numpy as np
@@ -10,8 +20,12 @@ from PIL import Image
 
 from medical_diffusion.datasets.slice_geometry import SliceGeometry
 from medical_diffusion.ui.context import UIContext
-from medical_diffusion.ui.feedback import shows_errors, uploaded_path
+from medical_diffusion.errors import MedDiffError
+from medical_diffusion.ui.feedback import escape_markdown, reports_in_status, shows_errors, status_line, uploaded_path
+from medical_diffusion.ui.stopping import StepClock, StopFlag, add_stop_button
 from medical_diffusion.ui.tab_generate import embedding_names, sampling_controls
+
+log = logging.getLogger(__name__)
 
 TARGET = 512
 
@@ -66,6 +80,29 @@ def pick_cell(last: dict | None, cell) -> Image.Image:
     return cells[index - 1]
 
 
+def save_inpainting(ctx: UIContext, picture: Image.Image, source: Image.Image, mask: Image.Image, spec,
+                    params: dict, prompt: str):
+    """Save an inpainting with :func:`~medical_diffusion.generation.outputs.save_result` (kind
+    ``inpaint``: the picture with its ``parameters`` chunk, the JSON sidecar with ``params``, the mask's
+    spec and the embeddings' hashes), and beside it ``NNNNN-input.png`` (the picture painted on) and
+    ``NNNNN-mask.png`` (white = repainted), named in the sidecar. Returns the ``SavedResult``."""
+    from medical_diffusion.atomic_io import atomic_write_text
+    from medical_diffusion.generation.outputs import save_result
+    from medical_diffusion.png_io import save_png
+
+    done = save_result(ctx.work_dir, "inpaint", picture, {**params, "mask_spec": asdict(spec)}, prompt=prompt,
+                       embeddings_dir=ctx.embeddings_dir)
+    stem = done.picture.name[: -len(done.picture.suffix)]
+    extra = {}
+    for role, image in (("input", source), ("mask", mask)):
+        path = done.picture.with_name(f"{stem}-{role}.png")
+        extra[role] = {"file": path.name, "sha256": save_png(image, path)}
+    document = json.loads(done.sidecar.read_text())
+    document.update(extra)
+    atomic_write_text(done.sidecar, json.dumps(document, indent=1, default=str))
+    return done
+
+
 def build(ctx: UIContext) -> dict:
     """Add the tab's widgets; returns ``take_image(button, picture_state, tabs, cell)``, which wires a
     button elsewhere to bring a picture (one cell of a grid or strip) here and show this tab, and
@@ -74,6 +111,7 @@ def build(ctx: UIContext) -> dict:
     from medical_diffusion.generation.loading import load_embedding_table, prompt_warnings, vectors_of
     from medical_diffusion.datasets.image_input import read_image_input
     from medical_diffusion.generation.masks import MaskShape, MaskSpec, overlay_preview, render_mask
+    from medical_diffusion.generation.sampling import resolve_seed
     from medical_diffusion.png_io import save_png
 
     source = gr.State(None)  # {"size": [w, h]} of the loaded image
@@ -90,7 +128,7 @@ def build(ctx: UIContext) -> dict:
         with gr.Column():
             overlay = gr.Image(label="Mask overlay: click to place the centre (arrow keys nudge it)",
                                type="pil", interactive=False, elem_id="md_inp_overlay")
-            mask_info = gr.Markdown(elem_id="md_inp_info")
+            mask_info = status_line(elem_id="md_inp_info")
     with gr.Row():
         unit = gr.Radio(["px", "mm"], value="px", label="Unit")
         spacing_x = gr.Number(value=0, label="Spacing x (mm/px, 0: unknown)", elem_id="md_inp_spx")
@@ -121,10 +159,13 @@ def build(ctx: UIContext) -> dict:
         padding = gr.Slider(0, 256, value=32, step=4, label="Only-masked padding (px)")
     with gr.Row():
         inpaint_btn = gr.Button("Inpaint", variant="primary", elem_id="md_inp_run")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="md_inp_stop")
         send_btn = gr.Button("Send image + mask to img2img (Inpaint upload)", elem_id="md_inp_send",
                              visible=ctx.send_to_inpaint is not None)
-    result = gr.Image(label="Inpainted", type="pil", interactive=False, elem_id="md_inp_result")
-    status = gr.Markdown(elem_id="md_inp_status")
+    # at most its own size (style.css): a 128-px inpainting is not blown up to the page's width
+    result = gr.Image(label="Inpainted", type="pil", interactive=False, height=512, elem_id="md_inp_result",
+                      elem_classes=["md-natural-size"])
+    status = status_line(elem_id="md_inp_status")
 
     geometry = [unit, spacing_x, spacing_y, cx, cy, rx, ry, angle, feather, invert]
 
@@ -160,7 +201,13 @@ def build(ctx: UIContext) -> dict:
         _picture, _text, res, spec = render(img, src, extra, *geo)
         return Image.fromarray(spec.geometry().apply(np.asarray(img.convert("RGB")))), Image.fromarray(res.mask)
 
-    @shows_errors
+    # the mask's status line (beside the overlay) takes the errors of loading, placing and saving masks;
+    # a failure keeps what is shown (still the current picture and mask) and says so
+    def mask_reports(n_outputs: int, status: int = -1):
+        return reports_in_status(n_outputs, status=status, keep=[i for i in range(n_outputs) if i != status % n_outputs],
+                                 stale_note="The picture and mask shown are the ones from before.")
+
+    @mask_reports(10, status=2)
     def on_upload(img):
         if img is None:
             return None, [], "", 0, 0, gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
@@ -168,8 +215,18 @@ def build(ctx: UIContext) -> dict:
         u, x, y, r1, r2 = default_geometry((w, h), None)
         return {"size": [w, h]}, [], "", 0, 0, u, x, y, r1, r2
 
-    @shows_errors
-    def on_load(file, index):
+    def with_mask_status(fn: Callable, n_outputs: int) -> Callable:
+        """``fn`` wired with the mask status line as one more output (emptied: the redraw that follows
+        fills it), errors reported there."""
+        @mask_reports(n_outputs + 1)
+        @functools.wraps(fn)
+        def wrapped(*args):
+            out = fn(*args)
+            return (*out, "") if isinstance(out, tuple) else (out, "")
+
+        return wrapped
+
+    def load_picture(file, index):
         paths = [uploaded_path(f) for f in (file if isinstance(file, list) else [file])]
         paths = [p for p in paths if p]
         if not paths:
@@ -180,28 +237,31 @@ def build(ctx: UIContext) -> dict:
         return (img, {"size": list(img.size)}, [], spx, spy,
                 *default_geometry(img.size, source.spacing if spx and spy else None))
 
-    @shows_errors
+    on_load = with_mask_status(load_picture, 10)
+
+    @mask_reports(2)
     def on_geometry(img, src, extra, *geo):
         if not src:
             return None, ""
         picture, text, _, _ = render(img, src, extra, *geo)
         return picture, text
 
-    @shows_errors
+    @mask_reports(3)
     def on_click(img, src, u, spx, spy, evt: gr.SelectData):
         if not src:
             raise ValueError("load or upload an image first")
         x, y = evt.index
         spacing = (float(spx), float(spy)) if spx and spy else None
         sx, sy = click_to_source(float(x), float(y), tuple(src["size"]), u, spacing)
-        return round(sx, 2), round(sy, 2)
+        return round(sx, 2), round(sy, 2), gr.update()
 
-    @shows_errors
-    def on_add(src, extra, *geo):
+    def add_to_union(src, extra, *geo):
         spec = spec_of(src, extra, *geo)
         return add_shape(extra or [], spec.shapes[-1])
 
-    @shows_errors
+    on_add = with_mask_status(add_to_union, 1)
+
+    @mask_reports(1)
     def on_save(img, src, extra, *geo):
         picture, text, res, spec = render(img, src, extra, *geo)
         folder = ctx.path(ctx.work_dir / "masks")
@@ -213,48 +273,78 @@ def build(ctx: UIContext) -> dict:
         atomic_write_text(folder / f"{stem}.json", spec.to_json())
         return f"{text}\n\nSaved `{folder / stem}.png` (+ overlay, JSON)."
 
-    @shows_errors
+    def saved(picture, source, mask, spec, params: dict, prompt: str) -> str:
+        """Save the inpainting; the status says where (or why not: the picture is still shown)."""
+        try:
+            done = save_inpainting(ctx, picture, source, mask, spec, params, prompt)
+        except (OSError, MedDiffError) as exc:
+            log.warning("the inpainting was not saved: %s", exc)
+            return f"**Not saved:** {escape_markdown(exc)}"
+        return (f"Saved to {escape_markdown(done.picture)} (input and mask beside it, parameters in "
+                f"{escape_markdown(done.sidecar.name)}).")
+
+    stop_flag = StopFlag()
+
+    # a failed or stopped run clears the earlier result: what is shown is always this run's
+    @reports_in_status(2)
     def on_inpaint(img, src, extra, *values, progress=gr.Progress()):
         geo, rest = values[: len(geometry)], values[len(geometry):]
         name, text, steps, cfg, seed, width, height, negative, s, fm, b, om, pad = rest
         if not name and not (text or "").strip():
             raise ValueError("choose an embedding or type a prompt")
-        img, mask = (image_and_mask if ctx.inpaint is not None else fitted_image_and_mask)(img, src, extra, *geo)
+        on_host = ctx.inpaint is not None
+        spec = spec_of(src, extra, *geo)
+        if on_host:  # the mask on the picture's own grid: the webui's img2img resizes both its own way
+            spec = replace(spec, target_size=spec.source_size)
+        img, mask = (image_and_mask if on_host else fitted_image_and_mask)(img, src, extra, *geo)
         the_prompt = (text or "").strip() or name
-        settings = dict(negative_prompt=negative or "", seed=int(seed), steps=int(steps), cfg_scale=float(cfg),
+        used_seed = resolve_seed(int(seed))  # the seed saved is the one used, also for -1
+        settings = dict(negative_prompt=negative or "", seed=used_seed, steps=int(steps), cfg_scale=float(cfg),
                         denoising_strength=float(s), fill=fm, mask_blur=int(b), only_masked=bool(om),
                         padding=int(pad), width=int(width), height=int(height))
-        with ctx.model_work() as backend:
-            table = vectors_of(load_embedding_table(backend, str(ctx.embeddings_dir)))
-            warn = prompt_warnings(backend, the_prompt, table)
-            if ctx.inpaint is not None:  # the webui's own img2img inpainting
-                picture, used_seed = ctx.inpaint(img, mask, the_prompt, **settings), int(seed)
-            else:
-                out = inpaint(backend, img, mask, the_prompt, embeddings=table,
-                              progress=lambda i, n: progress(i / n), **settings)
-                picture, used_seed = out.image, out.seed
-        notes = "\n\n".join(f"⚠ {w}" for w in warn)
-        return picture, f"Inpainted with `{the_prompt}` at seed {used_seed}.\n\n{notes}"
+        clock = StepClock("steps")
+
+        def report(i: int, n: int) -> None:
+            if progress is not None:
+                progress(i / max(n, 1), desc=clock.text(i, n))
+
+        with stop_flag.running(host_session=ctx.job_session, job="inpaint") as should_stop:
+            with ctx.model_work() as backend:
+                table = vectors_of(load_embedding_table(backend, str(ctx.embeddings_dir)))
+                warn = prompt_warnings(backend, the_prompt, table)
+                if on_host:  # the webui's own img2img inpainting
+                    picture = ctx.inpaint(img, mask, the_prompt, should_stop=should_stop, progress=report,
+                                          **settings)
+                else:
+                    picture = inpaint(backend, img, mask, the_prompt, embeddings=table, should_stop=should_stop,
+                                      progress=report, **settings).image
+        params = dict(settings, model=ctx.model_id, embedding=name or None)
+        where = saved(picture, img, mask, spec, params, the_prompt)
+        notes = [f"⚠ {escape_markdown(w)}" for w in warn]
+        return picture, "\n\n".join([*notes, f"Inpainted with {escape_markdown(the_prompt)} at seed {used_seed}. "
+                                                f"{where}"])
 
     redraw = dict(fn=on_geometry, inputs=[image, source, shapes, *geometry], outputs=[overlay, mask_info])
     upload_outputs = [source, shapes, mask_info, spacing_x, spacing_y, unit, cx, cy, rx, ry]
     image.upload(on_upload, [image], upload_outputs).then(**redraw)
     image.clear(lambda: (None, [], None, ""), None, [source, shapes, overlay, mask_info])
     load_btn.click(on_load, [volume_file, slice_index],
-                   [image, source, shapes, spacing_x, spacing_y, unit, cx, cy, rx, ry]).then(**redraw)
+                   [image, source, shapes, spacing_x, spacing_y, unit, cx, cy, rx, ry, mask_info]).then(**redraw)
     for widget in geometry:
         widget.change(**redraw)
-    overlay.select(on_click, [image, source, unit, spacing_x, spacing_y], [cx, cy])
-    add_btn.click(on_add, [source, shapes, *geometry], [shapes]).then(**redraw)
+    overlay.select(on_click, [image, source, unit, spacing_x, spacing_y], [cx, cy, mask_info])
+    add_btn.click(on_add, [source, shapes, *geometry], [shapes, mask_info]).then(**redraw)
     clear_btn.click(lambda: [], None, [shapes]).then(**redraw)
     save_btn.click(on_save, [image, source, shapes, *geometry], [mask_info])
-    if ctx.send_to_inpaint is not None:
+    if ctx.send_to_inpaint is not None:  # a popup: its outputs are the webui's img2img widgets
         ctx.send_to_inpaint(send_btn, shows_errors(image_and_mask), [image, source, shapes, *geometry])
     sample_inputs = [params[k] for k in ("steps", "cfg", "seed", "width", "height", "negative")]
-    inpaint_btn.click(on_inpaint, [image, source, shapes, *geometry, emb, prompt, *sample_inputs,
-                                   strength, fill, blur, only_masked, padding], [result, status])
+    inpaint_event = inpaint_btn.click(on_inpaint, [image, source, shapes, *geometry, emb, prompt, *sample_inputs,
+                                                   strength, fill, blur, only_masked, padding], [result, status])
+    add_stop_button(stop_btn, stop_flag, [inpaint_event], status)
 
     def take_image(button, picture, tabs, cell) -> None:
+        # a popup: the button lies in another tab, and a failure must stop the chain (no tab switch)
         @shows_errors
         def take(last, index):
             return pick_cell(last, index), gr.Tabs.update(selected="inpaint")
@@ -266,5 +356,7 @@ def build(ctx: UIContext) -> dict:
         return gr.Dropdown.update(choices=embedding_names(ctx))
 
     return {"take_image": take_image, "on_show": (refresh_names, [emb]), "on_upload": on_upload,
-            "on_load": on_load, "on_add": on_add, "render": render, "image_and_mask": image_and_mask,
-            "fitted_image_and_mask": fitted_image_and_mask}
+            "on_load": load_picture, "load": on_load, "on_add": add_to_union, "add": on_add, "on_save": on_save,
+            "on_click": on_click, "on_geometry": on_geometry, "render": render,
+            "image_and_mask": image_and_mask, "fitted_image_and_mask": fitted_image_and_mask,
+            "inpaint": on_inpaint, "stop": stop_flag}

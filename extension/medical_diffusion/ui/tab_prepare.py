@@ -13,10 +13,12 @@ import gradio as gr
 
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.ui.context import UIContext
-from medical_diffusion.ui.feedback import shows_errors
+from medical_diffusion.ui.feedback import reports_in_status, status_line
 
 SPLITS = ("train", "val", "test")
 FAILURE_HEADERS = ["item", "source", "problem"]
+#: the contact sheet's display height (px): a one-image sheet is not blown up to the page's width
+SHEET_HEIGHT = 512
 #: module -> pip package, per dataset kind
 DEPENDENCIES = {
     "picai": {"SimpleITK": "SimpleITK"},
@@ -87,7 +89,10 @@ def summary(result) -> tuple[str, dict, str | None]:
     return text, failure_table(result.failures), str(sheet) if sheet.is_file() else None
 
 
-def build(ctx: UIContext) -> None:
+def build(ctx: UIContext) -> dict:
+    """Add the tab's widgets; returns its handlers (``picai``, ``chexpert``, ``pcam``, ``generic``). A
+    failed run says why in the status line and clears the failure table and contact sheet of the run
+    before (a batch's per-item failures are its table, and the batch goes on)."""
     missing = missing_dependencies()
     if missing:
         needs = {p: [k for k, deps in DEPENDENCIES.items() if p in deps.values()] for p in missing}
@@ -139,10 +144,13 @@ def build(ctx: UIContext) -> None:
                                                              "5-12 or 3,5,9-11 (chosen slices: NAME_s009.png)")
                 gen_mask = gr.Textbox(label="Mask file/folder for slice choice (optional)")
             gen_btn = gr.Button("Import", variant="primary", elem_id="md_prep_gen_run")
-    status = gr.Markdown(elem_id="md_prep_status")
+    status = status_line(elem_id="md_prep_status")
     failures = gr.Dataframe(headers=FAILURE_HEADERS, label="Failures (the batch went on)",
                             interactive=False, wrap=True)
-    sheet = gr.Image(label="Contact sheet", type="filepath", interactive=False, elem_id="md_prep_sheet")
+    # no label: it would cover the sheet's title; a height, and shown no larger than it is (style.css):
+    # a one-image sheet is not blown up to the page's width
+    sheet = gr.Image(label="Contact sheet", show_label=False, height=SHEET_HEIGHT, type="filepath",
+                     interactive=False, elem_id="md_prep_sheet", elem_classes=["md-natural-size"])
 
     def common(o, n, sp, sd, w):
         out_dir = ctx.path(o)
@@ -153,9 +161,13 @@ def build(ctx: UIContext) -> None:
                     seed=int(sd), workers=int(w))
 
     def progress_cb(progress):
+        if progress is None:
+            return None
         return lambda done, total, message="": progress(done / max(total, 1), desc=message or None)
 
-    @shows_errors
+    reports = reports_in_status(3, status=0)
+
+    @reports
     def run_picai(images, labels, mode, channels, src, o, n, sp, sd, w, progress=gr.Progress()):
         require_dependencies("picai")
         from medical_diffusion.datasets.picai import PicaiOptions, prepare_picai
@@ -164,7 +176,7 @@ def build(ctx: UIContext) -> None:
                             mode=mode, channels=channels, label_source=src, **common(o, n, sp, sd, w))
         return summary(prepare_picai(opts, progress=progress_cb(progress)))
 
-    @shows_errors
+    @reports
     def run_chexpert(csv, root, classes, unc, o, n, sp, sd, w, progress=gr.Progress()):
         from medical_diffusion.datasets.chexpert import ChexpertOptions, prepare_chexpert
 
@@ -173,7 +185,7 @@ def build(ctx: UIContext) -> None:
                                classes=names, uncertain=unc, **common(o, n, sp, sd, w))
         return summary(prepare_chexpert(opts, progress=progress_cb(progress)))
 
-    @shows_errors
+    @reports
     def run_pcam(x, y, o, n, sp, sd, w, progress=gr.Progress()):
         require_dependencies("pcam")
         from medical_diffusion.datasets.pcam import PcamOptions, prepare_pcam
@@ -181,7 +193,7 @@ def build(ctx: UIContext) -> None:
         opts = PcamOptions(x=str(ctx.path(x)), y=str(ctx.path(y)), **common(o, n, sp, sd, w))
         return summary(prepare_pcam(opts, progress=progress_cb(progress)))
 
-    @shows_errors
+    @reports
     def run_generic(inputs, label, window, sl, mask, o, n, sp, sd, w, progress=gr.Progress()):
         require_dependencies("images")
         from medical_diffusion.datasets.generic_import import ImportOptions, prepare_images
@@ -202,3 +214,4 @@ def build(ctx: UIContext) -> None:
     cx_btn.click(run_chexpert, [cx_csv, cx_root, cx_classes, cx_uncertain, *shared_inputs], outputs)
     pcam_btn.click(run_pcam, [pcam_x, pcam_y, *shared_inputs], outputs)
     gen_btn.click(run_generic, [gen_inputs, gen_label, gen_window, gen_slice, gen_mask, *shared_inputs], outputs)
+    return {"picai": run_picai, "chexpert": run_chexpert, "pcam": run_pcam, "generic": run_generic}

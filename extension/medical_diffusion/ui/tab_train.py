@@ -7,7 +7,7 @@ import time
 import gradio as gr
 
 from medical_diffusion.ui.context import UIContext
-from medical_diffusion.ui.feedback import shows_errors
+from medical_diffusion.ui.feedback import reports_in_status, status_line
 
 
 def quality_options(val_data, val_every, min_snr_gamma, ema_decay, log_with) -> dict:
@@ -35,7 +35,9 @@ def size_defaults(ctx: UIContext) -> dict[str, int]:
     return sizes
 
 
-def build(ctx: UIContext) -> None:
+def build(ctx: UIContext) -> dict:
+    """Add the tab's widgets; returns its handlers (``start``, ``stop``). A run that cannot start or
+    fails says why in the status line, under the loss plot and preview of that run (emptied first)."""
     from medical_diffusion.training.config import TrainConfig
 
     sizes = size_defaults(ctx)
@@ -100,7 +102,7 @@ def build(ctx: UIContext) -> None:
     if ctx.device_label:
         gr.Markdown(f"Model on {ctx.device_label} (trained vectors and optimizer state in float32).",
                     elem_id="md_train_device")
-    status = gr.Markdown(elem_id="md_train_status")
+    status = status_line(elem_id="md_train_status")
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", width=500, height=300,
                                 elem_id="md_train_loss", tooltip=["step", "loss", "series"])
@@ -129,9 +131,11 @@ def build(ctx: UIContext) -> None:
         """The run's message, and what it trains on under it."""
         return state.message + (f"  \nTraining on {state.data}." if state.data else "")
 
-    @shows_errors
+    # the first update empties the plot and preview, so what a failure leaves shown is this run's
+    @reports_in_status(3, status=0, keep=[1, 2])
     def start(n, d, r, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, res_flag, vd, ve, snr, ema, lw,
               bk=False, dc="", replace_published=False):
+        yield "Starting…", frame([]), None
         if not (d or "").strip() and not res_flag:
             raise ValueError("give the training images folder")
         config = config_from(n, d, v, it, lr_, st, b, acc, sd, res, se, pe, ps, lat, flip, gc, vd, ve, snr, ema, lw,
@@ -162,3 +166,4 @@ def build(ctx: UIContext) -> None:
                             val_data, val_every, min_snr, ema_decay, log_with, bucketing, data_class, replace],
                     [status, loss_plot, preview])
     stop_btn.click(stop, None, [status], queue=False)
+    return {"start": start, "stop": stop}
