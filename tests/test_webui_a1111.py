@@ -191,10 +191,11 @@ def test_a_retrained_embedding_takes_effect_at_once(webui):
     first, _ = webui.txt2img("retrained_case", seed=7)
     again, _ = webui.txt2img("retrained_case", seed=7)
     assert (first == again).all()  # same embedding, same seed: same picture
-    # a different embedding of that name is not replaced unasked (the API has no "replace" yet): the user
-    # removes the published file, as the refusal says
-    (webui.data / "embeddings" / "retrained_case.pt").unlink()
-    webui.train("retrained_case", webui.data.parent / "run_b", 6, webui.data / "train_images")
+    # a different run's embedding of that name is not replaced unasked; the API asks with replace_published
+    refused = webui.train("retrained_case", webui.data.parent / "run_b", 6, webui.data / "train_images", expect=400)
+    assert "replace_published" in str(refused), refused
+    webui.train("retrained_case", webui.data.parent / "run_b", 6, webui.data / "train_images",
+                replace_published=True)
     retrained, _ = webui.txt2img("retrained_case", seed=7)
     assert not (first == retrained).all()
 

@@ -68,11 +68,15 @@ class Webui:
         image = Image.open(io.BytesIO(base64.b64decode(result["images"][0]))).convert("RGB")
         return np.asarray(image), json.loads(result["info"])["infotexts"][0]
 
-    def train(self, name: str, run_dir: Path, steps: int, data_dir: Path) -> dict:
+    def train(self, name: str, run_dir: Path, steps: int, data_dir: Path, replace_published: bool = False,
+              expect: int = 200) -> dict:
         config = {"name": name, "data_dir": str(data_dir), "n_vectors": 4, "steps": steps, "resolution": 64,
                   "save_every": 0, "preview_every": 0}
-        status, state = self.api("POST", "/medical-diffusion/v1/train", {"config": config, "run_dir": str(run_dir)})
-        assert status == 200, state
+        body = {"config": config, "run_dir": str(run_dir), "replace_published": replace_published}
+        status, state = self.api("POST", "/medical-diffusion/v1/train", body)
+        assert status == expect, state
+        if expect != 200:
+            return state
         deadline = time.monotonic() + 300
         while state["running"] and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -36,6 +36,18 @@ def escape_markdown(text: str) -> str:
     return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
 
 
+def saved_status(save: Callable[[], Any], what: str, beside: str = "") -> str:
+    """Run ``save`` (returning a :class:`~medical_diffusion.generation.outputs.SavedResult`) and say in the
+    status line where the result went, or why it was not saved (the picture is still shown)."""
+    try:
+        done = save()
+    except (OSError, MedDiffError) as exc:
+        log.warning("the %s was not saved: %s", what, exc)
+        return f"**Not saved:** {escape_markdown(error_message(exc))}"
+    extra = f"{beside}, " if beside else ""
+    return f"Saved to {escape_markdown(done.picture)} ({extra}parameters in {escape_markdown(done.sidecar.name)})."
+
+
 def error_message(exc: BaseException) -> str:
     """The message of ``exc`` alone (no class name, no quotes around it)."""
     return str(exc).strip() or exc.__class__.__name__

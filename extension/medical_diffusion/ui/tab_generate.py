@@ -8,7 +8,8 @@ import gradio as gr
 
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.ui.context import UIContext
-from medical_diffusion.ui.feedback import escape_markdown, reports_in_status, shows_errors, status_line
+from medical_diffusion.ui.feedback import (escape_markdown, reports_in_status, saved_status, shows_errors,
+                                           status_line)
 from medical_diffusion.ui.stopping import StopFlag, add_stop_button
 
 log = logging.getLogger(__name__)
@@ -146,13 +147,8 @@ def build(ctx: UIContext) -> dict:
 
     def saved(kind: str, picture, params: dict, cells=(), prompt: str = "") -> str:
         """Save the result; the status says where (or why not: the picture is still shown)."""
-        try:
-            done = save_result(ctx.work_dir, kind, picture, params, cells=cells, prompt=prompt,
-                               embeddings_dir=ctx.embeddings_dir)
-        except (OSError, MedDiffError) as exc:
-            log.warning("the %s result was not saved: %s", kind, exc)
-            return f"**Not saved:** {escape_markdown(exc)}"
-        return f"Saved to {escape_markdown(done.picture)} (parameters in {escape_markdown(done.sidecar.name)})."
+        return saved_status(lambda: save_result(ctx.work_dir, kind, picture, params, cells=cells, prompt=prompt,
+                                                embeddings_dir=ctx.embeddings_dir), f"{kind} result")
 
     def run_params(used: int, steps, cfg, width, height, negative, **extra) -> dict:
         return dict(seed=used, **sample_kwargs(steps, cfg, width, height, negative), model=ctx.model_id, **extra)

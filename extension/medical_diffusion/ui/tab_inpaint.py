@@ -20,8 +20,8 @@ from PIL import Image
 
 from medical_diffusion.datasets.slice_geometry import SliceGeometry
 from medical_diffusion.ui.context import UIContext
-from medical_diffusion.errors import MedDiffError
-from medical_diffusion.ui.feedback import escape_markdown, reports_in_status, shows_errors, status_line, uploaded_path
+from medical_diffusion.ui.feedback import (escape_markdown, reports_in_status, saved_status, shows_errors, status_line,
+                                           uploaded_path)
 from medical_diffusion.ui.stopping import StepClock, StopFlag, add_stop_button
 from medical_diffusion.ui.tab_generate import embedding_names, sampling_controls
 
@@ -150,7 +150,7 @@ def build(ctx: UIContext) -> dict:
     with gr.Row():
         emb = gr.Dropdown(names, label="Embedding to paint with", elem_id="md_inp_embedding")
         prompt = gr.Textbox(label="Prompt (default: the embedding's name)", elem_id="md_inp_prompt")
-    params = sampling_controls()
+    params = sampling_controls(ctx)
     with gr.Row():
         strength = gr.Slider(0, 1, value=0.75, step=0.05, label="Denoising strength")
         fill = gr.Radio(list(FILL_MODES), value="original", label="Masked content")
@@ -275,13 +275,8 @@ def build(ctx: UIContext) -> dict:
 
     def saved(picture, source, mask, spec, params: dict, prompt: str) -> str:
         """Save the inpainting; the status says where (or why not: the picture is still shown)."""
-        try:
-            done = save_inpainting(ctx, picture, source, mask, spec, params, prompt)
-        except (OSError, MedDiffError) as exc:
-            log.warning("the inpainting was not saved: %s", exc)
-            return f"**Not saved:** {escape_markdown(exc)}"
-        return (f"Saved to {escape_markdown(done.picture)} (input and mask beside it, parameters in "
-                f"{escape_markdown(done.sidecar.name)}).")
+        return saved_status(lambda: save_inpainting(ctx, picture, source, mask, spec, params, prompt), "inpainting",
+                            beside="input and mask beside it")
 
     stop_flag = StopFlag()
 
