@@ -210,7 +210,7 @@ def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputFileError(folder, "not a folder")
-    candidates: dict[str, list[tuple[int, Path, Embedding]]] = {}
+    candidates: dict[str, list[tuple[str, Path, Embedding]]] = {}
     for path in _candidate_files(folder):
         try:
             emb, fmt, _ = read_embedding(path, expected_width, expected_widths)
@@ -219,16 +219,21 @@ def load_embeddings_dir(folder: str | os.PathLike, expected_width: int | None = 
         except MedDiffError as exc:
             _warn_once(f"skipping embedding: {exc}")
             continue
-        rank = 0 if fmt.startswith("A1111") else 1
-        candidates.setdefault(emb.name, []).append((rank, path, emb))
+        candidates.setdefault(emb.name, []).append((fmt, path, emb))
     found: dict[str, Embedding] = {}
     for name, entries in candidates.items():
-        entries.sort(key=lambda entry: (entry[0], str(entry[1])))
+        entries.sort(key=lambda entry: preference(entry[1], entry[0]))
         found[name] = entries[0][2]
         if len(entries) > 1:
             skipped = ", ".join(str(entry[1]) for entry in entries[1:])
             _warn_once(f"embedding name {name!r}: using {entries[0][1]}, skipping {skipped}")
     return found
+
+
+def preference(path: Path, fmt: str) -> tuple[int, str]:
+    """Which of several files of one name a folder scan takes (the smallest wins): A1111's own formats
+    (label from :func:`describe_data`) first, then sorted path order."""
+    return (0 if fmt.startswith("A1111") else 1, str(path))
 
 
 def _candidate_files(folder: Path):
@@ -248,26 +253,63 @@ def _candidate_files(folder: Path):
         yield path
 
 
-def embedding_paths_on_disk(folder: str | os.PathLike | None = None, files=()) -> dict[str, Path]:
-    """``{name: file}`` of the embeddings in ``folder`` and ``files`` without reading their tensors
-    (file stems; an image's stored name; the first file in sorted order per name): for checking a
-    command's names before loading a model."""
+def _name_on_disk(path: Path) -> str | None:
+    """The name ``path`` goes by (its lowercased stem; an image's stored name); None for a picture
+    without an embedding."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return path.stem.lower()
+    try:
+        image = read_image_embedding(path, with_source=True)
+    except MedDiffError:
+        return None
+    if image is None:  # a plain picture
+        return None
+    stored = image[0].get("name")
+    return name_from_token(stored) if isinstance(stored, str) and stored.strip() else path.stem.lower()
+
+
+def embedding_files_by_name(folder: str | os.PathLike | None = None, files=()) -> dict[str, list[Path]]:
+    """``{name: [file, ...]}``: every file in ``folder`` (recursively, sorted) and then in ``files`` that
+    goes by each name, without reading tensors; more than one file is a name clash."""
     paths = list(_candidate_files(Path(folder))) if folder else []
-    found: dict[str, Path] = {}
+    found: dict[str, list[Path]] = {}
     for path in [*paths, *map(Path, files)]:
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            try:
-                image = read_image_embedding(path, with_source=True)
-            except MedDiffError:
-                continue
-            if image is None:  # a plain picture
-                continue
-            stored = image[0].get("name")
-            name = name_from_token(stored) if isinstance(stored, str) and stored.strip() else path.stem.lower()
-        else:
-            name = path.stem.lower()
-        found.setdefault(name, path)
+        name = _name_on_disk(path)
+        if name is not None:
+            found.setdefault(name, []).append(path)
     return found
+
+
+def _loaded_from_folder(paths: list[Path]) -> Path:
+    """The file of several of one name that :func:`load_embeddings_dir` takes (unreadable ones are skipped
+    as it skips them; the width check needs the model and is not made here)."""
+    if len(paths) == 1:
+        return paths[0]
+    ranked = []
+    for path in paths:
+        try:
+            _, fmt, _ = read_embedding(path, check_width=False)
+        except MedDiffError:
+            continue
+        ranked.append(preference(path, fmt))
+    return Path(min(ranked)[1]) if ranked else paths[0]
+
+
+def embedding_paths_on_disk(folder: str | os.PathLike | None = None, files=()) -> dict[str, Path]:
+    """``{name: file}``: the file each embedding name loads from, as the loaders choose it (a folder
+    scan's :func:`preference` on a clash, then ``files`` in order, the later winning as in
+    :func:`~medical_diffusion.generation.loading.load_embedding_table`), for checking a command's names
+    before loading a model and for recording which file a picture used. Only clashes are read."""
+    in_folder = embedding_files_by_name(folder)
+    found = {name: _loaded_from_folder(paths) for name, paths in in_folder.items()}
+    for name, paths in embedding_files_by_name(None, files).items():
+        found[name] = paths[-1]
+    return found
+
+
+def embedding_file(name: str, folder: str | os.PathLike | None = None, files=()) -> Path | None:
+    """The file that the embedding ``name`` (a prompt word, any case) loads from; None when no file has it."""
+    return embedding_paths_on_disk(folder, files).get(name.lower())
 
 
 def embedding_names_on_disk(folder: str | os.PathLike | None = None, files=()) -> set[str]:

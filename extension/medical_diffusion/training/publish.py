@@ -4,7 +4,9 @@ The run's ``<name>.pt`` (SDXL: ``<name>.safetensors``) is copied byte for byte, 
 ``HOME/<name>.<suffix>``. A different embedding of that name already there is never replaced silently:
 it may be replaced only when it came from this run folder (a hidden ``.<name>.meddiff-source.json``
 beside it records the run and the file's SHA-256), when the run folder holds the same bytes under that
-file name, or when the caller forces it.
+file name, or when the caller forces it. Nor is it published where another file of that name (in a
+subfolder, in another case, an image) would be loaded instead of it or beside it: the loaders scan the
+home recursively (:func:`~medical_diffusion.embeddings.readers.embedding_paths_on_disk`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 from pathlib import Path
 
 from medical_diffusion.atomic_io import atomic_write_bytes, atomic_write_text
+from medical_diffusion.embeddings.readers import embedding_file, embedding_files_by_name
 from medical_diffusion.errors import InputFileError, MedDiffError
 from medical_diffusion.file_digest import file_sha256
 
@@ -49,14 +52,32 @@ def _ours(existing: Path, record: dict, run_dir: Path) -> bool:
     return own.is_file() and file_sha256(own) == digest
 
 
+def _own_files(home: Path, name: str) -> set[Path]:
+    """The files publishing ``name`` writes or removes: ``HOME/<name>.{pt,safetensors,bin}``."""
+    return {home / f"{name}{suffix}" for suffix in EMBEDDING_SUFFIXES}
+
+
+def _check_no_other_file(home: Path, name: str) -> None:
+    """Refuse when a file other than ``HOME/<name>.*`` goes by ``name`` (as the loaders name files: a
+    subfolder's, another case's, an image's stored name): which of them loads would not be the published one."""
+    others = [p for p in embedding_files_by_name(home).get(name.lower(), []) if p not in _own_files(home, name)]
+    if others:
+        listed = ", ".join(map(str, others))
+        raise MedDiffError(f"{listed}: another embedding file named {name.lower()!r} is in the embeddings folder "
+                           f"{home} (subfolders are read too), so a prompt word {name!r} would not be sure to load "
+                           f"the published file; rename it or move it out of {home}, or train with another name")
+
+
 def check_publishable(home: str | os.PathLike, name: str, run_dir: str | os.PathLike, *, force: bool = False,
                       hint: str = CLI_HINT) -> None:
     """Raise :class:`MedDiffError` when publishing ``run_dir``'s ``name`` into ``home`` would replace a
-    different embedding of that name (checked before training too, so a long run is not wasted)."""
-    if force:
-        return
+    different embedding of that name (checked before training too, so a long run is not wasted), or, even
+    when forced, when another file in ``home`` goes by that name (the loaders would read it instead)."""
     home, run = Path(home), Path(run_dir).expanduser().resolve()
     if not home.is_dir():
+        return
+    _check_no_other_file(home, name)
+    if force:
         return
     record = _record(home, name)
     for suffix in EMBEDDING_SUFFIXES:
@@ -88,4 +109,8 @@ def publish_embedding(source: str | os.PathLike, home: str | os.PathLike, name: 
     record = {"run_dir": str(Path(run_dir).expanduser().resolve()), "file": target.name,
               "sha256": hashlib.sha256(data).hexdigest()}
     atomic_write_text(source_record_path(home, name), json.dumps(record, indent=2) + "\n")
+    loaded = embedding_file(name, home)
+    if loaded is None or loaded.resolve() != target.resolve():
+        raise MedDiffError(f"{target}: published, but the name {name.lower()!r} loads "
+                           f"{loaded or 'nothing'} from {home}; remove the other file")
     return target

@@ -1,0 +1,73 @@
+"""Issue 19 review: a published embedding is the file its name loads; the TI hashes name the file the
+loader used; one duration format; one on-disk prompt-name check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from medical_diffusion.embeddings import Embedding, load_embeddings_dir, save_embedding
+from medical_diffusion.embeddings.readers import embedding_file, embedding_paths_on_disk
+from medical_diffusion.errors import MedDiffError
+
+
+def _vectors(seed: int) -> torch.Tensor:
+    return torch.randn(2, 768, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(tmp_path, name="cxr", seed=1):
+    run = tmp_path / "run"
+    save_embedding(Embedding(name, _vectors(seed)), run / f"{name}.pt")
+    return run
+
+
+@pytest.mark.parametrize("other", ["archive/cxr.pt", "CXR.pt", "old/CXR.safetensors"])
+def test_publish_refuses_when_another_file_of_that_name_would_load(tmp_path, other):
+    from medical_diffusion.training.publish import check_publishable, publish_embedding
+
+    run, home = _run(tmp_path), tmp_path / "home"
+    suffix = other.rsplit(".", 1)[1]
+    made = save_embedding(Embedding("cxr", _vectors(2)), tmp_path / f"cxr.{suffix}", fmt="a1111" if suffix == "pt" else suffix)
+    (home / other).parent.mkdir(parents=True, exist_ok=True)
+    made.rename(home / other)  # a case variant is written by hand (the writer wants lowercase names)
+    for force in (False, True):  # forcing replaces HOME/cxr.*, never a file elsewhere: still refused
+        with pytest.raises(MedDiffError, match="another embedding file named 'cxr'") as err:
+            check_publishable(home, "cxr", run, force=force)
+        assert str(home / other) in str(err.value) and "rename it or move it out" in str(err.value)
+        with pytest.raises(MedDiffError, match="another embedding file named 'cxr'"):
+            publish_embedding(run / "cxr.pt", home, "cxr", run, force=force)
+    assert not (home / "cxr.pt").exists()
+    (home / other).rename(tmp_path / "moved.pt")  # the fix the message gives
+    target = publish_embedding(run / "cxr.pt", home, "cxr", run)
+    assert embedding_file("cxr", home) == target == home / "cxr.pt"
+    assert torch.equal(load_embeddings_dir(home)["cxr"].vectors, _vectors(1))
+
+
+def test_publish_checks_after_writing_that_the_name_loads_the_published_file(tmp_path, monkeypatch):
+    from medical_diffusion.training import publish
+
+    run, home = _run(tmp_path), tmp_path / "home"
+    monkeypatch.setattr(publish, "_check_no_other_file", lambda home, name: None)  # a file slipped in meanwhile
+    save_embedding(Embedding("cxr", _vectors(2)), home / "a" / "cxr.pt")
+    with pytest.raises(MedDiffError, match=r"published, but the name 'cxr' loads .*a/cxr\.pt"):
+        publish.publish_embedding(run / "cxr.pt", home, "cxr", run)
+
+
+def test_paths_on_disk_name_the_file_the_folder_loader_uses(tmp_path):
+    """A1111 files win a clash in the loader; the recorded file (TI hashes) is that one, not the first by path."""
+    from medical_diffusion.generation.outputs import embedding_hashes
+
+    (tmp_path / "a").mkdir()
+    save_file({"<cxr>": _vectors(2)}, str(tmp_path / "a" / "cxr.safetensors"))  # diffusers: sorted first
+    save_embedding(Embedding("cxr", _vectors(1)), tmp_path / "b" / "cxr.pt")  # A1111: the loader's choice
+    assert torch.equal(load_embeddings_dir(tmp_path)["cxr"].vectors, _vectors(1))
+    assert embedding_paths_on_disk(tmp_path)["cxr"] == tmp_path / "b" / "cxr.pt"
+    assert embedding_file("CXR", tmp_path) == tmp_path / "b" / "cxr.pt"
+    assert embedding_hashes(tmp_path, ["a cxr scan"])["cxr"]["file"] == str(tmp_path / "b" / "cxr.pt")
+
+
+def test_a_named_file_overrides_the_folder_as_the_table_loader_does(tmp_path):
+    save_embedding(Embedding("cxr", _vectors(1)), tmp_path / "home" / "cxr.pt")
+    single = save_embedding(Embedding("cxr", _vectors(2)), tmp_path / "mine" / "cxr.pt")
+    assert embedding_paths_on_disk(tmp_path / "home", [single])["cxr"] == single
