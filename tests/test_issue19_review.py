@@ -71,3 +71,31 @@ def test_a_named_file_overrides_the_folder_as_the_table_loader_does(tmp_path):
     save_embedding(Embedding("cxr", _vectors(1)), tmp_path / "home" / "cxr.pt")
     single = save_embedding(Embedding("cxr", _vectors(2)), tmp_path / "mine" / "cxr.pt")
     assert embedding_paths_on_disk(tmp_path / "home", [single])["cxr"] == single
+
+
+def test_one_on_disk_prompt_name_check_serves_the_command_and_the_api(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from medical_diffusion.cli import generate as cli_generate
+    from medical_diffusion.generation import loading
+    from medical_diffusion.generation.prompts import UnknownEmbeddingError
+    from medical_diffusion.ui import api_routes
+
+    save_embedding(Embedding("cxr", _vectors(1)), tmp_path / "home" / "sub" / "cxr.pt")
+    single = save_embedding(Embedding("knee", _vectors(2)), tmp_path / "knee.pt")
+    loading.check_prompt_names(["a CXR scan", "knee AND cxr", ""], tmp_path / "home", [single], where="here")
+    with pytest.raises(UnknownEmbeddingError, match="here") as err:
+        loading.check_prompt_names(["a cxrr scan"], tmp_path / "home", where="here")
+    assert err.value.parts == ["a cxrr scan"]
+    loading.check_prompt_names(["a cxrr scan"], tmp_path / "home", where="here", allow_plain=True)
+    loading.check_prompt_names(["cxr"], tmp_path / "missing", where="here", allow_plain=True)
+
+    calls = []
+    monkeypatch.setattr(loading, "check_prompt_names", lambda *a, **k: calls.append((a, k)))
+    args = SimpleNamespace(embeddings_dir=str(tmp_path / "home"), embedding=[str(single)], embeddings_where="w",
+                           allow_plain_prompt=False)
+    cli_generate.check_prompt_names(args, ["cxr"])
+    api_routes.check_prompt_names(SimpleNamespace(embeddings_dir=tmp_path / "home"), ["cxr"], True)
+    assert [a[0] for a, _ in calls] == [["cxr"], ["cxr"]]
+    assert calls[0][1]["where"] == "w" and calls[1][1]["allow_plain"] is True
+    assert calls[1][1]["plain_hint"] == api_routes.PLAIN_HINT

@@ -63,16 +63,10 @@ def check_inputs(args, out: str | None = None, prompts=()) -> None:
 def check_prompt_names(args, prompts, allow_plain: bool | None = None) -> None:
     """Refuse, before the model loads, prompts with a part that names none of the embeddings on disk
     (file names; ``--allow-plain-prompt`` lets plain text through unless ``allow_plain`` is False)."""
-    from medical_diffusion.embeddings.readers import embedding_names_on_disk
-    from medical_diffusion.generation.prompts import check_prompt_embeddings
+    from medical_diffusion.generation import loading
 
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        return
-    if allow_plain is None:
-        allow_plain = args.allow_plain_prompt
-    known = embedding_names_on_disk(args.embeddings_dir, args.embedding)
-    check_prompt_embeddings(prompts, sorted(known), args.embeddings_where, allow_plain=allow_plain)
+    loading.check_prompt_names(prompts, args.embeddings_dir, args.embedding, where=args.embeddings_where,
+                               allow_plain=args.allow_plain_prompt if allow_plain is None else allow_plain)
 
 
 def load_model_and_embeddings(args):

@@ -62,6 +62,20 @@ def check_embedding_sources(embeddings_dir: str | None, files: Sequence[str] = (
             raise InputFileError(file, "no such embedding file (--embedding)")
 
 
+def check_prompt_names(prompts: Sequence[str], folder: str | Path | None, files: Sequence[str] = (), *,
+                       where: str, allow_plain: bool = False, plain_hint: str = PLAIN_PROMPT_HINT) -> None:
+    """Refuse, before the model loads, prompts with a part that names none of the embeddings on disk in
+    ``folder`` (when it is one) and ``files`` (their names, not their tensors): the
+    :class:`~medical_diffusion.generation.prompts.UnknownEmbeddingError` says ``where`` was looked."""
+    from medical_diffusion.embeddings.readers import embedding_names_on_disk
+
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        return
+    known = embedding_names_on_disk(folder if folder and Path(folder).is_dir() else None, files or ())
+    check_prompt_embeddings(prompts, sorted(known), where, allow_plain=allow_plain, plain_hint=plain_hint)
+
+
 @dataclass
 class EmbeddingSources:
     """Where a command reads its embeddings: a folder (or none), single files, and that in words."""

@@ -98,13 +98,11 @@ PLAIN_HINT = 'send "allow_plain_prompt": true to sample a prompt without embeddi
 def check_prompt_names(ctx: UIContext, prompts: Sequence[str], allow_plain: bool = False) -> None:
     """Refuse (:class:`~medical_diffusion.generation.prompts.UnknownEmbeddingError`, a 400) prompts with a
     part that names none of the embeddings in ``ctx.embeddings_dir``, naming those parts and the folder."""
-    from medical_diffusion.embeddings.readers import embedding_names_on_disk
-    from medical_diffusion.generation.prompts import check_prompt_embeddings
+    from medical_diffusion.generation import loading
 
     folder = ctx.embeddings_dir
-    names = embedding_names_on_disk(folder) if folder.is_dir() else set()
     where = f"the embeddings folder {folder}" + ("" if folder.is_dir() else ", which does not exist")
-    check_prompt_embeddings(prompts, sorted(names), where, allow_plain=allow_plain, plain_hint=PLAIN_HINT)
+    loading.check_prompt_names(prompts, folder, where=where, allow_plain=allow_plain, plain_hint=PLAIN_HINT)
 
 
 def _interpolation_grid(ctx: UIContext, req: InterpolateRequest, stop: threading.Event) -> dict[str, Any]:
