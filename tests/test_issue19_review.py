@@ -99,3 +99,21 @@ def test_one_on_disk_prompt_name_check_serves_the_command_and_the_api(tmp_path, 
     assert [a[0] for a, _ in calls] == [["cxr"], ["cxr"]]
     assert calls[0][1]["where"] == "w" and calls[1][1]["allow_plain"] is True
     assert calls[1][1]["plain_hint"] == api_routes.PLAIN_HINT
+
+
+def test_one_duration_format_for_etas_estimates_and_training():
+    from medical_diffusion.experiment import estimates, views
+    from medical_diffusion.training.progress import format_duration
+    from medical_diffusion.ui import stopping
+
+    assert [format_duration(s) for s in (0, 43.4, 980, 59213, 90061)] == \
+        ["0 s", "43 s", "0:16:20", "16:26:53", "1 d 1 h 01 min"]
+    now = [0.0]
+    clock = stopping.StepClock("steps", clock=lambda: now[0])
+    clock.text(1, 100)
+    now[0] = 10.0  # 10 s a step, 98 steps left
+    assert clock.text(2, 100) == "2/100 steps, about 0:16:20 left"
+    now[0] = 10.0 + 10 * 95  # 97 done, 3 left
+    assert clock.text(97, 100).endswith("about 30 s left")
+    assert views.format_duration is format_duration
+    assert not hasattr(estimates, "format_seconds") and not hasattr(stopping, "format_seconds")

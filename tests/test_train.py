@@ -323,7 +323,7 @@ def test_eta_is_shown_as_hours_minutes_seconds(tmp_path):
     from medical_diffusion.ui.context import UIContext
 
     assert format_duration(59213) == "16:26:53"
-    assert format_duration(5) == "0:00:05"
+    assert format_duration(5) == "5 s" and format_duration(59.6) == "0:01:00" and format_duration(61) == "0:01:01"
     assert format_duration(90061) == "1 d 1 h 01 min"
     assert format_duration(3 * 86400 + 23 * 3600 + 3) == "3 d 23 h 00 min"  # not "3 d 23:00:03 (h:mm:ss)"
     ctx = UIContext(backend_factory=lambda: None, work_dir=tmp_path, embeddings_dir=tmp_path)

@@ -108,15 +108,3 @@ def makespan(plan: Plan, todo: set[str], workers: int) -> float:
         start = max(free[i], ready)
         finish[s.id] = free[i] = start + stage_seconds(s, plan)
     return max(finish.values() or [0.0])
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    d, rem = divmod(seconds, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    if d:
-        return f"{d}d{h:02d}h"
-    if h:
-        return f"{h}h{m:02d}m"
-    return f"{m}m{s:02d}s" if m else f"{s}s"

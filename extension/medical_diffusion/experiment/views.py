@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from medical_diffusion.experiment.estimates import device_of, format_seconds, makespan, stage_seconds
+from medical_diffusion.experiment.estimates import device_of, makespan, stage_seconds
 from medical_diffusion.experiment.graph import Plan
 from medical_diffusion.experiment.runner import missing_inputs
 from medical_diffusion.experiment.store import StageStore
+from medical_diffusion.training.progress import format_duration
 
 STATE_WORDS = {"done": "cached", "todo": "will run", "partial": "will resume", "failed": "will retry"}
 
@@ -26,7 +27,7 @@ def plan_text(plan: Plan, store: StageStore, detail: bool = True) -> str:
     if detail:
         rows = [["stage", "state", "device", "estimate", "needs"]]
         for s in plan.stages:
-            est = format_seconds(stage_seconds(s, plan)) if s.id in todo else "-"
+            est = format_duration(stage_seconds(s, plan)) if s.id in todo else "-"
             needs = ", ".join(s.deps) if len(s.deps) <= 2 else f"{s.deps[0]} +{len(s.deps) - 1}"
             rows.append([s.id, STATE_WORDS[states[s.id]], device_of(s, plan), est, needs])
         out += ["", _table(rows)]
@@ -38,11 +39,11 @@ def plan_text(plan: Plan, store: StageStore, detail: bool = True) -> str:
             k[1] += 1
             k[2] += stage_seconds(s, plan)
     rows = [["kind", "stages", "to run", "device", "estimate (serial)"]]
-    rows += [[k, str(v[0]), str(v[1]), v[3], format_seconds(v[2])] for k, v in kinds.items()]
+    rows += [[k, str(v[0]), str(v[1]), v[3], format_duration(v[2])] for k, v in kinds.items()]
     out += ["", _table(rows)]
     sizes = [1, 2, 4, 8]
     out += ["", "estimated wall time with N workers (GPUs for train/generate; see estimates.py for the rates): "
-            + ", ".join(f"N={n}: {format_seconds(makespan(plan, todo, n))}" for n in sizes)]
+            + ", ".join(f"N={n}: {format_duration(makespan(plan, todo, n))}" for n in sizes)]
     for note in plan.notes:
         out.append(f"note: {note}")
     missing = missing_inputs(plan, [s for s in plan.stages if s.id in todo])

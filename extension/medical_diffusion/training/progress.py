@@ -79,8 +79,11 @@ class EtaEstimator:
 
 
 def format_duration(seconds: float) -> str:
-    """``h:mm:ss`` (``59213`` -> ``16:26:53``); from a day on, days, hours and minutes (``3 d 23 h 00 min``)."""
+    """The project's one duration format (ETAs, estimates, timings): under a minute seconds (``43 s``), then
+    ``h:mm:ss`` (``59213`` -> ``16:26:53``), from a day on days, hours and minutes (``3 d 23 h 00 min``)."""
     total = max(0, int(round(seconds)))
+    if total < 60:
+        return f"{total} s"
     days, rest = divmod(total, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)

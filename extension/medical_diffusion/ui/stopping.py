@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Callable, Iterator
 
+from medical_diffusion.training.progress import format_duration
+
 log = logging.getLogger(__name__)
 
 ShouldStop = Callable[[], bool]
@@ -130,19 +132,7 @@ class StepClock:
         if rate_done <= 0 or done >= total:
             return shown
         left = (now - self.start) / rate_done * (total - done)
-        return f"{shown}, about {format_seconds(left)} left"
-
-
-def format_seconds(seconds: float) -> str:
-    """``"8 s"``, ``"3 min 5 s"``, ``"1 h 2 min"``."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
+        return f"{shown}, about {format_duration(left)} left"
 
 
 def stopping_progress(report: Callable[[str, int, int], None] | None,
