@@ -117,3 +117,16 @@ def test_one_duration_format_for_etas_estimates_and_training():
     assert clock.text(97, 100).endswith("about 30 s left")
     assert views.format_duration is format_duration
     assert not hasattr(estimates, "format_seconds") and not hasattr(stopping, "format_seconds")
+
+
+def test_image_fit_keeps_only_what_is_used():
+    """``fit_square`` had no caller (the importers fit through ``SliceGeometry``); the used helpers remain."""
+    import numpy as np
+
+    from medical_diffusion.datasets import image_fit
+
+    assert not hasattr(image_fit, "fit_square")
+    image = np.zeros((8, 4), np.uint8)
+    image[2:6, 1:3] = 200
+    assert image_fit.crop_to_nonzero(image).shape == (4, 2)
+    assert image_fit.fit_longest_edge_and_pad(image, 16).shape == (16, 16)

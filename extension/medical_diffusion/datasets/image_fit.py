@@ -22,7 +22,3 @@ def fit_longest_edge_and_pad(image: np.ndarray, size: int = 512) -> np.ndarray:
     """Resize (Lanczos) so the longest edge is ``size`` keeping the aspect ratio; zero-pad centred."""
     return square((image.shape[1], image.shape[0]), size).apply(image.astype(np.uint8, copy=False))
 
-
-def fit_square(image: np.ndarray, size: int = 512, fit: str = "pad") -> np.ndarray:
-    """uint8 image to ``size x size``: "pad" keeps the aspect ratio (zero borders), "stretch" does not."""
-    return square((image.shape[1], image.shape[0]), size, fit=fit).apply(image)
