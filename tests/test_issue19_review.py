@@ -130,3 +130,13 @@ def test_image_fit_keeps_only_what_is_used():
     image[2:6, 1:3] = 200
     assert image_fit.crop_to_nonzero(image).shape == (4, 2)
     assert image_fit.fit_longest_edge_and_pad(image, 16).shape == (16, 16)
+
+
+def test_names_used_finds_whole_word_names_with_one_pattern():
+    from medical_diffusion.generation.outputs import names_in
+    from medical_diffusion.generation.prompts import names_used
+
+    prompts = ["a CXR scan, knee-2 AND cxr_old", None, "hipster"]
+    names = ["cxr", "knee", "knee-2", "cxr_old", "hip"]
+    assert names_used(prompts, names) == ["cxr", "cxr_old", "knee-2"] == names_in(prompts, names)
+    assert names_used(["anything"], []) == [] and names_used(["a cxr"], {"cxr": "file"}) == ["cxr"]

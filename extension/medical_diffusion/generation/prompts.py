@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from medical_diffusion.errors import MedDiffError
 
@@ -107,6 +107,17 @@ def _name_pattern(names: Sequence[str], flags: int = 0) -> re.Pattern | None:
         return None
     alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
     return re.compile(rf"(?<![\w-])({alternatives})(?![\w-])", flags)
+
+
+def names_used(prompts: Sequence[str], names: Iterable[str]) -> list[str]:
+    """The ``names`` that stand as a whole word in any of ``prompts`` (any case, as
+    :func:`parts_without_embeddings` finds them), sorted; one pattern for all names."""
+    names = list(names)
+    pattern = _name_pattern(names, re.IGNORECASE)
+    if pattern is None:
+        return []
+    by_lower = {name.lower(): name for name in names}
+    return sorted({by_lower[m.group(1).lower()] for prompt in prompts for m in pattern.finditer(prompt or "")})
 
 
 def estimate_text_tokens(text: str) -> int:
