@@ -24,13 +24,14 @@ class _ShapeAction(argparse.Action):
 
 def _spacing_from(args, image):
     """(spacing, source size) from ``--spacing-from``: a prepare manifest (row ``--entry``, the
-    ``--image``'s row, or the spacing all rows share), or any image input (a DICOM file or series,
-    a volume, or a PNG listed in a prepare manifest)."""
+    ``--image``'s row, or the spacing all rows share; rescaled to the ``--image``'s own grid when it is a
+    picture of the same field of view at another size, e.g. a 128 px generated one), or any image input
+    (a DICOM file or series, a volume, or a PNG listed in a prepare manifest)."""
     from medical_diffusion.datasets.image_input import read_image_input
 
     path = Path(args.spacing_from)
     if path.suffix.lower() == ".csv":
-        from medical_diffusion.datasets.prepared_spacing import manifest_spacing
+        from medical_diffusion.datasets.prepared_spacing import manifest_grid, spacing_on
 
         entry = args.entry
         if entry is None and image is not None:  # the --image's row when it is one of the manifest's outputs
@@ -38,7 +39,10 @@ def _spacing_from(args, image):
                 entry = image.path.resolve().relative_to(path.resolve().parent).as_posix()
             except ValueError:
                 entry = None  # e.g. a generated image: the spacing the prepared images share
-        return manifest_spacing(path, entry), image.size if image is not None else None
+        spacing, prepared = manifest_grid(path, entry)
+        if image is None:
+            return spacing, prepared
+        return spacing_on(image.size, spacing, prepared, image.path), image.size
     source = read_image_input(path)
     if source.spacing is None:
         why = ("is not listed with a pixel spacing in a prepare manifest" if source.kind == "picture"
@@ -51,7 +55,10 @@ def build_mask_spec(args):
     """A :class:`MaskSpec` from the command line and the overlay image (sizes and spacing from the
     inputs where given: ``--spacing-from``, else the ``--image`` itself)."""
     from medical_diffusion.datasets.image_input import read_image_input
+    from medical_diffusion.datasets.prepared_spacing import check_prepared_geometry
+    from medical_diffusion.datasets.slice_geometry import SliceGeometry
     from medical_diffusion.generation.masks import MaskShape, MaskSpec
+    from medical_diffusion.limits import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_range
 
     shapes = []
     for kind, values in args.shapes or []:  # in command-line order
@@ -75,6 +82,11 @@ def build_mask_spec(args):
     if image is not None:
         source_size = source_size or image.size
     target = tuple(args.target_size)
+    for value in target:
+        check_range("mask --target-size", value, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    if image is not None and image.kind == "picture" and source_size and tuple(source_size) != image.size:
+        # shapes placed on another grid (e.g. the series) and drawn on a prepared image: it must lie there
+        check_prepared_geometry(image.path, SliceGeometry(tuple(source_size), image.size, spacing, args.fit))
     return MaskSpec(shapes=shapes, unit=args.unit, source_size=source_size or target, spacing=spacing,
                     target_size=target, feather=args.feather, invert=args.invert, fit=args.fit), \
         image.image if image is not None else None
