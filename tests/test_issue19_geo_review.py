@@ -76,3 +76,46 @@ def test_manifest_spacing_refuses_an_image_of_another_aspect_ratio(prepared_adc,
                  "--circle", "32", "32", "5", "--out", str(tmp_path / "m")]) == 1
     err = capsys.readouterr().err
     assert "odd.png" in err and "128x96" in err and "512x512" in err and not (tmp_path / "m.png").exists()
+
+
+# --- 1.5: outputs of --crop-nonzero do not lie on the source as a source-grid mask assumes -------------------
+
+def _bordered_volume(path):
+    import SimpleITK as sitk
+
+    vol = np.zeros((3, 40, 30), np.int16)
+    vol[:, 10:30, 5:20] = 100 + np.arange(15)[None, None, :]  # content off-centre, zero borders
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((2.0, 2.0, 3.0))
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_source_grid_mask_on_a_cropped_output_is_refused_naming_the_manifest(tmp_path, crop, capsys):
+    volume = _bordered_volume(tmp_path / "case.mha")
+    out = tmp_path / "out"
+    result = prepare_images(ImportOptions(inputs=(str(volume),), out=str(out), crop_nonzero=crop, size=64))
+    prepared = out / result.rows[0].output
+    code = main(["mask", "--unit", "mm", "--spacing-from", str(volume), "--image", str(prepared),
+                 "--circle", "20", "40", "4", "--target-size", "64", "64", "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    if not crop:  # the output lies on the source as the mask puts it
+        assert code == 0
+        return
+    assert code == 1 and not (tmp_path / "m.png").exists()
+    assert "--crop-nonzero" in err and f"--spacing-from {out / 'manifest.csv'}" in err
+    # the prepared image's own manifest gives its geometry
+    assert main(["mask", "--unit", "mm", "--spacing-from", str(out / "manifest.csv"), "--image", str(prepared),
+                 "--circle", "20", "20", "4", "--target-size", "64", "64", "--out", str(tmp_path / "m")]) == 0
+
+
+# --- mask --target-size is bounded --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", ["32", "4096"])
+def test_mask_target_size_is_bounded(tmp_path, size, capsys):
+    assert main(["mask", "--circle", "20", "20", "9", "--target-size", size, "64",
+                 "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert "--target-size" in err and size in err and "64" in err and "2048" in err
+    assert not (tmp_path / "m.png").exists()
