@@ -13,6 +13,7 @@ from PIL import Image
 
 from medical_diffusion.cli import main
 from medical_diffusion.datasets.generic_import import ImportOptions, prepare_images
+from medical_diffusion.errors import MedDiffError
 
 ADC = ("dicom_series", "ProstateX-0000_adc")
 
@@ -119,3 +120,19 @@ def test_mask_target_size_is_bounded(tmp_path, size, capsys):
     err = capsys.readouterr().err
     assert "--target-size" in err and size in err and "64" in err and "2048" in err
     assert not (tmp_path / "m.png").exists()
+
+
+# --- --slice choices are bounded ------------------------------------------------------------------------------
+
+def test_slice_choices_are_bounded_and_fast():
+    import time
+
+    from medical_diffusion.datasets.generic_import import MAX_SLICE_CHOICES, parse_slices
+
+    start = time.perf_counter()
+    assert parse_slices(f"0-{MAX_SLICE_CHOICES - 1},5,3") == tuple(range(MAX_SLICE_CHOICES))
+    assert time.perf_counter() - start < 1.0  # no quadratic membership test
+    assert parse_slices("9,3-4,3") == (9, 3, 4)  # order kept, repeats dropped
+    for value in (f"0-{MAX_SLICE_CHOICES}", "0-99999999999", f"0-3000,5000-{5000 + 2000}"):
+        with pytest.raises(MedDiffError, match=f"{value}.*more than {MAX_SLICE_CHOICES} slices"):
+            parse_slices(value)
