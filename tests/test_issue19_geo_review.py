@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from medical_diffusion.cli import main
 from medical_diffusion.datasets.generic_import import ImportOptions, prepare_images
@@ -136,3 +136,83 @@ def test_slice_choices_are_bounded_and_fast():
     for value in (f"0-{MAX_SLICE_CHOICES}", "0-99999999999", f"0-3000,5000-{5000 + 2000}"):
         with pytest.raises(MedDiffError, match=f"{value}.*more than {MAX_SLICE_CHOICES} slices"):
             parse_slices(value)
+
+
+# --- 1.2 / 1.6: inpaint lays the image on the grid the mask was drawn for; label masks binarised -------------
+
+def _volume(path, values):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.asarray(values))
+    img.SetSpacing((2.0, 2.0, 3.0))
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def _scan(path):
+    """A 30 x 40 (w x h) slice with content up to its edges, so a padded fit and a stretched one differ."""
+    z, y, x = np.mgrid[0:3, 0:40, 0:30]
+    return _volume(path, (50 + 3 * x + 2 * y + z).astype(np.int16))
+
+
+@pytest.fixture
+def reuse_tiny(tiny_backend, monkeypatch):
+    import medical_diffusion.generation.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda model, device="cpu": tiny_backend)
+
+
+def test_inpaint_paints_where_a_stretched_mask_was_drawn(tmp_path, reuse_tiny, capsys):
+    import torch
+
+    from medical_diffusion.datasets.image_input import read_image_input
+    from medical_diffusion.datasets.slice_geometry import SliceGeometry
+    from medical_diffusion.embeddings import Embedding, save_embedding
+
+    save_embedding(Embedding(name="sick", vectors=torch.zeros(2, 32)), tmp_path / "emb" / "sick.pt")
+    scan = _scan(tmp_path / "scan.mha")
+    assert main(["mask", "--image", str(scan), "--fit", "stretch", "--circle", "6", "20", "4",
+                 "--target-size", "64", "64", "--out", str(tmp_path / "m")]) == 0
+    run = ["inpaint", "--model", "tiny", "--embeddings-dir", str(tmp_path / "emb"), "--mask", str(tmp_path / "m.json"),
+           "--prompt", "sick", "--steps", "1", "--width", "64", "--height", "64", "--padding", "4", "--mask-blur", "0",
+           "--fill", "latent noise", "--denoising-strength", "1"]
+    assert main([*run, "--image", str(scan), "--out", str(tmp_path / "inp")]) == 0
+    record = json.loads((tmp_path / "inp" / "inpaint.json").read_text())
+    got = np.asarray(Image.open(tmp_path / "inp" / record["results"][0]["file"]).convert("RGB")).astype(int)
+    stretched = SliceGeometry((30, 40), (64, 64), fit="stretch").apply(read_image_input(scan).image)
+    mask = np.asarray(Image.open(tmp_path / "m.png")) > 127
+    changed = np.abs(got - stretched.astype(int)).max(axis=-1) > 0
+    near = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(5))) > 0
+    assert not changed[~near].any()  # the stretched scan everywhere but at the mask (no zero border)
+    assert changed[mask].mean() > 0.5  # painted where the mask was drawn
+    # an image on neither the mask's source grid nor its target grid is refused, naming both
+    Image.new("RGB", (48, 48), (80, 80, 80)).save(tmp_path / "other.png")
+    capsys.readouterr()
+    assert main([*run, "--image", str(tmp_path / "other.png"), "--out", str(tmp_path / "inp2")]) == 1
+    err = capsys.readouterr().err
+    assert "m.json" in err and "30x40" in err and "64x64" in err and "48x48" in err
+
+
+def test_label_volume_masks_are_binarised_and_fitted_nearest_onto_the_image_grid(tmp_path):
+    from medical_diffusion.cli.inpaint import load_inputs, read_mask
+    from medical_diffusion.datasets.slice_geometry import square
+
+    scan = _scan(tmp_path / "scan.mha")
+    labels = np.zeros((3, 40, 30), np.uint8)
+    labels[1, 5:15, 3:9] = 1  # two lesions with different label values on the middle slice
+    labels[1, 25:35, 18:27] = 7
+    label = _volume(tmp_path / "labels.mha", labels)
+    want = (labels[1] > 0).astype(np.uint8) * 255
+    mask = read_mask(str(label))[0]
+    np.testing.assert_array_equal(np.asarray(mask), want)  # label 1 repaints as fully as label 7
+    # on the scan itself: both fitted as prepare fits the slice (512, padded), the mask nearest-neighbour
+    masks, image = load_inputs(str(scan), [str(label)])
+    geo = square((30, 40), 512)
+    np.testing.assert_array_equal(np.asarray(masks[0][0]), geo.apply(want, Image.NEAREST))
+    assert image.size == (512, 512) and not np.asarray(image)[:, :geo.pad[0]].any()
+    # on the prepared image: the label slice is fitted onto its grid, the image kept as it is
+    out = tmp_path / "out"
+    prepared = out / prepare_images(ImportOptions(inputs=(str(scan),), out=str(out), size=64)).rows[0].output
+    masks, image = load_inputs(str(prepared), [str(label)])
+    np.testing.assert_array_equal(np.asarray(masks[0][0]), square((30, 40), 64).apply(want, Image.NEAREST))
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(prepared).convert("RGB")))

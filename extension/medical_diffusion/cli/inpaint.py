@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 from medical_diffusion.errors import InputFileError, MedDiffError
 
@@ -141,13 +142,24 @@ def run_mask(args) -> int:
 
 
 # -- inpaint ----------------------------------------------------------------------------------
-def read_mask(path: str, slice_index: int | None = None):
-    """A mask (PIL "L", white = repaint) and its label: a mask JSON written by ``meddiff mask``
-    (re-rendered), or any image input (PNG, DICOM file or series, a label volume at ``slice_index``)."""
+class MaskInput(NamedTuple):
+    """A mask (PIL "L", white = repaint), its label, and where it lies: ``spec`` for a mask JSON (drawn
+    for ``spec.source_size`` on ``spec.target_size``), ``on_source`` for a label volume/DICOM (the source
+    slice's own grid), neither for a mask picture (its own size)."""
+
+    mask: "Image.Image"  # noqa: F821 (PIL, imported where used)
+    label: str
+    spec: "MaskSpec | None" = None  # noqa: F821
+    on_source: bool = False
+
+
+def read_mask(path: str, slice_index: int | None = None) -> MaskInput:
+    """A mask JSON written by ``meddiff mask`` (re-rendered), or any image input: a PNG as it is, a DICOM
+    file or series or a label volume (at ``slice_index``) binarised (values > 0 repaint)."""
     from PIL import Image
 
     from medical_diffusion.datasets.file_kinds import is_dicom, is_volume
-    from medical_diffusion.datasets.image_input import read_image_input
+    from medical_diffusion.datasets.image_input import LABEL_WINDOW, read_image_input
     from medical_diffusion.generation.masks import MaskSpec, render_mask
 
     p = Path(path)
@@ -157,24 +169,67 @@ def read_mask(path: str, slice_index: int | None = None):
             spec = MaskSpec.from_dict(data.get("spec", data))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputFileError(p, f"not a mask description ({exc})") from exc
-        return Image.fromarray(render_mask(spec).mask), p.stem
-    has_slices = p.is_dir() or is_volume(p) or is_dicom(p)
-    return read_image_input(p, slice_index if has_slices else None).image.convert("L"), p.stem
+        return MaskInput(Image.fromarray(render_mask(spec).mask), p.stem, spec)
+    if p.is_dir() or is_volume(p) or is_dicom(p):
+        labels = read_image_input(p, slice_index, window=LABEL_WINDOW).image.convert("L")
+        return MaskInput(labels.point(lambda v: 255 if v else 0), p.stem, on_source=True)
+    return MaskInput(read_image_input(p).image.convert("L"), p.stem)
+
+
+def _on_one_grid(source, found: MaskInput, path: str):
+    """(mask, image) of ``found`` and the image input ``source`` on the grid the mask was drawn for."""
+    from PIL import Image
+
+    from medical_diffusion.datasets.prepared_spacing import check_prepared_geometry
+    from medical_diffusion.datasets.slice_geometry import SliceGeometry, square
+
+    image, size = source.image, source.size
+    if found.spec is not None:
+        geo = found.spec.geometry()
+        if size == tuple(geo.source_size):  # the source it was drawn on: fitted as the mask fits it
+            return found.mask, Image.fromarray(geo.apply(image))
+        if size == tuple(geo.target_size):  # already on the mask's grid
+            if source.kind == "picture":
+                check_prepared_geometry(source.path, geo)
+            return found.mask, image
+        (sw, sh), (tw, th) = geo.source_size, geo.target_size
+        raise InputFileError(path, f"was drawn for a {sw}x{sh} source on a {tw}x{th} grid, but the image "
+                                   f"{source.path} is {size[0]}x{size[1]}: give the image it was drawn on "
+                                   f"({sw}x{sh}) or one on its grid ({tw}x{th})")
+    if found.on_source:  # a label slice: on the source's own grid
+        m = found.mask.size
+        if size == m:  # the source itself: both fitted as prepare fits a slice
+            geo = square(m)
+            return Image.fromarray(geo.apply(found.mask, Image.NEAREST)), Image.fromarray(geo.apply(image))
+        if size[0] != size[1]:
+            raise InputFileError(path, f"is a {m[0]}x{m[1]} label slice, but the image {source.path} is "
+                                       f"{size[0]}x{size[1]}: give the slice it labels or a prepared (square) image")
+        geo = SliceGeometry(m, size)
+        if source.kind == "picture":
+            check_prepared_geometry(source.path, geo)
+        return Image.fromarray(geo.apply(found.mask, Image.NEAREST)), image
+    return found.mask, source.fitted(found.mask.size)  # a mask picture: the image fitted as prepare fits it
 
 
 def load_inputs(image_path: str, mask_paths: list[str], slice_index: int | None = None):
-    """The masks (all one size) and the image fitted onto their grid as ``prepare`` fits a slice (aspect
-    kept, zero padding; unchanged when it already has the masks' size)."""
+    """The masks and the image, all on the grid the masks were drawn for: a mask JSON's source fitted as
+    it records (pad or stretch), an image on its target grid kept, a label slice fitted nearest-neighbour
+    as ``prepare`` fits a slice, a mask picture's image fitted onto it; anything else refused."""
+    import numpy as np
+
     from medical_diffusion.datasets.image_input import read_image_input
 
     source = read_image_input(image_path, slice_index)
-    masks = [read_mask(m, slice_index) for m in mask_paths]
-    size = masks[0][0].size
-    for path, (mask, _label) in zip(mask_paths, masks):
-        if mask.size != size:
-            raise InputFileError(path, f"mask is {mask.size[0]}x{mask.size[1]} but {mask_paths[0]} is "
-                                       f"{size[0]}x{size[1]}: all masks must share one grid")
-    return masks, source.fitted(size)
+    placed = []
+    for path in mask_paths:
+        found = read_mask(path, slice_index)
+        mask, image = _on_one_grid(source, found, path)
+        if placed and (mask.size != placed[0][1].size or not np.array_equal(np.asarray(image), np.asarray(placed[0][2]))):
+            raise InputFileError(path, f"puts the image on another grid ({mask.size[0]}x{mask.size[1]}"
+                                       f"{'' if mask.size != placed[0][1].size else ', fitted otherwise'}) than "
+                                       f"{mask_paths[0]}: all masks must share one grid")
+        placed.append((found, mask, image))
+    return [(mask, found.label) for found, mask, _ in placed], placed[0][2]
 
 
 def run_inpaint(args) -> int:
