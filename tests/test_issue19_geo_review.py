@@ -216,3 +216,62 @@ def test_label_volume_masks_are_binarised_and_fitted_nearest_onto_the_image_grid
     masks, image = load_inputs(str(prepared), [str(label)])
     np.testing.assert_array_equal(np.asarray(masks[0][0]), square((30, 40), 64).apply(want, Image.NEAREST))
     np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(prepared).convert("RGB")))
+
+
+# --- 1.4: inside the webui the Inpaint tab gives img2img the fitted picture and mask --------------------------
+
+def _tab(tmp_path, backend, inpaint):
+    import gradio as gr
+
+    from medical_diffusion.ui import tab_inpaint
+    from medical_diffusion.ui.context import UIContext
+
+    import torch
+
+    from medical_diffusion.embeddings import Embedding, save_embedding
+
+    save_embedding(Embedding("lesion", torch.zeros(2, backend.text_width)), tmp_path / "emb" / "lesion.pt")
+    with gr.Blocks():
+        return tab_inpaint.build(UIContext(backend_factory=lambda: backend, work_dir=tmp_path,
+                                           embeddings_dir=tmp_path / "emb", loaded_text_width=lambda: None,
+                                           inpaint=inpaint))
+
+
+@pytest.mark.parametrize("only_masked", [True, False])
+def test_the_webuis_img2img_gets_the_padded_slice_and_its_mask(tmp_path, tiny_backend, only_masked):
+    from medical_diffusion.generation.masks import MaskShape, MaskSpec, render_mask
+
+    calls = []
+
+    def host_inpaint(image, mask, prompt, *, should_stop, progress, **settings):
+        calls.append((image, mask, settings))
+        return image
+
+    parts = _tab(tmp_path, tiny_backend, host_inpaint)
+    picture = Image.fromarray(np.full((128, 84, 3), 200, np.uint8))  # a non-square slice, 84 x 128
+    geo = ["px", 0, 0, 20, 64, 8, 8, 0, 0, False]
+    _, status = parts["inpaint"](picture, {"size": [84, 128]}, [], *geo, "", "lesion", 3, 7.0, 1, 64, 96, "", 0.75,
+                                 "original", 4, only_masked, 32, progress=None)
+    assert calls, status
+    ((image, mask, settings),) = calls
+    spec = MaskSpec([MaskShape.circle(20, 64, 8)], source_size=(84, 128))
+    assert image.size == mask.size == (512, 512)  # as the overlay shows it: padded, not left to be stretched
+    arr = np.asarray(image)
+    assert not arr[:, :88].any() and not arr[:, 424:].any() and (arr[:, 90:420] == 200).all()
+    np.testing.assert_array_equal(np.asarray(mask), render_mask(spec).mask)
+    # a whole picture is processed at the fitted size; only the masked crop at the size asked for
+    assert (settings["width"], settings["height"]) == ((64, 96) if only_masked else (512, 512))
+
+
+def test_a_click_on_the_overlay_follows_the_masks_fit():
+    from medical_diffusion.generation.masks import MaskShape, MaskSpec
+    from medical_diffusion.ui.tab_inpaint import click_to_source
+
+    def geometry(fit):
+        return MaskSpec([MaskShape.circle(1, 1, 1)], source_size=(84, 128), fit=fit).geometry()
+
+    # the top-left target pixel: in the padded fit 88 px of border lie left of the slice, 4 px per source px
+    assert click_to_source(88, 0, geometry("pad"), "px", None) == pytest.approx((0.5 / 4 - 0.5, 0.5 / 4 - 0.5))
+    # stretched: 84 source columns over 512 px, 128 rows over 512 px; mm at 2 mm per source pixel
+    assert click_to_source(0, 0, geometry("stretch"), "mm", (2.0, 2.0)) == pytest.approx(
+        ((0.5 * 84 / 512 - 0.5) * 2, (0.5 * 128 / 512 - 0.5) * 2))
