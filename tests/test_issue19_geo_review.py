@@ -111,6 +111,25 @@ def test_source_grid_mask_on_a_cropped_output_is_refused_naming_the_manifest(tmp
                  "--circle", "20", "20", "4", "--target-size", "64", "64", "--out", str(tmp_path / "m")]) == 0
 
 
+def test_inpaint_refuses_a_source_grid_mask_json_on_a_cropped_output(tmp_path):
+    from medical_diffusion.cli.inpaint import load_inputs
+    from medical_diffusion.errors import InputFileError
+
+    volume = _bordered_volume(tmp_path / "case.mha")
+    out = tmp_path / "out"
+    result = prepare_images(ImportOptions(inputs=(str(volume),), out=str(out), crop_nonzero=True, size=64))
+    prepared = out / result.rows[0].output
+    assert main(["mask", "--unit", "mm", "--spacing-from", str(volume), "--circle", "20", "40", "4",
+                 "--target-size", "64", "64", "--out", str(tmp_path / "m")]) == 0
+    with pytest.raises(MedDiffError, match="--crop-nonzero.*--spacing-from .*manifest.csv"):
+        load_inputs(str(prepared), [str(tmp_path / "m.json")])
+    masks, image = load_inputs(str(volume), [str(tmp_path / "m.json")])  # on the volume itself: fitted
+    assert image.size == masks[0][0].size == (64, 64)
+    with pytest.raises(InputFileError, match="30x40 source on a 64x64 grid"):
+        Image.new("RGB", (32, 32)).save(tmp_path / "small.png")
+        load_inputs(str(tmp_path / "small.png"), [str(tmp_path / "m.json")])
+
+
 # --- mask --target-size is bounded --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", ["32", "4096"])
