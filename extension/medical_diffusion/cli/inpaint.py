@@ -6,9 +6,14 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from medical_diffusion.errors import InputFileError, MedDiffError
+
+if TYPE_CHECKING:  # the CLI's start-up imports neither PIL nor the mask module
+    from PIL import Image
+
+    from medical_diffusion.generation.masks import MaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +152,9 @@ class MaskInput(NamedTuple):
     for ``spec.source_size`` on ``spec.target_size``), ``on_source`` for a label volume/DICOM (the source
     slice's own grid), neither for a mask picture (its own size)."""
 
-    mask: "Image.Image"  # noqa: F821 (PIL, imported where used)
+    mask: Image.Image
     label: str
-    spec: "MaskSpec | None" = None  # noqa: F821
+    spec: MaskSpec | None = None
     on_source: bool = False
 
 
@@ -309,7 +314,8 @@ def register(subparsers) -> None:
                                    "the --image's row, else the spacing all rows share)")
     p.add_argument("--source-size", nargs=2, type=int, metavar=("W", "H"),
                    help="source pixel grid (default: from --spacing-from, else --image, else the target size)")
-    p.add_argument("--target-size", nargs=2, type=int, default=(512, 512), metavar=("W", "H"))
+    p.add_argument("--target-size", nargs=2, type=int, default=(512, 512), metavar=("W", "H"),
+                   help="the mask's grid, 64..2048 px (default 512 512)")
     p.add_argument("--fit", choices=("pad", "stretch"), default="pad",
                    help="how the source lies on the target: pad (as 'prepare images' does, default) or stretch")
     p.add_argument("--image", help="image for the overlay preview (PNG/JPEG, DICOM file or series folder, "
@@ -330,10 +336,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--image", required=True,
                    help="image to inpaint (e.g. a generated healthy case): PNG/JPEG, DICOM file or series folder, "
-                        "MHA/NIfTI volume; fitted onto the masks' grid as 'prepare images' fits it")
+                        "MHA/NIfTI volume: the one a mask JSON was drawn for (fitted as it records) or one on its "
+                        "grid; for a label mask the slice it labels or a prepared (square) image")
     p.add_argument("--mask", action="append", required=True,
-                   help="mask JSON from 'meddiff mask', or a mask image (PNG, DICOM, label volume; white = "
-                        "repaint) (repeatable)")
+                   help="mask JSON from 'meddiff mask', or a mask image (PNG: white = repaint; DICOM or label "
+                        "volume: labels > 0 repaint) (repeatable)")
     p.add_argument("--slice", type=int, help="slice of a volume or series --image/--mask (default: middle)")
     p.add_argument("--prompt", required=True, help="prompt for the masked area (e.g. the positive embedding)")
     p.add_argument("--out", required=True, help="output folder")
