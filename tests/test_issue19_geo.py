@@ -297,8 +297,8 @@ def test_tab_overlay_and_inpaint_input_use_the_prepare_geometry(testdata, tmp_pa
     dx, dy, _, _ = _diameters_px(res.mask)
     assert dx * 0.5 == pytest.approx(10, rel=0.03) and dy * 0.5 == pytest.approx(10, rel=0.03)
     # a click on the overlay's centre of the circle gives back its centre in mm
-    assert click_to_source(257.5, 257.5, (84, 128), "mm", (2.0, 2.0)) == pytest.approx((84, 128))
-    # inpainting here gets the slice as prepare makes it; the webui's img2img gets it on its own grid
+    assert click_to_source(257.5, 257.5, spec.geometry(), "mm", (2.0, 2.0)) == pytest.approx((84, 128))
+    # inpainting gets the slice as prepare makes it; "Send to img2img" gives it on its own grid
     fitted, fitted_mask = parts["fitted_image_and_mask"](img, src, [], unit, spx, spy, 84, 128, 5, 5, 0, 0, False)
     assert fitted.size == fitted_mask.size == (512, 512) and np.array_equal(np.asarray(fitted_mask), res.mask)
     assert not np.asarray(fitted)[:, :88].any() and np.asarray(fitted)[:, 88:424].any()

@@ -108,7 +108,7 @@ def test_an_inpainting_is_saved_with_its_parameters_input_and_mask(tmp_path, tin
 
 def test_the_webuis_inpainting_gets_the_stop_hook_and_its_result_is_saved(tmp_path, tiny_backend):
     """Inside the webui the tab calls its img2img (``ctx.inpaint``) with ``should_stop``/``progress``, and
-    saves the picture with the seed really used (-1 resolved first) and the mask on the picture's grid."""
+    saves the picture with the seed really used (-1 resolved first) and the mask on the fitted grid."""
     calls = []
 
     def host_inpaint(image, mask, prompt, *, should_stop, progress, **settings):
@@ -127,11 +127,11 @@ def test_the_webuis_inpainting_gets_the_stop_hook_and_its_result_is_saved(tmp_pa
     result, status = parts["inpaint"](picture, {"size": [96, 64]}, [], *GEO, *_inpaint_values(seed=-1),
                                       progress=progress)
     (call,) = calls
-    assert call["image"] == call["mask"] == (96, 64) and call["stop"] is False and call["seed"] >= 0
+    assert call["image"] == call["mask"] == (512, 512) and call["stop"] is False and call["seed"] >= 0
     assert seen == [(1 / 3, "1/3 steps")]
     record = json.loads(next((tmp_path / "work" / "outputs" / "inpaint").glob("*/00001.json")).read_text())
     assert record["params"]["seed"] == call["seed"] and f"at seed {call['seed']}" in status
-    assert record["params"]["mask_spec"]["target_size"] == [96, 64]
+    assert record["params"]["mask_spec"]["target_size"] == [512, 512]
 
 
 # -- item 8: Stop ---------------------------------------------------------------------------------------------

@@ -6,8 +6,14 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from medical_diffusion.errors import InputFileError, MedDiffError
+
+if TYPE_CHECKING:  # the CLI's start-up imports neither PIL nor the mask module
+    from PIL import Image
+
+    from medical_diffusion.generation.masks import MaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +30,14 @@ class _ShapeAction(argparse.Action):
 
 def _spacing_from(args, image):
     """(spacing, source size) from ``--spacing-from``: a prepare manifest (row ``--entry``, the
-    ``--image``'s row, or the spacing all rows share), or any image input (a DICOM file or series,
-    a volume, or a PNG listed in a prepare manifest)."""
+    ``--image``'s row, or the spacing all rows share; rescaled to the ``--image``'s own grid when it is a
+    picture of the same field of view at another size, e.g. a 128 px generated one), or any image input
+    (a DICOM file or series, a volume, or a PNG listed in a prepare manifest)."""
     from medical_diffusion.datasets.image_input import read_image_input
 
     path = Path(args.spacing_from)
     if path.suffix.lower() == ".csv":
-        from medical_diffusion.datasets.prepared_spacing import manifest_spacing
+        from medical_diffusion.datasets.prepared_spacing import manifest_grid, spacing_on
 
         entry = args.entry
         if entry is None and image is not None:  # the --image's row when it is one of the manifest's outputs
@@ -38,7 +45,10 @@ def _spacing_from(args, image):
                 entry = image.path.resolve().relative_to(path.resolve().parent).as_posix()
             except ValueError:
                 entry = None  # e.g. a generated image: the spacing the prepared images share
-        return manifest_spacing(path, entry), image.size if image is not None else None
+        spacing, prepared = manifest_grid(path, entry)
+        if image is None:
+            return spacing, prepared
+        return spacing_on(image.size, spacing, prepared, image.path), image.size
     source = read_image_input(path)
     if source.spacing is None:
         why = ("is not listed with a pixel spacing in a prepare manifest" if source.kind == "picture"
@@ -51,7 +61,10 @@ def build_mask_spec(args):
     """A :class:`MaskSpec` from the command line and the overlay image (sizes and spacing from the
     inputs where given: ``--spacing-from``, else the ``--image`` itself)."""
     from medical_diffusion.datasets.image_input import read_image_input
+    from medical_diffusion.datasets.prepared_spacing import check_prepared_geometry
+    from medical_diffusion.datasets.slice_geometry import SliceGeometry
     from medical_diffusion.generation.masks import MaskShape, MaskSpec
+    from medical_diffusion.limits import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_range
 
     shapes = []
     for kind, values in args.shapes or []:  # in command-line order
@@ -75,6 +88,11 @@ def build_mask_spec(args):
     if image is not None:
         source_size = source_size or image.size
     target = tuple(args.target_size)
+    for value in target:
+        check_range("mask --target-size", value, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    if image is not None and image.kind == "picture" and source_size and tuple(source_size) != image.size:
+        # shapes placed on another grid (e.g. the series) and drawn on a prepared image: it must lie there
+        check_prepared_geometry(image.path, SliceGeometry(tuple(source_size), image.size, spacing, args.fit))
     return MaskSpec(shapes=shapes, unit=args.unit, source_size=source_size or target, spacing=spacing,
                     target_size=target, feather=args.feather, invert=args.invert, fit=args.fit), \
         image.image if image is not None else None
@@ -129,13 +147,24 @@ def run_mask(args) -> int:
 
 
 # -- inpaint ----------------------------------------------------------------------------------
-def read_mask(path: str, slice_index: int | None = None):
-    """A mask (PIL "L", white = repaint) and its label: a mask JSON written by ``meddiff mask``
-    (re-rendered), or any image input (PNG, DICOM file or series, a label volume at ``slice_index``)."""
+class MaskInput(NamedTuple):
+    """A mask (PIL "L", white = repaint), its label, and where it lies: ``spec`` for a mask JSON (drawn
+    for ``spec.source_size`` on ``spec.target_size``), ``on_source`` for a label volume/DICOM (the source
+    slice's own grid), neither for a mask picture (its own size)."""
+
+    mask: Image.Image
+    label: str
+    spec: MaskSpec | None = None
+    on_source: bool = False
+
+
+def read_mask(path: str, slice_index: int | None = None) -> MaskInput:
+    """A mask JSON written by ``meddiff mask`` (re-rendered), or any image input: a PNG as it is, a DICOM
+    file or series or a label volume (at ``slice_index``) binarised (values > 0 repaint)."""
     from PIL import Image
 
     from medical_diffusion.datasets.file_kinds import is_dicom, is_volume
-    from medical_diffusion.datasets.image_input import read_image_input
+    from medical_diffusion.datasets.image_input import LABEL_WINDOW, read_image_input
     from medical_diffusion.generation.masks import MaskSpec, render_mask
 
     p = Path(path)
@@ -145,24 +174,67 @@ def read_mask(path: str, slice_index: int | None = None):
             spec = MaskSpec.from_dict(data.get("spec", data))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputFileError(p, f"not a mask description ({exc})") from exc
-        return Image.fromarray(render_mask(spec).mask), p.stem
-    has_slices = p.is_dir() or is_volume(p) or is_dicom(p)
-    return read_image_input(p, slice_index if has_slices else None).image.convert("L"), p.stem
+        return MaskInput(Image.fromarray(render_mask(spec).mask), p.stem, spec)
+    if p.is_dir() or is_volume(p) or is_dicom(p):
+        labels = read_image_input(p, slice_index, window=LABEL_WINDOW).image.convert("L")
+        return MaskInput(labels.point(lambda v: 255 if v else 0), p.stem, on_source=True)
+    return MaskInput(read_image_input(p).image.convert("L"), p.stem)
+
+
+def _on_one_grid(source, found: MaskInput, path: str):
+    """(mask, image) of ``found`` and the image input ``source`` on the grid the mask was drawn for."""
+    from PIL import Image
+
+    from medical_diffusion.datasets.prepared_spacing import check_prepared_geometry
+    from medical_diffusion.datasets.slice_geometry import SliceGeometry, square
+
+    image, size = source.image, source.size
+    if found.spec is not None:
+        geo = found.spec.geometry()
+        if size == tuple(geo.source_size):  # the source it was drawn on: fitted as the mask fits it
+            return found.mask, Image.fromarray(geo.apply(image))
+        if size == tuple(geo.target_size):  # already on the mask's grid
+            if source.kind == "picture":
+                check_prepared_geometry(source.path, geo)
+            return found.mask, image
+        (sw, sh), (tw, th) = geo.source_size, geo.target_size
+        raise InputFileError(path, f"was drawn for a {sw}x{sh} source on a {tw}x{th} grid, but the image "
+                                   f"{source.path} is {size[0]}x{size[1]}: give the image it was drawn on "
+                                   f"({sw}x{sh}) or one on its grid ({tw}x{th})")
+    if found.on_source:  # a label slice: on the source's own grid
+        m = found.mask.size
+        if size == m:  # the source itself: both fitted as prepare fits a slice
+            geo = square(m)
+            return Image.fromarray(geo.apply(found.mask, Image.NEAREST)), Image.fromarray(geo.apply(image))
+        if size[0] != size[1]:
+            raise InputFileError(path, f"is a {m[0]}x{m[1]} label slice, but the image {source.path} is "
+                                       f"{size[0]}x{size[1]}: give the slice it labels or a prepared (square) image")
+        geo = SliceGeometry(m, size)
+        if source.kind == "picture":
+            check_prepared_geometry(source.path, geo)
+        return Image.fromarray(geo.apply(found.mask, Image.NEAREST)), image
+    return found.mask, source.fitted(found.mask.size)  # a mask picture: the image fitted as prepare fits it
 
 
 def load_inputs(image_path: str, mask_paths: list[str], slice_index: int | None = None):
-    """The masks (all one size) and the image fitted onto their grid as ``prepare`` fits a slice (aspect
-    kept, zero padding; unchanged when it already has the masks' size)."""
+    """The masks and the image, all on the grid the masks were drawn for: a mask JSON's source fitted as
+    it records (pad or stretch), an image on its target grid kept, a label slice fitted nearest-neighbour
+    as ``prepare`` fits a slice, a mask picture's image fitted onto it; anything else refused."""
+    import numpy as np
+
     from medical_diffusion.datasets.image_input import read_image_input
 
     source = read_image_input(image_path, slice_index)
-    masks = [read_mask(m, slice_index) for m in mask_paths]
-    size = masks[0][0].size
-    for path, (mask, _label) in zip(mask_paths, masks):
-        if mask.size != size:
-            raise InputFileError(path, f"mask is {mask.size[0]}x{mask.size[1]} but {mask_paths[0]} is "
-                                       f"{size[0]}x{size[1]}: all masks must share one grid")
-    return masks, source.fitted(size)
+    placed = []
+    for path in mask_paths:
+        found = read_mask(path, slice_index)
+        mask, image = _on_one_grid(source, found, path)
+        if placed and (mask.size != placed[0][1].size or not np.array_equal(np.asarray(image), np.asarray(placed[0][2]))):
+            raise InputFileError(path, f"puts the image on another grid ({mask.size[0]}x{mask.size[1]}"
+                                       f"{'' if mask.size != placed[0][1].size else ', fitted otherwise'}) than "
+                                       f"{mask_paths[0]}: all masks must share one grid")
+        placed.append((found, mask, image))
+    return [(mask, found.label) for found, mask, _ in placed], placed[0][2]
 
 
 def run_inpaint(args) -> int:
@@ -242,7 +314,8 @@ def register(subparsers) -> None:
                                    "the --image's row, else the spacing all rows share)")
     p.add_argument("--source-size", nargs=2, type=int, metavar=("W", "H"),
                    help="source pixel grid (default: from --spacing-from, else --image, else the target size)")
-    p.add_argument("--target-size", nargs=2, type=int, default=(512, 512), metavar=("W", "H"))
+    p.add_argument("--target-size", nargs=2, type=int, default=(512, 512), metavar=("W", "H"),
+                   help="the mask's grid, 64..2048 px (default 512 512)")
     p.add_argument("--fit", choices=("pad", "stretch"), default="pad",
                    help="how the source lies on the target: pad (as 'prepare images' does, default) or stretch")
     p.add_argument("--image", help="image for the overlay preview (PNG/JPEG, DICOM file or series folder, "
@@ -263,10 +336,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--image", required=True,
                    help="image to inpaint (e.g. a generated healthy case): PNG/JPEG, DICOM file or series folder, "
-                        "MHA/NIfTI volume; fitted onto the masks' grid as 'prepare images' fits it")
+                        "MHA/NIfTI volume: the one a mask JSON was drawn for (fitted as it records) or one on its "
+                        "grid; for a label mask the slice it labels or a prepared (square) image")
     p.add_argument("--mask", action="append", required=True,
-                   help="mask JSON from 'meddiff mask', or a mask image (PNG, DICOM, label volume; white = "
-                        "repaint) (repeatable)")
+                   help="mask JSON from 'meddiff mask', or a mask image (PNG: white = repaint; DICOM or label "
+                        "volume: labels > 0 repaint) (repeatable)")
     p.add_argument("--slice", type=int, help="slice of a volume or series --image/--mask (default: middle)")
     p.add_argument("--prompt", required=True, help="prompt for the masked area (e.g. the positive embedding)")
     p.add_argument("--out", required=True, help="output folder")

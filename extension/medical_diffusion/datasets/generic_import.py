@@ -33,6 +33,8 @@ from medical_diffusion.png_io import IMAGE_SUFFIXES
 
 WINDOWS = ("auto", "minmax", "percentile")  # or "CENTER,WIDTH"
 MASK_RULES = ("max", "median")
+#: most slices one --slice choice may name (a range like 0-99999999 is refused, not expanded)
+MAX_SLICE_CHOICES = 4096
 
 
 #: options that change the pixels of an item (a change redoes finished items on a re-run); not the slice
@@ -88,7 +90,7 @@ def parse_slices(value: int | str | None) -> tuple[int, ...] | str | None:
     text = str(value).strip().lower()
     if text == "all":
         return "all"
-    out: list[int] = []
+    out: dict[int, None] = {}  # ordered, without repeats
     for part in text.split(","):
         bounds = part.strip().split("-")
         try:
@@ -100,7 +102,11 @@ def parse_slices(value: int | str | None) -> tuple[int, ...] | str | None:
                                "a list (3,5,9-11) of slice indexes from 0") from None
         if hi < lo:
             raise MedDiffError(f"bad slice range {part.strip()!r}: the first index must not exceed the last")
-        out.extend(i for i in range(lo, hi + 1) if i not in out)
+        if hi - lo + 1 <= MAX_SLICE_CHOICES:  # checked before expanding the range
+            out.update(dict.fromkeys(range(lo, hi + 1)))
+        if hi - lo + 1 > MAX_SLICE_CHOICES or len(out) > MAX_SLICE_CHOICES:
+            raise MedDiffError(f"slice choice {value!r} names more than {MAX_SLICE_CHOICES} slices: use 'all', "
+                               "or a shorter range")
     return tuple(out)
 
 

@@ -23,6 +23,8 @@ from medical_diffusion.datasets.slice_geometry import SliceGeometry
 from medical_diffusion.errors import InputFileError
 
 WHAT = "PNG/JPEG, a DICOM file, a DICOM series folder, or an MHA/NIfTI/NRRD volume"
+#: the window that binarises a label volume or DICOM read as a mask: values > 0 -> 255, the rest 0
+LABEL_WINDOW = "0,1"
 
 
 @dataclass
@@ -81,7 +83,7 @@ def _picture(path: Path) -> tuple[np.ndarray, dict]:
     return picture_to_uint8(str(path), "auto", "auto")
 
 
-def _read_series_files(paths: list[Path], slice_index: int | None) -> ImageInput:
+def _read_series_files(paths: list[Path], slice_index: int | None, window: str = "auto") -> ImageInput:
     from medical_diffusion.datasets.generic_import import dicom_to_uint8
 
     if not paths:
@@ -89,7 +91,7 @@ def _read_series_files(paths: list[Path], slice_index: int | None) -> ImageInput
     for p in paths:
         if not p.is_file() or not is_dicom(p):
             raise InputFileError(p, "several files are read as one DICOM series: this one is not a DICOM file")
-    pixels, info = dicom_to_uint8([str(p) for p in paths], "auto", slice_index)
+    pixels, info = dicom_to_uint8([str(p) for p in paths], window, slice_index)
     image = Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
     spacing = info.get("spacing")
     taken = info.get("slice", "")
@@ -98,21 +100,22 @@ def _read_series_files(paths: list[Path], slice_index: int | None) -> ImageInput
 
 
 def read_image_input(path: str | os.PathLike | Sequence[str | os.PathLike],
-                     slice_index: int | None = None) -> ImageInput:
+                     slice_index: int | None = None, window: str = "auto") -> ImageInput:
     """Read ``path`` (see the module docstring; several paths: the DICOM files of one series, as an upload
-    gives them); ``slice_index`` picks a slice of a volume or series (None: the middle one). A clear
+    gives them); ``slice_index`` picks a slice of a volume or series (None: the middle one); ``window`` is
+    that of DICOM and volumes (``prepare images --window``; :data:`LABEL_WINDOW` binarises labels). A clear
     :class:`InputFileError` names the file for anything unreadable."""
     if not isinstance(path, (str, os.PathLike)):
         paths = [Path(p) for p in path]
         if len(paths) != 1:
-            return _read_series_files(paths, slice_index)
+            return _read_series_files(paths, slice_index, window)
         path = paths[0]
     path = Path(path)
     if path.is_dir():
         from medical_diffusion.datasets.generic_import import dicom_to_uint8
 
         files = _series_files(path)
-        pixels, info = dicom_to_uint8(files, "auto", slice_index)
+        pixels, info = dicom_to_uint8(files, window, slice_index)
         kind = "series" if len(files) > 1 else "dicom"
     elif not path.is_file():
         raise InputFileError(path, f"no such file or folder (an image input is {WHAT})")
@@ -121,11 +124,11 @@ def read_image_input(path: str | os.PathLike | Sequence[str | os.PathLike],
         if kind == "dicom":
             from medical_diffusion.datasets.generic_import import dicom_to_uint8
 
-            pixels, info = dicom_to_uint8([str(path)], "auto", slice_index)
+            pixels, info = dicom_to_uint8([str(path)], window, slice_index)
         elif kind == "volume":
             from medical_diffusion.datasets.generic_import import volume_to_uint8
 
-            pixels, info = volume_to_uint8(str(path), "auto", slice_index, None)
+            pixels, info = volume_to_uint8(str(path), window, slice_index, None)
         else:
             pixels, info = _picture(path)
     taken = info.get("slice", "")

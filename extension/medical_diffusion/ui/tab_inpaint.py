@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 TARGET = 512
 
 
-def click_to_source(x: float, y: float, source_size: tuple[int, int], unit: str,
-                    spacing: tuple[float, float] | None, target: int = TARGET) -> tuple[float, float]:
-    """A click on the ``target``-px overlay (the source fitted as ``prepare`` fits it: aspect kept, zero
-    padding) -> centre in source pixels, or mm when ``unit == "mm"``."""
-    sx, sy = (float(v) for v in SliceGeometry(tuple(source_size), (target, target)).target_to_source(x, y))
+def click_to_source(x: float, y: float, geometry: SliceGeometry, unit: str,
+                    spacing: tuple[float, float] | None) -> tuple[float, float]:
+    """A click on the overlay (the source fitted onto it by ``geometry``, the mask's: as ``prepare`` fits
+    it, or stretched) -> centre in source pixels, or mm when ``unit == "mm"``."""
+    sx, sy = (float(v) for v in geometry.target_to_source(x, y))
     if unit == "mm":
         if spacing is None:
             raise ValueError("mm needs the pixel spacing")
@@ -247,12 +247,10 @@ def build(ctx: UIContext) -> dict:
         return picture, text
 
     @mask_reports(3)
-    def on_click(img, src, u, spx, spy, evt: gr.SelectData):
-        if not src:
-            raise ValueError("load or upload an image first")
+    def on_click(img, src, extra, u, spx, spy, x0, y0, r1, r2, a, f, inv, evt: gr.SelectData):
+        spec = spec_of(src, extra, u, spx, spy, x0, y0, r1, r2, a, f, inv)  # the overlay's geometry
         x, y = evt.index
-        spacing = (float(spx), float(spy)) if spx and spy else None
-        sx, sy = click_to_source(float(x), float(y), tuple(src["size"]), u, spacing)
+        sx, sy = click_to_source(float(x), float(y), spec.geometry(), u, spec.spacing)
         return round(sx, 2), round(sy, 2), gr.update()
 
     def add_to_union(src, extra, *geo):
@@ -289,11 +287,12 @@ def build(ctx: UIContext) -> dict:
             raise ValueError("choose an embedding or type a prompt")
         on_host = ctx.inpaint is not None
         spec = spec_of(src, extra, *geo)
-        if on_host:  # the mask on the picture's own grid: the webui's img2img resizes both its own way
-            spec = replace(spec, target_size=spec.source_size)
-        img, mask = (image_and_mask if on_host else fitted_image_and_mask)(img, src, extra, *geo)
+        # here and in the webui's img2img alike: the picture fitted as the overlay shows it, and the mask
+        img, mask = fitted_image_and_mask(img, src, extra, *geo)
         the_prompt = (text or "").strip() or name
         used_seed = resolve_seed(int(seed))  # the seed saved is the one used, also for -1
+        if on_host and not om:  # the webui resizes a whole picture to width x height: keep the fitted one's
+            width, height = img.size
         settings = dict(negative_prompt=negative or "", seed=used_seed, steps=int(steps), cfg_scale=float(cfg),
                         denoising_strength=float(s), fill=fm, mask_blur=int(b), only_masked=bool(om),
                         padding=int(pad), width=int(width), height=int(height))
@@ -327,7 +326,7 @@ def build(ctx: UIContext) -> dict:
                    [image, source, shapes, spacing_x, spacing_y, unit, cx, cy, rx, ry, mask_info]).then(**redraw)
     for widget in geometry:
         widget.change(**redraw)
-    overlay.select(on_click, [image, source, unit, spacing_x, spacing_y], [cx, cy, mask_info])
+    overlay.select(on_click, [image, source, shapes, *geometry], [cx, cy, mask_info])
     add_btn.click(on_add, [source, shapes, *geometry], [shapes, mask_info]).then(**redraw)
     clear_btn.click(lambda: [], None, [shapes]).then(**redraw)
     save_btn.click(on_save, [image, source, shapes, *geometry], [mask_info])
