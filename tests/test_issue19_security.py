@@ -134,9 +134,10 @@ def test_embeddings_tab_refuses_a_crafted_server_path_through_the_api(tmp_path):
     assert report is None and REFUSED in status and "secret.pt" in status
     text, report, status = inspect({"is_file": True, "name": "/etc/passwd", "data": None})
     assert report is None and REFUSED in status
-    # the same file uploaded through the page is read
-    stored = gradio_upload(secret).orig_name  # where /upload put it
-    text, report, status = inspect({"is_file": True, "name": stored, "data": None})
+    # the same file uploaded as the page uploads it (gradio's /upload route, then its path) is read
+    with open(secret, "rb") as handle:
+        (stored,) = client.post("/upload", files={"files": ("secret.pt", handle)}).json()
+    text, report, status = inspect({"is_file": True, "name": stored, "orig_name": "secret.pt", "data": None})
     assert report["name"] == "secret" and status == ""
 
 
@@ -154,15 +155,25 @@ def test_inpaint_file_input_refuses_server_paths_and_loads_uploads(tmp_path):
 
 def test_every_file_input_goes_through_uploaded_path():
     """Each module that builds a ``gr.File``/``UploadButton`` input reads it with ``uploaded_path``."""
+    import ast
     import pathlib
 
     import medical_diffusion.ui as ui
 
+    checked = []
+
+    def is_file_input(node) -> bool:
+        name = getattr(node.func, "attr", "") if isinstance(node, ast.Call) else ""
+        read_only = any(k.arg == "interactive" and getattr(k.value, "value", None) is False for k in node.keywords) \
+            if name else True
+        return name in ("File", "UploadButton") and not read_only
+
     for path in pathlib.Path(ui.__file__).parent.glob("*.py"):
         text = path.read_text(encoding="utf-8")
-        inputs = text.count("gr.File(") - text.count("interactive=False, elem_id=\"md_emb_download\"")
-        if inputs > 0 or "gr.UploadButton(" in text:
+        if any(is_file_input(node) for node in ast.walk(ast.parse(text))):
             assert "uploaded_path(" in text, path.name
+            checked.append(path.name)
+    assert {"tab_inpaint.py", "tab_embeddings.py"} <= set(checked)
 
 
 # -- S2: saved results go through the resolver ---------------------------------------------------------
