@@ -105,11 +105,11 @@ def test_uploaded_path_takes_only_this_servers_uploads(tmp_path, monkeypatch):
     with pytest.raises(InputFileError, match=REFUSED):
         uploaded_path(gr.File().preprocess({"is_file": True, "name": "secret.pt", "data": None}))
     # ... and a symlink inside gradio's folder pointing out of it
-    (tmp_path / "gradio_tmp" / "link").mkdir(parents=True)
-    os.symlink(secret, tmp_path / "gradio_tmp" / "link" / "secret.pt")
+    link = tmp_path / "gradio_tmp" / "link" / "secret.pt"
+    link.parent.mkdir(parents=True)
+    os.symlink(secret, link)
     with pytest.raises(InputFileError, match=REFUSED):
-        uploaded_path(gr.File().preprocess({"is_file": True, "name": str(tmp_path / "gradio_tmp" / "link" / "secret.pt"),
-                                            "data": None}))
+        uploaded_path(gr.File().preprocess({"is_file": True, "name": str(link), "data": None}))
     # the page's fallback when /upload fails sends the bytes with the file's bare name: accepted
     data = "data:application/octet-stream;base64," + base64.b64encode(b"client bytes").decode()
     sent = uploaded_path(gr.File().preprocess({"is_file": False, "name": "mine.pt", "data": data}))
