@@ -6,6 +6,7 @@ import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
+from upload_support import gradio_upload
 
 from medical_diffusion.ui.tab_inpaint import default_geometry, pick_cell
 
@@ -46,7 +47,7 @@ def test_a_volume_with_spacing_starts_in_mm_and_labels_sizes_in_mm(tmp_path):
     volume.SetSpacing((0.5, 0.5, 3.0))
     sitk.WriteImage(volume, str(tmp_path / "v.mha"))
     parts = _inpaint_parts(tmp_path)
-    img, src, _shapes, spx, spy, unit, cx, cy, rx, ry = parts["on_load"](str(tmp_path / "v.mha"), -1)
+    img, src, _shapes, spx, spy, unit, cx, cy, rx, ry = parts["on_load"](gradio_upload(tmp_path / "v.mha"), -1)
     assert img.size == (60, 40) and (spx, spy) == (0.5, 0.5)
     assert (unit, cx, cy, rx, ry) == ("mm", 15, 10, 1, 1)
     text = parts["render"](img, src, [], unit, spx, spy, cx, cy, rx, ry, 0, 0, False)[1]

@@ -228,9 +228,11 @@ def test_embeddings_tab_never_picks_between_an_upload_and_the_list_silently(tmp_
 
     folder = _embeddings(tmp_path / "emb", names=("listed", "uploaded"))
     blocks, parts = _embeddings_tab(tmp_path, None)
-    *_, status = parts["inspect"](str(folder / "uploaded.pt"), "listed.pt")  # said in the tab's status line
+    from upload_support import gradio_upload
+
+    *_, status = parts["inspect"](gradio_upload(folder / "uploaded.pt"), "listed.pt")  # said in the tab's status line
     assert "embedding A: both an uploaded file (uploaded.pt) and a list choice (listed.pt)" in status
-    assert parts["inspect"](str(folder / "uploaded.pt"), None)[1]["name"] == "uploaded"
+    assert parts["inspect"](gradio_upload(folder / "uploaded.pt"), None)[1]["name"] == "uploaded"
     assert parts["inspect"](None, "listed.pt")[1]["name"] == "listed"
     # the user's last pick wins in the page: an upload clears the list choice, a choice clears the upload
     by_id = {b._id: b for b in blocks.blocks.values()}

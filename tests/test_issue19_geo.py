@@ -285,11 +285,13 @@ def test_add_shape_to_the_union_does_not_duplicate_the_current_shape(tmp_path):
 
 
 def test_tab_overlay_and_inpaint_input_use_the_prepare_geometry(testdata, tmp_path):
+    from upload_support import gradio_upload
+
     from medical_diffusion.ui.tab_inpaint import click_to_source
 
     series = sorted(testdata.joinpath(*ADC).glob("*.dcm"))
     parts = _inpaint_parts(tmp_path)
-    img, src, _shapes, spx, spy, unit, cx, cy, rx, ry = parts["on_load"]([str(p) for p in series], -1)
+    img, src, _shapes, spx, spy, unit, cx, cy, rx, ry = parts["on_load"](gradio_upload(*series, file_count="multiple"), -1)
     assert img.size == (84, 128) and (spx, spy) == pytest.approx((2.0, 2.0)) and unit == "mm"
     overlay, text, res, spec = parts["render"](img, src, [], unit, spx, spy, 84, 128, 5, 5, 0, 0, False)
     assert "shape 1: 10.0 x 10.0 mm" in text

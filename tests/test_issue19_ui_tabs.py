@@ -11,6 +11,7 @@ import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
+from upload_support import gradio_upload
 
 from medical_diffusion.errors import Cancelled
 
@@ -211,7 +212,7 @@ def test_mask_errors_stay_beside_the_overlay_and_keep_the_picture(tmp_path):
     assert "from before" in status
     bad = tmp_path / "notes.txt"
     bad.write_text("not a scan")
-    *kept, status = parts["load"]([str(bad)], -1)
+    *kept, status = parts["load"](gradio_upload(bad, file_count="multiple"), -1)
     assert status.startswith("**Error:**") and "notes.txt" in status and kept[0] == gr.update()
     overlay, status = parts["on_geometry"](_picture(), {"size": [96, 64]}, [], "mm", 0, 0, 5, 5, 2, 2, 0, 0, False)
     assert overlay == gr.update() and status.startswith("**Error:**") and "spacing" in status
@@ -227,7 +228,7 @@ def test_load_and_add_clear_the_mask_status_when_they_work(tmp_path):
     shapes, status = parts["add"](src, [], *GEO)
     assert status == "" and shapes == [{"center": [48.0, 32.0], "radii": [8.0, 8.0], "angle": 0.0}]
     _picture().save(tmp_path / "p.png")
-    *values, status = parts["load"]([str(tmp_path / "p.png")], -1)
+    *values, status = parts["load"](gradio_upload(tmp_path / "p.png", file_count="multiple"), -1)
     assert status == "" and values[0].size == (96, 64) and values[1] == src
 
 

@@ -10,7 +10,8 @@ bounds keep one request from holding the model for hours or allocating gigabytes
 from __future__ import annotations
 
 import math
-from typing import Tuple
+import numbers
+from typing import Any, Tuple
 
 from medical_diffusion.errors import MedDiffError, OutOfRangeError
 
@@ -20,6 +21,9 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 64, 2048
 MAX_SAMPLER_STEPS = 500
 #: classifier-free guidance scale (A1111's UI allows 30)
 MAX_CFG_SCALE = 50.0
+#: an inpainting's mask blur and "only masked" padding, in pixels
+MAX_MASK_BLUR = 256
+MAX_INPAINT_PADDING = 2048
 #: frames of one healthy -> diseased interpolation
 MIN_INTERPOLATION_FRAMES, MAX_INTERPOLATION_FRAMES = 2, 32
 #: seeds (-1: a random one where a route allows it)
@@ -70,6 +74,19 @@ TRAIN_BOUNDS: dict[str, Tuple[float, float]] = {
     "ema_decay": (MIN_EMA_DECAY, MAX_EMA_DECAY),
 }
 
+#: setting -> (low, high, whole number): what one sampled picture may ask for, in the tabs (sliders are
+#: only the page's suggestion: a request can send any number) and behind the API's own checks
+SAMPLING_BOUNDS: dict[str, Tuple[float, float, bool]] = {
+    "steps": (1, MAX_SAMPLER_STEPS, True),
+    "cfg_scale": (0.0, MAX_CFG_SCALE, False),
+    "width": (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, True),
+    "height": (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, True),
+    "seed": (-1, MAX_SEED, True),
+    "denoising_strength": (0.0, 1.0, False),
+    "mask_blur": (0, MAX_MASK_BLUR, True),
+    "padding": (0, MAX_INPAINT_PADDING, True),
+}
+
 
 #: why a limit is what it is, added to its error message
 HINTS = {
@@ -94,3 +111,28 @@ def check_image_size(width: int, height: int, what: str = "image") -> None:
         check_range(f"{what} {label}", value, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
         if value % 8:
             raise MedDiffError(f"{what} {label} must be a multiple of 8, got {value}")
+
+
+def check_sampling(**settings: Any) -> dict[str, Any]:
+    """``settings`` (``steps=``, ``cfg_scale=``, ``width=`` ...) checked against :data:`SAMPLING_BOUNDS` and
+    converted (``int`` for whole numbers, else ``float``); a key the table lacks, or None, passes as it is.
+    Width and height must be multiples of 8. Raises :class:`OutOfRangeError` / :class:`MedDiffError`."""
+    checked = {}
+    for key, value in settings.items():
+        if key not in SAMPLING_BOUNDS or value is None:
+            checked[key] = value
+            continue
+        low, high, whole = SAMPLING_BOUNDS[key]
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = float(value)
+        check_range(key, value, low, high)
+        if whole:
+            if value != int(value):
+                raise MedDiffError(f"{key} must be a whole number, got {value!r}")
+            value = int(value)
+            if key in ("width", "height") and value % 8:
+                raise MedDiffError(f"{key} must be a multiple of 8, got {value}")
+        checked[key] = value if whole else float(value)
+    return checked

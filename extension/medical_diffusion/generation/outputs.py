@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
@@ -129,15 +129,22 @@ def save_result(
     prompt: str = "",
     embeddings_dir: str | os.PathLike | None = None,
     day: _dt.date | None = None,
+    resolve_folder: Callable[[Path], Path] | None = None,
 ) -> SavedResult:
     """Save a tab's result under :func:`result_folder`: ``picture`` (with ``prompt``, or the first
     cell's, in its ``parameters``), each of ``cells`` when there are several, and the JSON sidecar with
-    ``params``, the cells' prompts and the hashes of the embeddings the prompts use."""
+    ``params``, the cells' prompts and the hashes of the embeddings the prompts use.
+
+    ``resolve_folder`` passes that folder through the caller's path policy before anything is written
+    (the tabs: ``UIContext.path``, the allowed roots with symlinks followed); it raises to refuse it."""
     from medical_diffusion.png_io import save_png
 
     prompts = [prompt, *(c.prompt for c in cells), str(params.get("negative_prompt") or "")]
     hashes = embedding_hashes(embeddings_dir, prompts)
-    number, sidecar = _reserve(result_folder(work_dir, kind, day))
+    folder = result_folder(work_dir, kind, day)
+    if resolve_folder is not None:
+        folder = resolve_folder(folder)
+    number, sidecar = _reserve(folder)
     folder = sidecar.parent
     try:
         main_prompt = prompt or (cells[0].prompt if cells else "")

@@ -1,14 +1,15 @@
 """Request bodies of the HTTP API (pydantic 1.10), every number bounded by :mod:`medical_diffusion.limits`.
 
 :func:`parse_body` turns a validation failure into one readable line: 400 for missing fields, 422 for
-values of the wrong type or outside their limit (the message names the limit).
+values of the wrong type or outside their limit (the message names the limit). Flags are strict
+booleans: ``"yes"``, ``1`` or ``"true"`` is a 422, never a silent yes.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, Literal, Optional, Type, TypeVar
 
-from pydantic import BaseModel, ValidationError, confloat, conint, constr
+from pydantic import BaseModel, StrictBool, ValidationError, confloat, conint, constr
 
 from medical_diffusion import limits
 
@@ -36,9 +37,9 @@ class TrainRequest(_Body):
 
     config: Dict[str, Any] = {}
     run_dir: Optional[PathText] = None
-    resume: bool = False
+    resume: StrictBool = False
     #: the final embedding may replace a different one of its name in the embeddings folder
-    replace_published: bool = False
+    replace_published: StrictBool = False
 
 
 class InterpolateRequest(_Body):
@@ -54,7 +55,7 @@ class InterpolateRequest(_Body):
     width: Optional[ImageSize] = None
     height: Optional[ImageSize] = None
     negative_prompt: Optional[PromptText] = None
-    allow_plain_prompt: bool = False
+    allow_plain_prompt: StrictBool = False
 
     def sample_kwargs(self) -> dict[str, Any]:
         keys = ("steps", "cfg_scale", "width", "height", "negative_prompt")

@@ -11,21 +11,22 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import re
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import gradio as gr
 
-from medical_diffusion.errors import Cancelled, MedDiffError
+from medical_diffusion.errors import Cancelled, InputFileError, MedDiffError
 
 log = logging.getLogger(__name__)
 
 USER_ERRORS = (MedDiffError, ValueError, FileNotFoundError, PermissionError)
 #: the CSS class of status lines (``style.css``: long words and paths wrap)
 STATUS_CLASS = "md-status"
-#: what an unchanged output of a failed handler gets
-KEEP = object()
 
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]{}#|~!])")
 
@@ -216,12 +217,40 @@ def quiet_user_error_tracebacks() -> None:
         routes.traceback = _QuietTraceback(current)
 
 
+def upload_folders() -> list[Path]:
+    """Where gradio 3.41 keeps this server's uploads and its components' copies of them (resolved):
+    ``GRADIO_TEMP_DIR``, else ``<tempdir>/gradio`` (``routes.App.uploaded_file_dir`` and
+    ``IOComponent.DEFAULT_TEMP_DIR`` are both read that way)."""
+    return [Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()]
+
+
+def _inside(path: str, folders: list[Path]) -> bool:
+    try:
+        resolved = Path(path).resolve()  # symlinks and ``..`` followed, relative to the working folder
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return any(resolved == f or f in resolved.parents for f in folders)
+
+
 def uploaded_path(value) -> str | None:
-    """The local path of a ``gr.File``/``gr.UploadButton`` value (tempfile wrapper, dict or str)."""
+    """The local path of a file the browser uploaded to this server, from a ``gr.File``/``gr.UploadButton``
+    value (gradio's tempfile wrapper); None for no file.
+
+    Only this server's uploads are accepted: gradio 3.41's ``File.preprocess`` copies any server file a
+    request names (``{"is_file": true, "name": "/etc/passwd"}``) into its temp folder, so the copy must lie
+    in :func:`upload_folders` and the name the request gave (``orig_name``) must too, or be a bare file name
+    with no such file in the working folder (the page's fallback sends the bytes themselves). A plain
+    string or dict, a copy of a client-named server file, or anything outside those folders is an
+    :class:`~medical_diffusion.errors.InputFileError`."""
     if value is None:
         return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        return value.get("name")
-    return getattr(value, "name", None)
+    name, given = getattr(value, "name", None), getattr(value, "orig_name", None)
+    if isinstance(value, (str, dict, os.PathLike)) or not isinstance(name, str) or not isinstance(given, str):
+        shown = value.get("name") if isinstance(value, dict) else value
+        raise InputFileError(str(shown)[:200], "not a file uploaded to this server: upload it through the page")
+    folders = upload_folders()
+    bare = os.path.basename(given) == given and given not in ("", ".", "..")
+    sent_by_client = _inside(given, folders) or (bare and not os.path.lexists(given))
+    if not (_inside(name, folders) and sent_by_client):
+        raise InputFileError(given[:200], "not a file uploaded to this server: upload it through the page")
+    return name

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from medical_diffusion.errors import Cancelled
+from medical_diffusion.limits import check_sampling
 from medical_diffusion.ui.context import UIContext
 
 #: ``progress(fraction, desc=text)``: gr.Progress, or anything called like it
@@ -28,14 +29,20 @@ def render_prompts(
     txt2img tab gives for that prompt and seed; standalone it is the core Euler-a sampler. The host's
     lock is held once for the whole set. ``should_stop()`` is asked before every sampler step (the
     webui's txt2img is interrupted within one step); True raises :class:`Cancelled`. ``progress`` gets
-    the fraction done and a ``desc`` with the step count and an ETA from this job's pace. Returns the
-    images and the seed used.
+    the fraction done and a ``desc`` with the step count and an ETA from this job's pace. ``seed``, the
+    ``cfg_scale`` of each prompt and ``sample_kwargs`` must lie within
+    :data:`~medical_diffusion.limits.SAMPLING_BOUNDS` (:class:`~medical_diffusion.errors.OutOfRangeError`
+    before any work otherwise). Returns the images and the seed used.
     """
     from medical_diffusion.generation.loading import load_embedding_table, vectors_of
     from medical_diffusion.generation.sampling import resolve_seed, sample_images
     from medical_diffusion.ui.stopping import StepClock
 
-    seed = resolve_seed(seed)
+    # the tabs' sliders bound nothing on the server: every request is checked here, before the lock
+    sample_kwargs = check_sampling(**sample_kwargs)
+    for _, cfg_scale in prompts:
+        check_sampling(cfg_scale=cfg_scale)
+    seed = resolve_seed(check_sampling(seed=seed)["seed"])
     n = len(prompts)
     images = []
     clock = StepClock("steps")

@@ -7,6 +7,7 @@ import logging
 import gradio as gr
 
 from medical_diffusion.errors import MedDiffError
+from medical_diffusion.limits import MAX_INTERPOLATION_FRAMES, MIN_INTERPOLATION_FRAMES, check_range, check_sampling
 from medical_diffusion.ui.context import UIContext
 from medical_diffusion.ui.feedback import (escape_markdown, reports_in_status, saved_status, shows_errors,
                                            status_line)
@@ -27,6 +28,17 @@ def embedding_names(ctx: UIContext) -> list[str]:
     if not ctx.embeddings_dir.is_dir():
         return []
     return sorted(load_embeddings_dir(ctx.embeddings_dir, expected_width=ctx.text_width_if_ready()))
+
+
+def save_tab_result(ctx: UIContext, kind: str, picture, params: dict, **kwargs):
+    """:func:`~medical_diffusion.generation.outputs.save_result` under ``ctx.work_dir`` (``kwargs``: its
+    ``cells``, ``prompt``), its folder resolved by ``ctx.path`` first: a work folder (or an ``outputs``
+    symlink) outside the allowed roots is refused before anything is written."""
+    from medical_diffusion.generation.outputs import save_result
+
+    return save_result(ctx.work_dir, kind, picture, params, embeddings_dir=ctx.embeddings_dir,
+                       resolve_folder=lambda folder: ctx.path(folder, kind="folder", label=f"{kind} output folder"),
+                       **kwargs)
 
 
 def sampling_controls(ctx: UIContext | None = None) -> dict:
@@ -58,7 +70,7 @@ def build(ctx: UIContext) -> dict:
     from medical_diffusion.generation.composition import composition_stages
     from medical_diffusion.generation.interpolation import Frame, frame_label, frames_grid, interpolation_prompts
     from medical_diffusion.generation.loading import load_embedding_table, prompts_warnings, vectors_of
-    from medical_diffusion.generation.outputs import Picture, save_result
+    from medical_diffusion.generation.outputs import Picture
     from medical_diffusion.generation.prompts import build_prompt
     from medical_diffusion.ui.rendering import render_prompts
 
@@ -140,15 +152,19 @@ def build(ctx: UIContext) -> dict:
     from_slots_btn.click(prompt_from_slots, [*slot_names, *slot_weights, allow_plain], [prompt, warnings])
 
     def sample_kwargs(steps, cfg, width, height, negative):
-        return dict(steps=int(steps), cfg_scale=float(cfg), width=int(width), height=int(height),
-                    negative_prompt=negative or "")
+        """The sliders' values checked against the limits table (a request may send any number)."""
+        return check_sampling(steps=steps, cfg_scale=cfg, width=width, height=height,
+                              negative_prompt=negative or "")
+
+    def checked_seed(seed) -> int:
+        return check_sampling(seed=seed)["seed"]
 
     param_inputs = [params[k] for k in ("steps", "cfg", "seed", "width", "height", "negative")]
 
     def saved(kind: str, picture, params: dict, cells=(), prompt: str = "") -> str:
         """Save the result; the status says where (or why not: the picture is still shown)."""
-        return saved_status(lambda: save_result(ctx.work_dir, kind, picture, params, cells=cells, prompt=prompt,
-                                                embeddings_dir=ctx.embeddings_dir), f"{kind} result")
+        return saved_status(lambda: save_tab_result(ctx, kind, picture, params, cells=cells, prompt=prompt),
+                            f"{kind} result")
 
     def run_params(used: int, steps, cfg, width, height, negative, **extra) -> dict:
         return dict(seed=used, **sample_kwargs(steps, cfg, width, height, negative), model=ctx.model_id, **extra)
@@ -164,7 +180,7 @@ def build(ctx: UIContext) -> dict:
             raise MedDiffError("the prompt is empty: type one, or build it from embeddings")
         warn = checked([text], allow)
         with stop_flag.running(host_session=ctx.job_session, job="image") as should_stop:
-            (image,), used = render_prompts(ctx, [(text, None)], seed=int(seed), progress=progress,
+            (image,), used = render_prompts(ctx, [(text, None)], seed=checked_seed(seed), progress=progress,
                                             should_stop=should_stop,
                                             **sample_kwargs(steps, cfg, width, height, negative))
         where = saved("image", image, run_params(used, steps, cfg, width, height, negative), prompt=text)
@@ -175,10 +191,11 @@ def build(ctx: UIContext) -> dict:
     def do_grid(h, d, kk, steps, cfg, seed, width, height, negative, allow=False, progress=gr.Progress()):
         if not h or not d:
             raise MedDiffError("choose a healthy and a diseased embedding")
+        kk = check_range("interpolation steps K", kk, MIN_INTERPOLATION_FRAMES, MAX_INTERPOLATION_FRAMES)
         items = interpolation_prompts(h, d, int(kk))
         warn = checked([p for _, p in items], allow)  # unknown names fail here, before any sampling
         with stop_flag.running(host_session=ctx.job_session, job="interpolation") as should_stop:
-            images, used = render_prompts(ctx, [(p, None) for _, p in items], seed=int(seed),
+            images, used = render_prompts(ctx, [(p, None) for _, p in items], seed=checked_seed(seed),
                                           progress=progress, should_stop=should_stop,
                                           **sample_kwargs(steps, cfg, width, height, negative))
         frames = [Frame(t, p, frame_label(t), image) for (t, p), image in zip(items, images)]
@@ -201,7 +218,7 @@ def build(ctx: UIContext) -> dict:
         warn = checked([st.prompt for st in stages], allow)  # every name used, before any sampling
         kwargs = {k: v for k, v in sample_kwargs(steps, cfg, width, height, negative).items() if k != "cfg_scale"}
         with stop_flag.running(host_session=ctx.job_session, job="composition") as should_stop:
-            images, used = render_prompts(ctx, [(st.prompt, st.cfg_scale) for st in stages], seed=int(seed),
+            images, used = render_prompts(ctx, [(st.prompt, st.cfg_scale) for st in stages], seed=checked_seed(seed),
                                           progress=progress, should_stop=should_stop, **kwargs)
         frames = [Frame(float(j), st.prompt, f"{st.label}, cfg {st.cfg_scale:g}", image)
                   for j, (st, image) in enumerate(zip(stages, images))]

@@ -82,16 +82,16 @@ def pick_cell(last: dict | None, cell) -> Image.Image:
 
 def save_inpainting(ctx: UIContext, picture: Image.Image, source: Image.Image, mask: Image.Image, spec,
                     params: dict, prompt: str):
-    """Save an inpainting with :func:`~medical_diffusion.generation.outputs.save_result` (kind
+    """Save an inpainting with :func:`~medical_diffusion.ui.tab_generate.save_tab_result` (kind
     ``inpaint``: the picture with its ``parameters`` chunk, the JSON sidecar with ``params``, the mask's
     spec and the embeddings' hashes), and beside it ``NNNNN-input.png`` (the picture painted on) and
-    ``NNNNN-mask.png`` (white = repainted), named in the sidecar. Returns the ``SavedResult``."""
+    ``NNNNN-mask.png`` (white = repainted), named in the sidecar; its folder goes through ``ctx.path`` (the
+    allowed roots) first. Returns the ``SavedResult``."""
     from medical_diffusion.atomic_io import atomic_write_text
-    from medical_diffusion.generation.outputs import save_result
     from medical_diffusion.png_io import save_png
+    from medical_diffusion.ui.tab_generate import save_tab_result
 
-    done = save_result(ctx.work_dir, "inpaint", picture, {**params, "mask_spec": asdict(spec)}, prompt=prompt,
-                       embeddings_dir=ctx.embeddings_dir)
+    done = save_tab_result(ctx, "inpaint", picture, {**params, "mask_spec": asdict(spec)}, prompt=prompt)
     stem = done.picture.name[: -len(done.picture.suffix)]
     extra = {}
     for role, image in (("input", source), ("mask", mask)):
@@ -112,6 +112,7 @@ def build(ctx: UIContext) -> dict:
     from medical_diffusion.datasets.image_input import read_image_input
     from medical_diffusion.generation.masks import MaskShape, MaskSpec, overlay_preview, render_mask
     from medical_diffusion.generation.sampling import resolve_seed
+    from medical_diffusion.limits import check_sampling
     from medical_diffusion.png_io import save_png
 
     source = gr.State(None)  # {"size": [w, h]} of the loaded image
@@ -296,6 +297,7 @@ def build(ctx: UIContext) -> dict:
         settings = dict(negative_prompt=negative or "", seed=used_seed, steps=int(steps), cfg_scale=float(cfg),
                         denoising_strength=float(s), fill=fm, mask_blur=int(b), only_masked=bool(om),
                         padding=int(pad), width=int(width), height=int(height))
+        settings = check_sampling(**settings)  # the sliders bound nothing on the server
         clock = StepClock("steps")
 
         def report(i: int, n: int) -> None:
