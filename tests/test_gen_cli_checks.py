@@ -89,3 +89,21 @@ def test_interpolate_with_unknown_names_fails_naming_them_and_where(tmp_path, ca
     assert "unknown embedding name(s) a, b" in err and f"the embeddings home {tmp_path / 'embeddings'}" in err
     assert "which does not exist" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command, option, value, name", [
+    ("generate", "--width", "100000", "width"),
+    ("interpolate", "--steps", "1000000", "steps"),
+    ("compose", "--cfg", "nan", "cfg_scale"),
+    ("inpaint", "--padding", "99999", "padding"),
+])
+def test_sampling_numbers_have_the_tabs_and_apis_bounds_in_the_cli(tmp_path, capsys, command, option, value, name):
+    """Issue 19 review: the CLI had no bounds on sampling numbers (a --width 100000 allocates before failing)."""
+    from medical_diffusion.cli import main
+
+    required = {"generate": ["--prompt", "a=b", "-n", "1"], "interpolate": ["--healthy", "a", "--diseased", "b"],
+                "compose": ["--base", "a", "--add", "b"],
+                "inpaint": ["--image", "x.png", "--mask", "m.png", "--prompt", "a"]}[command]
+    code = main([command, "--model", "tiny", "--out", str(tmp_path / "o"), *required, option, value])
+    assert code == 1
+    assert name in capsys.readouterr().err

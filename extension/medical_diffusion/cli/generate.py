@@ -50,6 +50,10 @@ def check_inputs(args, out: str | None = None, prompts=()) -> None:
     from medical_diffusion.devices import runtime_from_args
     from medical_diffusion.generation.loading import check_model_path, check_output_folder, embedding_sources
 
+    from medical_diffusion.limits import check_sampling
+
+    # the limits the tabs and the API have (a --width 100000 would allocate before failing)
+    check_sampling(steps=args.steps, cfg_scale=args.cfg, width=args.width, height=args.height, seed=args.seed)
     args.runtime = runtime_from_args(args)  # --device cuda without CUDA: one line, before anything loads
     check_model_path(args.model)
     sources = embedding_sources(args.embeddings_dir, args.embedding)

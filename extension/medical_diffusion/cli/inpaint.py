@@ -245,6 +245,9 @@ def run_inpaint(args) -> int:
     from medical_diffusion.generation.sampling import resolve_seed
     from medical_diffusion.png_io import save_png
 
+    from medical_diffusion.limits import check_sampling
+
+    check_sampling(denoising_strength=args.denoising_strength, mask_blur=args.mask_blur, padding=args.padding)
     check_inputs(args, args.out, [args.prompt])
     masks, image = load_inputs(args.image, args.mask, args.slice)
     out = Path(args.out)

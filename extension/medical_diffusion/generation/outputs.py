@@ -24,6 +24,7 @@ from PIL import Image
 from medical_diffusion.atomic_io import atomic_write_text
 from medical_diffusion.errors import MedDiffError
 from medical_diffusion.file_digest import file_sha256
+from medical_diffusion.generation.prompts import names_used
 
 SAMPLER = "Euler a"
 _NUMBERED = re.compile(r"^(\d{5,})")
@@ -72,12 +73,7 @@ def _reserve(folder: Path) -> tuple[int, Path]:
 
 def names_in(prompts: Sequence[str], names) -> list[str]:
     """The ``names`` that appear as a word in any of ``prompts`` (sorted)."""
-    found = []
-    for name in names:
-        pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
-        if any(pattern.search(p or "") for p in prompts):
-            found.append(name)
-    return sorted(found)
+    return sorted(names_used(prompts, names))
 
 
 def embedding_hashes(embeddings_dir: str | os.PathLike | None, prompts: Sequence[str],
