@@ -19,22 +19,7 @@ from medical_diffusion.datasets.manifest import read_manifest
 from medical_diffusion.datasets.prepared_spacing import manifest_spacing
 from medical_diffusion.datasets.slice_geometry import SliceGeometry
 from medical_diffusion.errors import InputFileError, MedDiffError
-
-ADC = ("dicom_series", "ProstateX-0000_adc")
-
-
-def _diameters_px(mask: np.ndarray) -> tuple[float, float, float, float]:
-    """Diameters (x, y) of a filled disk from its second moments (4 sigma), and its centroid."""
-    ys, xs = np.nonzero(mask > 127)
-    return 4 * xs.std(), 4 * ys.std(), xs.mean(), ys.mean()
-
-
-@pytest.fixture
-def prepared_adc(testdata, tmp_path):
-    series = testdata.joinpath(*ADC)
-    result = prepare_images(ImportOptions(inputs=(str(series),), out=str(tmp_path / "out")))
-    assert not result.failures
-    return series, tmp_path / "out", result
+from geometry_support import ADC, diameters_px, prepared_adc  # noqa: F401 (a fixture)
 
 
 # --- item 2: millimetre masks match prepared images ---------------------------------------------------------
@@ -58,7 +43,7 @@ def test_ten_mm_circle_from_the_series_measures_ten_mm_on_the_prepared_image(pre
                  "--circle", "84", "100", "5", "--out", str(tmp_path / "m" / "lesion")]) == 0
     mask = np.asarray(Image.open(tmp_path / "m" / "lesion.png"))
     assert mask.shape == (512, 512)
-    dx, dy, cx, cy = _diameters_px(mask)
+    dx, dy, cx, cy = diameters_px(mask)
     assert dx * mm_x == pytest.approx(10, rel=0.03) and dy * mm_y == pytest.approx(10, rel=0.03)
     # centred where the prepared image shows source pixel (42, 50): column 88 + 42.5 * 4 - 0.5, row 50.5 * 4 - 0.5
     assert (cx, cy) == pytest.approx((88 + 42.5 * 4 - 0.5, 50.5 * 4 - 0.5), abs=0.5)
@@ -77,7 +62,7 @@ def test_mask_measured_on_a_prepared_image_from_its_manifest(prepared_adc, tmp_p
         target = tmp_path / f"m{i}.png"
         assert main(["mask", "--unit", "mm", "--image", str(prepared), *extra, "--circle", "128", "128", "5",
                      "--out", str(target)]) == 0
-        dx, dy, cx, cy = _diameters_px(np.asarray(Image.open(target)))
+        dx, dy, cx, cy = diameters_px(np.asarray(Image.open(target)))
         assert dx * 0.5 == pytest.approx(10, rel=0.03) and dy * 0.5 == pytest.approx(10, rel=0.03)
         assert (cx, cy) == pytest.approx((256, 256), abs=0.5)  # 128 mm at 0.5 mm/px on the prepared grid
         assert json.loads(target.with_suffix(".json").read_text())["spec"]["spacing"] == pytest.approx([0.5, 0.5])
@@ -90,7 +75,7 @@ def test_mask_on_a_generated_image_takes_the_spacing_of_the_prepared_set(prepare
     Image.new("RGB", (512, 512), (90, 90, 90)).save(generated)
     assert main(["mask", "--unit", "mm", "--image", str(generated), "--spacing-from", str(out / "manifest.csv"),
                  "--circle", "128", "128", "5", "--out", str(tmp_path / "g")]) == 0
-    dx, dy, _, _ = _diameters_px(np.asarray(Image.open(tmp_path / "g.png")))
+    dx, dy, _, _ = diameters_px(np.asarray(Image.open(tmp_path / "g.png")))
     assert dx * 0.5 == pytest.approx(10, rel=0.03) and dy * 0.5 == pytest.approx(10, rel=0.03)
 
 
@@ -296,7 +281,7 @@ def test_tab_overlay_and_inpaint_input_use_the_prepare_geometry(testdata, tmp_pa
     overlay, text, res, spec = parts["render"](img, src, [], unit, spx, spy, 84, 128, 5, 5, 0, 0, False)
     assert "shape 1: 10.0 x 10.0 mm" in text
     assert overlay.size == (512, 512) and not np.asarray(overlay)[100:400, :80].any()  # padded, not stretched
-    dx, dy, _, _ = _diameters_px(res.mask)
+    dx, dy, _, _ = diameters_px(res.mask)
     assert dx * 0.5 == pytest.approx(10, rel=0.03) and dy * 0.5 == pytest.approx(10, rel=0.03)
     # a click on the overlay's centre of the circle gives back its centre in mm
     assert click_to_source(257.5, 257.5, spec.geometry(), "mm", (2.0, 2.0)) == pytest.approx((84, 128))
@@ -306,7 +291,7 @@ def test_tab_overlay_and_inpaint_input_use_the_prepare_geometry(testdata, tmp_pa
     assert not np.asarray(fitted)[:, :88].any() and np.asarray(fitted)[:, 88:424].any()
     native, native_mask = parts["image_and_mask"](img, src, [], unit, spx, spy, 84, 128, 10, 10, 0, 0, False)
     assert native is img and native_mask.size == (84, 128)
-    dx, dy, cx, cy = _diameters_px(np.asarray(native_mask))
+    dx, dy, cx, cy = diameters_px(np.asarray(native_mask))
     assert dx * 2 == pytest.approx(20, rel=0.1) and dy * 2 == pytest.approx(20, rel=0.1)  # 10 px of 2 mm
     assert (cx, cy) == pytest.approx((42, 64), abs=0.5)
     picture = read_image_input(testdata.joinpath(*ADC)).fitted()

@@ -14,22 +14,7 @@ from PIL import Image, ImageFilter
 from medical_diffusion.cli import main
 from medical_diffusion.datasets.generic_import import ImportOptions, prepare_images
 from medical_diffusion.errors import MedDiffError
-
-ADC = ("dicom_series", "ProstateX-0000_adc")
-
-
-def _diameters_px(mask: np.ndarray) -> tuple[float, float, float, float]:
-    """Diameters (x, y) of a filled disk from its second moments (4 sigma), and its centroid."""
-    ys, xs = np.nonzero(mask > 127)
-    return 4 * xs.std(), 4 * ys.std(), xs.mean(), ys.mean()
-
-
-@pytest.fixture
-def prepared_adc(testdata, tmp_path):
-    series = testdata.joinpath(*ADC)
-    result = prepare_images(ImportOptions(inputs=(str(series),), out=str(tmp_path / "out")))
-    assert not result.failures
-    return series, tmp_path / "out", result
+from geometry_support import diameters_px, prepared_adc  # noqa: F401 (a fixture)
 
 
 # --- 1.1: a manifest's spacing on the image's own grid -------------------------------------------------------
@@ -46,7 +31,7 @@ def test_manifest_spacing_follows_the_generated_image_size(prepared_adc, tmp_pat
     record = json.loads((tmp_path / "g.json").read_text())
     mm_x, mm_y = record["target_spacing_mm"]  # mm per pixel of the 512 px mask, on this image fitted to it
     assert (mm_x, mm_y) == pytest.approx((0.5, 0.5))
-    dx, dy, cx, cy = _diameters_px(np.asarray(Image.open(tmp_path / "g.png")))
+    dx, dy, cx, cy = diameters_px(np.asarray(Image.open(tmp_path / "g.png")))
     assert dx * mm_x == pytest.approx(10, rel=0.03) and dy * mm_y == pytest.approx(10, rel=0.03)
     # the same field of view: 32 mm from the corner is near 64 px of the 512 grid, whatever the image's size
     k = 512 / size  # (pixel centres: source pixel x lies at (x + 0.5) * k - 0.5)
@@ -54,7 +39,7 @@ def test_manifest_spacing_follows_the_generated_image_size(prepared_adc, tmp_pat
     assert (cx, cy) == pytest.approx((centre, centre), abs=0.5)
     # measured on the image itself: its pixels are 512 / size times larger
     on_image = np.asarray(Image.open(tmp_path / "g.png").resize((size, size), Image.NEAREST))
-    dx, dy, _, _ = _diameters_px(on_image)
+    dx, dy, _, _ = diameters_px(on_image)
     assert dx * 0.5 * 512 / size == pytest.approx(10, rel=0.03)
 
 
@@ -65,7 +50,7 @@ def test_manifest_spacing_without_an_image_is_on_the_prepared_grid(prepared_adc,
     record = json.loads((tmp_path / "m.json").read_text())
     assert record["spec"]["source_size"] == [512, 512]  # the prepared images' grid, not the target size
     assert record["target_spacing_mm"] == pytest.approx([2.0, 2.0])
-    dx, dy, cx, cy = _diameters_px(np.asarray(Image.open(tmp_path / "m.png")))
+    dx, dy, cx, cy = diameters_px(np.asarray(Image.open(tmp_path / "m.png")))
     assert (cx, cy) == pytest.approx((16, 16), abs=0.5) and dx * 2 == pytest.approx(10, rel=0.1)
 
 

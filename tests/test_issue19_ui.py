@@ -16,16 +16,7 @@ from fastapi import Request
 from PIL import Image, ImageDraw
 
 from medical_diffusion.errors import Cancelled, InputFileError, MedDiffError
-
-
-def _ctx(tmp_path, backend_factory=None, **kwargs):
-    from medical_diffusion.ui.context import UIContext
-
-    def no_model():
-        raise AssertionError("no model needed")
-
-    return UIContext(backend_factory=backend_factory or no_model, work_dir=tmp_path / "work",
-                     embeddings_dir=tmp_path / "emb", loaded_text_width=lambda: None, model_id="tiny", **kwargs)
+from ui_support import ui_context
 
 
 # -- item 3: the status line ---------------------------------------------------------------------
@@ -72,7 +63,7 @@ def test_the_standalone_app_silences_httpx_request_lines(tmp_path):
     from medical_diffusion.ui.app import build_blocks
 
     logging.getLogger("httpx").setLevel(logging.INFO)
-    build_blocks(_ctx(tmp_path))
+    build_blocks(ui_context(tmp_path))
     assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
 
 
@@ -80,7 +71,7 @@ def test_a_failed_fid_run_clears_the_old_value(tmp_path):
     from medical_diffusion.ui import tab_evaluate
 
     with gr.Blocks():
-        parts = tab_evaluate.build(_ctx(tmp_path))
+        parts = tab_evaluate.build(ui_context(tmp_path))
     text, json_value = parts["fid"](str(tmp_path / "missing"), str(tmp_path), "radimagenet", "", "paper", 0,
                                     "both", 0)
     assert json_value is None
@@ -104,7 +95,7 @@ def test_too_many_synthetic_images_name_the_mixes_box_and_what_is_there(tmp_path
         _class_folders(tmp_path / "data" / split, 3)
     _class_folders(tmp_path / "syn", 6)
     with gr.Blocks():
-        parts = tab_evaluate.build(_ctx(tmp_path))
+        parts = tab_evaluate.build(ui_context(tmp_path))
     values = [str(tmp_path / "data"), str(tmp_path / "syn"), str(tmp_path / "out"),
               "real=all:0\nreal_plus_synthetic=all:2000", "", 2, 4, 32, 1, False]
     *_, (_log, rows, roc, status) = list(parts["classify"](*values))
@@ -127,15 +118,15 @@ def test_the_classifier_table_has_a_row_of_its_own(tmp_path):
     from medical_diffusion.ui import tab_evaluate
 
     with gr.Blocks() as blocks:
-        tab_evaluate.build(_ctx(tmp_path))
+        tab_evaluate.build(ui_context(tmp_path))
     by_id = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
     table = by_id["md_eval_cls_table"]
     assert not isinstance(table.parent, gr.Row)
 
 
 # -- item 8: Stop and disconnect -------------------------------------------------------------------
-def _tiny_ctx(tmp_path, tiny_backend):
-    return _ctx(tmp_path, backend_factory=lambda: tiny_backend)
+def _tinyui_context(tmp_path, tiny_backend):
+    return ui_context(tmp_path, backend_factory=lambda: tiny_backend)
 
 
 def _count_unet_calls(monkeypatch):
@@ -157,7 +148,7 @@ def test_stop_ends_a_generation_within_one_sampler_step(tmp_path, tiny_backend, 
 
     (tmp_path / "emb").mkdir()
     with gr.Blocks():
-        parts = tab_generate.build(_tiny_ctx(tmp_path, tiny_backend))
+        parts = tab_generate.build(_tinyui_context(tmp_path, tiny_backend))
     calls = _count_unet_calls(monkeypatch)
 
     def progress(fraction, desc=""):  # the user presses Stop while the first step is shown
@@ -393,7 +384,7 @@ def test_a_generated_image_is_saved_with_its_parameters(tmp_path, tiny_backend):
 
     (tmp_path / "emb").mkdir()
     with gr.Blocks():
-        parts = tab_generate.build(_tiny_ctx(tmp_path, tiny_backend))
+        parts = tab_generate.build(_tinyui_context(tmp_path, tiny_backend))
     picture, cells, status = parts["generate"]("a scan", 2, 3.0, 5, 64, 64, "noise", True, progress=None)
     assert picture is not None and "Saved to" in status
     saved = sorted((tmp_path / "work" / "outputs" / "image").glob("*/*.png"))
@@ -501,7 +492,7 @@ def test_closing_the_browser_stops_a_job_in_the_real_standalone_app(tmp_path, ti
     monkeypatch.setattr(sampling, "run_model", slow)
     (tmp_path / "emb").mkdir()
     port = free_port()
-    blocks = standalone.launch(_tiny_ctx(tmp_path, tiny_backend), port=port, block=False)
+    blocks = standalone.launch(_tinyui_context(tmp_path, tiny_backend), port=port, block=False)
     try:
         by_id = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
         fn_index = next(i for i, d in enumerate(blocks.dependencies)
@@ -574,7 +565,7 @@ def test_the_fid_route_stops_at_the_next_batch_once_its_client_has_gone(tmp_path
     from fastapi import FastAPI
 
     app = FastAPI()
-    app.include_router(api_routes.make_router(_ctx(tmp_path)))
+    app.include_router(api_routes.make_router(ui_context(tmp_path)))
     answer = TestClient(app).post(f"{api_routes.PREFIX}/fid",
                                   json={"real": str(tmp_path / "real"), "generated": str(tmp_path / "generated")})
     assert batches == [0, 1, 2] and "stopped during features: real" in answer.json()["detail"]
@@ -608,7 +599,7 @@ def test_the_hosts_interrupt_stops_an_fid_run(tmp_path, monkeypatch):
     for name in ("real", "generated"):
         (tmp_path / name).mkdir()
     with gr.Blocks():
-        parts = tab_evaluate.build(_ctx(tmp_path, job_session=job_session))
+        parts = tab_evaluate.build(ui_context(tmp_path, job_session=job_session))
     text, json_value = parts["fid"](str(tmp_path / "real"), str(tmp_path / "generated"), "inception",
                                     str(tmp_path / "real"), "paper", 0, "both", 0)
     assert batches == [0, 1] and sessions == ["FID", "end"]

@@ -9,21 +9,11 @@ import json
 
 import gradio as gr
 import numpy as np
-import pytest
 from PIL import Image
 from upload_support import gradio_upload
 
 from medical_diffusion.errors import Cancelled
-
-
-def _ctx(tmp_path, backend_factory=None, **kwargs):
-    from medical_diffusion.ui.context import UIContext
-
-    def no_model():
-        raise AssertionError("no model needed")
-
-    return UIContext(backend_factory=backend_factory or no_model, work_dir=tmp_path / "work",
-                     embeddings_dir=tmp_path / "emb", loaded_text_width=lambda: None, model_id="tiny", **kwargs)
+from ui_support import ui_context
 
 
 def _inpaint_tab(ctx):
@@ -68,7 +58,7 @@ def test_an_inpainting_is_saved_with_its_parameters_input_and_mask(tmp_path, tin
     import hashlib
 
     _lesion(tmp_path, tiny_backend)
-    _, parts = _inpaint_tab(_ctx(tmp_path, backend_factory=lambda: tiny_backend))
+    _, parts = _inpaint_tab(ui_context(tmp_path, backend_factory=lambda: tiny_backend))
     picture = _picture()
     src = {"size": list(picture.size)}
     result, status = parts["inpaint"](picture, src, [], *GEO, *_inpaint_values("lesion", "lesion", negative="noise"),
@@ -123,7 +113,7 @@ def test_the_webuis_inpainting_gets_the_stop_hook_and_its_result_is_saved(tmp_pa
         seen.append((fraction, desc))
 
     _lesion(tmp_path, tiny_backend)
-    _, parts = _inpaint_tab(_ctx(tmp_path, backend_factory=lambda: tiny_backend, inpaint=host_inpaint))
+    _, parts = _inpaint_tab(ui_context(tmp_path, backend_factory=lambda: tiny_backend, inpaint=host_inpaint))
     picture = _picture()
     result, status = parts["inpaint"](picture, {"size": [96, 64]}, [], *GEO, *_inpaint_values(seed=-1),
                                       progress=progress)
@@ -148,7 +138,7 @@ def test_stop_ends_an_inpainting_within_one_sampler_step(tmp_path, tiny_backend,
 
     monkeypatch.setattr(sampling, "run_model", counting)
     _lesion(tmp_path, tiny_backend)
-    _, parts = _inpaint_tab(_ctx(tmp_path, backend_factory=lambda: tiny_backend))
+    _, parts = _inpaint_tab(ui_context(tmp_path, backend_factory=lambda: tiny_backend))
 
     def progress(fraction, desc=""):  # the user presses Stop while the first step is shown
         parts["stop"].stop()
@@ -175,14 +165,14 @@ def test_the_hosts_interrupt_stops_an_inpainting(tmp_path, tiny_backend):
         raise AssertionError("not stopped")
 
     _lesion(tmp_path, tiny_backend)
-    _, parts = _inpaint_tab(_ctx(tmp_path, backend_factory=lambda: tiny_backend, inpaint=host_inpaint,
+    _, parts = _inpaint_tab(ui_context(tmp_path, backend_factory=lambda: tiny_backend, inpaint=host_inpaint,
                                  job_session=job_session))
     result, status = parts["inpaint"](_picture(), {"size": [96, 64]}, [], *GEO, *_inpaint_values(), progress=None)
     assert sessions == ["inpaint"] and result is None and status == "**Stopped:** interrupted at step 1"
 
 
 def test_the_inpaint_tab_has_a_stop_button_that_cancels_the_run(tmp_path):
-    blocks, _ = _inpaint_tab(_ctx(tmp_path))
+    blocks, _ = _inpaint_tab(ui_context(tmp_path))
     ids = _by_id(blocks)
     run = next(i for i, d in enumerate(blocks.dependencies) if ids["md_inp_run"]._id in d["targets"])
     stop = [d for d in blocks.dependencies if ids["md_inp_stop"]._id in d["targets"]]
@@ -194,7 +184,7 @@ def test_the_inpaint_tab_has_a_stop_button_that_cancels_the_run(tmp_path):
 def test_a_failed_inpainting_says_why_in_the_status_line_and_clears_the_result(tmp_path, caplog):
     import logging
 
-    _, parts = _inpaint_tab(_ctx(tmp_path))
+    _, parts = _inpaint_tab(ui_context(tmp_path))
     with caplog.at_level(logging.INFO):
         result, status = parts["inpaint"](None, None, [], *GEO, *_inpaint_values(), progress=None)
     assert result is None and status == "**Error:** load or upload an image first"
@@ -205,7 +195,7 @@ def test_a_failed_inpainting_says_why_in_the_status_line_and_clears_the_result(t
 
 
 def test_mask_errors_stay_beside_the_overlay_and_keep_the_picture(tmp_path):
-    blocks, parts = _inpaint_tab(_ctx(tmp_path))
+    blocks, parts = _inpaint_tab(ui_context(tmp_path))
     *kept, status = parts["load"](None, -1)
     assert kept == [gr.update()] * 10
     assert status.startswith("**Error:** choose a DICOM or volume file")
@@ -223,7 +213,7 @@ def test_mask_errors_stay_beside_the_overlay_and_keep_the_picture(tmp_path):
 
 
 def test_load_and_add_clear_the_mask_status_when_they_work(tmp_path):
-    _, parts = _inpaint_tab(_ctx(tmp_path))
+    _, parts = _inpaint_tab(ui_context(tmp_path))
     src = {"size": [96, 64]}
     shapes, status = parts["add"](src, [], *GEO)
     assert status == "" and shapes == [{"center": [48.0, 32.0], "radii": [8.0, 8.0], "angle": 0.0}]
@@ -236,7 +226,7 @@ def _prepare_tab(tmp_path):
     from medical_diffusion.ui import tab_prepare
 
     with gr.Blocks() as blocks:
-        parts = tab_prepare.build(_ctx(tmp_path))
+        parts = tab_prepare.build(ui_context(tmp_path))
     return blocks, parts
 
 
@@ -268,7 +258,7 @@ def test_a_training_run_that_cannot_start_says_why_in_the_status_line(tmp_path):
     from medical_diffusion.ui import tab_train
 
     with gr.Blocks() as blocks:
-        parts = tab_train.build(_ctx(tmp_path))
+        parts = tab_train.build(ui_context(tmp_path))
     values = ["case", "", "", 4, "*", "0.005", 5, 1, 1, 0, 64, 0, 0, 2, "mean", False, False, False,
               "", 0, 0, 0, "none"]
     *updates, (status, plot, preview) = list(parts["start"](*values))
@@ -283,7 +273,7 @@ def test_embeddings_tab_errors_go_to_its_status_line(tmp_path):
 
     (tmp_path / "emb").mkdir()
     with gr.Blocks() as blocks:
-        parts = tab_embeddings.build(_ctx(tmp_path))
+        parts = tab_embeddings.build(ui_context(tmp_path))
     text, report, status = parts["inspect"](None, None)
     assert text is None and report is None
     assert status == "**Error:** embedding A: choose an embedding from the list or upload a file"

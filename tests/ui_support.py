@@ -1,0 +1,15 @@
+"""Shared by the tab handler tests: a UI context whose model must not be needed."""
+
+from __future__ import annotations
+
+
+def ui_context(tmp_path, backend_factory=None, **kwargs):
+    """A :class:`UIContext` on ``tmp_path/work`` and ``tmp_path/emb`` for the tiny model; building a model
+    fails the test unless ``backend_factory`` is given."""
+    from medical_diffusion.ui.context import UIContext
+
+    def no_model():
+        raise AssertionError("no model needed")
+
+    return UIContext(backend_factory=backend_factory or no_model, work_dir=tmp_path / "work",
+                     embeddings_dir=tmp_path / "emb", loaded_text_width=lambda: None, model_id="tiny", **kwargs)
