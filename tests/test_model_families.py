@@ -25,7 +25,7 @@ from medical_diffusion.errors import InputFileError, MedDiffError  # noqa: E402
 from medical_diffusion.training.config import TrainConfig  # noqa: E402
 from medical_diffusion.training.loop import train  # noqa: E402
 
-SMALL = ["--steps", "2", "--width", "32", "--height", "32"]
+SMALL = ["--steps", "2", "--width", "64", "--height", "64"]  # the smallest size the limits allow
 
 
 @pytest.fixture(scope="module")
