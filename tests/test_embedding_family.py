@@ -128,6 +128,7 @@ def test_tab_compare_of_different_families_shows_why(tmp_path, files):
 def test_a_tiny_sdxl_pair_is_not_called_sdxl_and_inspect_takes_the_tiny_model(tmp_path, capsys):
     """A pair at tiny widths fits "an SDXL-shaped model", not SDXL; without a width the report says how to
     give one; ``--model tiny-sdxl`` gives per-block token scales from one model load."""
+    pytest.importorskip("diffusers")  # the tiny model of the standalone backend
     from medical_diffusion.backend.diffusers_backend import load_backend
 
     backend = load_backend("tiny-sdxl")

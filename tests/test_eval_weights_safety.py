@@ -131,7 +131,7 @@ def test_refused_pickles_give_one_clean_line(tmp_path):
             with pytest.raises(UnsafePickleError) as info:
                 load(path)
             _assert_one_clean_line(str(info.value), path)
-            assert asked in str(info.value)
+            assert asked.lower() in str(info.value).lower()  # torch 2.1 names the class in lower case
     assert not marker.exists()
 
 

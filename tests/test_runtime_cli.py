@@ -135,6 +135,7 @@ def test_train_cuda_without_cuda_fails_before_anything(no_gpu, monkeypatch, trai
 
 
 def test_ui_context_carries_the_runtime(no_gpu, monkeypatch, tmp_path):
+    pytest.importorskip("diffusers")  # the tiny model of the standalone backend
     import medical_diffusion.ui.standalone as standalone
 
     seen = {}

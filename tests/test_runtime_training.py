@@ -64,6 +64,7 @@ class Wrapped:
 
 
 def test_bf16_weights_keep_fp32_vectors_gradient_and_adamw_state(data_dir, tmp_path):
+    pytest.importorskip("diffusers")  # the tiny model of the standalone backend
     from medical_diffusion.backend.tiny import build_tiny_backend
 
     backend = build_tiny_backend(seed=0, dtype=torch.bfloat16)
@@ -103,6 +104,7 @@ def test_bf16_weights_keep_fp32_vectors_gradient_and_adamw_state(data_dir, tmp_p
 
 
 def test_vectors_are_cast_to_the_encoder_dtype_only_inside_the_forward():
+    pytest.importorskip("diffusers")  # the tiny model of the standalone backend
     from medical_diffusion.backend.tiny import build_tiny_backend
 
     backend = build_tiny_backend(seed=0, dtype=torch.bfloat16)
@@ -173,6 +175,7 @@ def test_no_offload_means_no_moves(tiny_backend, data_dir, tmp_path):
 
 
 def test_place_vae_moves_the_real_vae():
+    pytest.importorskip("diffusers")  # the tiny model of the standalone backend
     from medical_diffusion.backend.tiny import build_tiny_backend
 
     backend = build_tiny_backend(seed=1)
