@@ -16,7 +16,7 @@ from fastapi import Request
 from PIL import Image, ImageDraw
 
 from medical_diffusion.errors import Cancelled, InputFileError, MedDiffError
-from ui_support import ui_context
+from ui_support import count_unet_calls, ui_context
 
 
 # -- item 3: the status line ---------------------------------------------------------------------
@@ -129,27 +129,13 @@ def _tinyui_context(tmp_path, tiny_backend):
     return ui_context(tmp_path, backend_factory=lambda: tiny_backend)
 
 
-def _count_unet_calls(monkeypatch):
-    from medical_diffusion.generation import sampling
-
-    calls = []
-    real = sampling.run_model
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sampling, "run_model", counting)
-    return calls
-
-
 def test_stop_ends_a_generation_within_one_sampler_step(tmp_path, tiny_backend, monkeypatch):
     from medical_diffusion.ui import tab_generate
 
     (tmp_path / "emb").mkdir()
     with gr.Blocks():
         parts = tab_generate.build(_tinyui_context(tmp_path, tiny_backend))
-    calls = _count_unet_calls(monkeypatch)
+    calls = count_unet_calls(monkeypatch)
 
     def progress(fraction, desc=""):  # the user presses Stop while the first step is shown
         parts["stop"].stop()
@@ -480,7 +466,7 @@ def test_closing_the_browser_stops_a_job_in_the_real_standalone_app(tmp_path, ti
 
     from medical_diffusion.ui import standalone
 
-    calls = _count_unet_calls(monkeypatch)
+    calls = count_unet_calls(monkeypatch)
     from medical_diffusion.generation import sampling
 
     counting = sampling.run_model
@@ -522,7 +508,7 @@ def test_inpainting_stops_within_one_sampler_step(tiny_backend, monkeypatch):
     """The Inpaint tab's Stop hook: the core inpainting asks ``should_stop`` before every step."""
     from medical_diffusion.generation.inpainting import inpaint
 
-    calls = _count_unet_calls(monkeypatch)
+    calls = count_unet_calls(monkeypatch)
     mask = Image.new("L", (64, 64))
     mask.paste(255, (16, 16, 48, 48))
     asked = []

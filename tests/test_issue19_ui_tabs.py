@@ -13,7 +13,7 @@ from PIL import Image
 from upload_support import gradio_upload
 
 from medical_diffusion.errors import Cancelled
-from ui_support import ui_context
+from ui_support import count_unet_calls, ui_context
 
 
 def _inpaint_tab(ctx):
@@ -127,16 +127,7 @@ def test_the_webuis_inpainting_gets_the_stop_hook_and_its_result_is_saved(tmp_pa
 
 # -- item 8: Stop ---------------------------------------------------------------------------------------------
 def test_stop_ends_an_inpainting_within_one_sampler_step(tmp_path, tiny_backend, monkeypatch):
-    from medical_diffusion.generation import sampling
-
-    calls = []
-    real = sampling.run_model
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sampling, "run_model", counting)
+    calls = count_unet_calls(monkeypatch)
     _lesion(tmp_path, tiny_backend)
     _, parts = _inpaint_tab(ui_context(tmp_path, backend_factory=lambda: tiny_backend))
 
